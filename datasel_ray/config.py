@@ -1,0 +1,218 @@
+"""Typed configuration for every phase. YAML only fills these models; errors name the field.
+
+One :class:`RunConfig` describes a whole run. Each phase reads its own section; the run manifest stores
+the sections that determine a phase's outputs so that a re-run with a different value is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PHASES = ("ingest", "warmup", "extract", "aggregate", "select", "report")
+METHODS = ("coincide", "datatailor", "tive", "random", "random_per_task", "answer_loss")
+TINY_MODEL = "tiny"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PoolConfig(_Section):
+    """Where the pool lives and how rows are validated at ingest."""
+
+    path: str = Field("", description="Pool file, directory of pool files, or glob; local path or filesystem URI.")
+    format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
+    image_root: str = Field("", description="Root that relative image paths resolve under; default: the pool's folder.")
+    task_field: str = "task"
+    task_map: dict[str, str] | str | None = Field(
+        None, description="Image-path prefix -> task rules (dict or YAML file), tried before the built-in LLaVA rules.")
+    default_task: str | None = Field("other", description="Task for rows no rule matches; null quarantines them.")
+    max_turns: int = Field(64, ge=1, description="Rows with more human/gpt turns are quarantined as too_long.")
+    max_chars: int = Field(32768, ge=1, description="Rows with more characters of text are quarantined as too_long.")
+    check_images: bool = Field(True, description="Decode-check every image at ingest (catches corrupt files early).")
+    records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
+
+
+class ModelConfig(_Section):
+    """The reference model. ``tiny`` builds (once) and loads the offline tiny LLaVA."""
+
+    name_or_path: str = TINY_MODEL
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int | None = Field(None, ge=8, description="Token context; default: the model's own limit.")
+    coincide_layers: list[int] | None = Field(
+        None, description="0-based decoder layers hooked for COINCIDE; default: ~5 evenly spaced layers.")
+    image_size: int | None = Field(None, ge=8, description="Resize images to this square size before the processor.")
+    trust_remote_code: bool = False
+
+
+class ExtractConfig(_Section):
+    """The model pass over the pool (Ray Data actor pool)."""
+
+    batch_size: int = Field(8, ge=1)
+    preprocess_batch_size: int = Field(32, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when a GPU is visible, else 0.")
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    max_restarts: int = Field(3, ge=0, description="Actor restarts after a worker dies.")
+    max_task_retries: int = Field(3, ge=0)
+    shard_rows: int = Field(256, ge=1, description="Rows per written feature shard (resume granularity).")
+
+    @model_validator(mode="after")
+    def _check_actor_range(self) -> "ExtractConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class CoincideConfig(_Section):
+    """COINCIDE (Lee et al., 2024). Defaults follow the reference code (G-JWLee/COINCIDE_code)."""
+
+    num_clusters: int | None = Field(None, ge=1, description="Default: max(1, round(N / 66)).")
+    niter: int = Field(50, ge=1)
+    seed: int | None = Field(None, description="k-means seed; default: derived from the run seed.")
+    transferability: Literal["reference", "paper"] = "reference"
+    cos_threshold: float = Field(0.9, description="Reference: ignore centroid pairs with cosine above this.")
+    sigma: float = Field(1.0, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    reduce_dim: int | None = Field(None, ge=2, description="Reduce vectors to this many dims before k-means.")
+    reduce_method: Literal["pca", "random"] = "pca"
+    train_sample: int | None = Field(
+        None, ge=1, description="Train k-means on at most this many rows, then assign all (large pools).")
+
+
+class DataTailorConfig(_Section):
+    """DataTailor (Yu et al., 2025). Defaults follow the reference code (Yuqifan1117/DataTailor)."""
+
+    cut: Literal["reference", "paper"] = "reference"
+    cut_ratio: float = Field(0.1, gt=0, le=1)
+    uniqueness: Literal["reference", "paper"] = "reference"
+    representativeness: Literal["reference", "paper"] = "reference"
+    dense_max_rows: int = Field(
+        4000, ge=2, description="Tasks larger than this cluster without a dense N x N matrix.")
+    precluster_size: int = Field(
+        2000, ge=2, description="Large tasks: k-means pre-clusters, then Ward on their centroids.")
+
+
+class LoraConfig(_Section):
+    """LoRA adapter of the TIVE warm-up (paper r128/alpha256, scaled down for the tiny model)."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class TiveConfig(_Section):
+    """TIVE (Liu et al., 2024) warm-up, gradients and selection. Defaults follow RUCAIBox/TIVE."""
+
+    enabled: bool = True
+    warmup_fraction: float = Field(0.08, gt=0, le=1)
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(1, ge=1)
+    warmup_batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | None = None
+    proj_dim: int | None = Field(None, ge=1, description="Default: 8192 on GPU, 512 on CPU.")
+    projection: Literal["rademacher", "sparse"] = "rademacher"
+    gradient_type: Literal["sgd", "adam"] = "sgd"
+    per_sample: Literal["auto", "vmap", "loop"] = "auto"
+    task_value: Literal["norm", "sq_norm"] = "norm"
+    overflow: Literal["cap", "oversample"] = "cap"
+    temperature: float = Field(1000.0, gt=0, description="lambda of softmax(I / lambda); reference 1000.")
+    sampling: Literal["softmax", "topk"] = "softmax"
+
+
+class SelectConfig(_Section):
+    methods: list[str] = Field(default_factory=lambda: ["coincide", "datatailor", "random"])
+    budget: float = Field(0.2, gt=0, description="Fraction of the pool (< 1) or a row count (>= 1).")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in METHODS:
+                raise ValueError(f"Unknown method '{name}'. Choose from: {', '.join(METHODS)}")
+        return value
+
+    def budget_rows(self, pool_rows: int) -> int:
+        """Return the budget as a row count for a pool of ``pool_rows`` rows."""
+        rows = round(self.budget * pool_rows) if self.budget < 1 else int(self.budget)
+        return max(0, min(rows, pool_rows))
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the CLI.")
+
+
+class RunConfig(_Section):
+    """A whole run: ``datasel run --config cfg.yaml``."""
+
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    phases: list[str] = Field(default_factory=lambda: ["ingest", "extract", "aggregate", "select"])
+    pool: PoolConfig = PoolConfig()
+    model: ModelConfig = ModelConfig()
+    extract: ExtractConfig = ExtractConfig()
+    coincide: CoincideConfig = CoincideConfig()
+    datatailor: DataTailorConfig = DataTailorConfig()
+    tive: TiveConfig = TiveConfig(enabled=False)
+    select: SelectConfig = SelectConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("phases")
+    @classmethod
+    def _known_phases(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in PHASES:
+                raise ValueError(f"Unknown phase '{name}'. Choose from: {', '.join(PHASES)}")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the field."""
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"Invalid {source}:"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML file (optional) and apply ``overrides`` (a nested dict); raise ConfigError on bad input."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = merge_dicts(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path) if path else "config")) from None
+
+
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """Return ``base`` updated recursively with ``extra`` (neither is modified)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out

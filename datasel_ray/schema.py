@@ -1,0 +1,70 @@
+"""Column names, reason codes and the feature schema version shared by every phase.
+
+Row ids are int64: ``(file_index << 40) | record_index`` where ``file_index`` is the position of the
+source file in the sorted list of pool files and ``record_index`` the position of the record in that
+file. They are stable across re-ingests of the same pool and sort in pool order.
+"""
+
+from __future__ import annotations
+
+FEATURE_SCHEMA_VERSION = 1
+
+ROW_ID = "row_id"
+TASK = "task"
+N_TURNS = "n_turns"
+IMAGE = "image"  # relative image path as written in the pool, or null for text-only samples
+CONVERSATIONS = "conversations"  # JSON string of the validated [{"from", "value"}, ...] list
+RAW = "raw"  # the original record, JSON text, exactly as read
+SOURCE_FILE = "source_file"
+SOURCE_INDEX = "source_index"
+SAMPLE_ID = "sample_id"  # the pool's own ``id`` field (string), "" when absent
+
+# quarantine/
+REASON = "reason"
+MESSAGE = "message"
+PHASE = "phase"
+
+# features/
+COINCIDE_VECTOR = "coincide_vector"  # fp16 [2 * n_layers * hidden], unit norm (0 when both halves are empty)
+INFORMATIVENESS = "informativeness"  # float32, entropy of sigma / sum(sigma)
+TAU = "tau"  # float32, sigma_1 / sum(sigma)
+LAST_TOKEN = "last_token"  # fp16 [hidden], pre-norm output of the last decoder block at the last non-pad token
+N_IMAGE_TOKENS = "n_image_tokens"
+N_TEXT_TOKENS = "n_text_tokens"
+N_ANSWER_TOKENS = "n_answer_tokens"
+ANSWER_LOSS = "answer_loss"  # float32 mean cross-entropy over answer tokens (nan when no answer token survives)
+GRAD_PROJ = "grad_proj"  # float32 [proj_dim], projected LoRA gradient
+GRAD_NORM = "grad_norm"  # float32, L2 norm of the full unprojected LoRA gradient
+TRUNCATED = "truncated"  # bool, sample was cut to the model context
+
+ROW_ID_FILE_SHIFT = 40
+
+
+def make_row_id(file_index: int, record_index: int) -> int:
+    """Return the stable int64 row id of record ``record_index`` in pool file ``file_index``."""
+    if not 0 <= record_index < (1 << ROW_ID_FILE_SHIFT):
+        raise ValueError(f"record_index must be in [0, 2**40), got {record_index}")
+    if not 0 <= file_index < (1 << 22):
+        raise ValueError(f"file_index must be in [0, 2**22), got {file_index}")
+    return (file_index << ROW_ID_FILE_SHIFT) | record_index
+
+
+class Reason:
+    """Quarantine reason codes. Every quarantined row carries exactly one of these."""
+
+    INVALID_JSON = "invalid_json"  # the record could not be parsed as JSON
+    WRONG_TYPE = "wrong_type"  # a field has the wrong type (e.g. conversations is a string)
+    MISSING_FIELD = "missing_field"  # a required field (conversations) is absent
+    NO_ASSISTANT_TURN = "no_assistant_turn"  # no turn from "gpt"/"assistant"
+    EMPTY_TEXT = "empty_text"  # a turn whose text is empty or whitespace only
+    TOO_LONG = "too_long"  # more turns or characters than the configured limits
+    IMAGE_MISSING = "image_missing"  # the image file does not exist
+    IMAGE_CORRUPT = "image_corrupt"  # the image file cannot be decoded
+    IMAGE_PATH_ESCAPE = "image_path_escape"  # the image path resolves outside the image root
+    UNKNOWN_TASK = "unknown_task"  # task could not be inferred and no default is configured
+    EXTRACT_FAILED = "extract_failed"  # the model pass failed for this sample
+
+    ALL = (
+        INVALID_JSON, WRONG_TYPE, MISSING_FIELD, NO_ASSISTANT_TURN, EMPTY_TEXT, TOO_LONG,
+        IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, EXTRACT_FAILED,
+    )
