@@ -68,3 +68,7 @@ class Reason:
         INVALID_JSON, WRONG_TYPE, MISSING_FIELD, NO_ASSISTANT_TURN, EMPTY_TEXT, TOO_LONG,
         IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, EXTRACT_FAILED,
     )
+
+IMAGE_PATH = "image_path"  # absolute image path/URI resolved under the image root at ingest ("" when text-only)
+ERROR_REASON = "error_reason"  # set by extraction stages on a failed row ("" when fine)
+ERROR_MESSAGE = "error_message"
