@@ -1,0 +1,133 @@
+"""Ingest phase: pool files → ``samples/`` (validated rows) + ``quarantine/ingest/`` (bad rows, reasons).
+
+Each pool file is split into blocks (:mod:`datasel_ray.io.pool`); one Ray task validates a block and writes
+one samples shard and one quarantine shard named after the block, atomically. A re-run skips blocks whose
+two shards exist, so a killed ingest resumes. Invariant checked at the end: rows in = samples + quarantined.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from datasel_ray import schema
+from datasel_ray.config import PoolConfig, RunConfig
+from datasel_ray.io.pool import BlockSpec, list_pool_files, plan_blocks, read_block
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.storage import Location
+from datasel_ray.io.tasks import TaskResolver
+from datasel_ray.io.validation import Limits, RecordValidator
+from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.progress import Progress
+
+SAMPLES_SCHEMA = pa.schema([
+    (schema.ROW_ID, pa.int64()),
+    (schema.SAMPLE_ID, pa.string()),
+    (schema.TASK, pa.string()),
+    (schema.N_TURNS, pa.int32()),
+    (schema.IMAGE, pa.string()),
+    (schema.IMAGE_PATH, pa.string()),
+    (schema.CONVERSATIONS, pa.string()),
+    (schema.RAW, pa.string()),
+    (schema.SOURCE_FILE, pa.string()),
+    (schema.SOURCE_INDEX, pa.int64()),
+])
+QUARANTINE_SCHEMA = pa.schema([
+    (schema.ROW_ID, pa.int64()),
+    (schema.SOURCE_FILE, pa.string()),
+    (schema.SOURCE_INDEX, pa.int64()),
+    (schema.PHASE, pa.string()),
+    (schema.REASON, pa.string()),
+    (schema.MESSAGE, pa.string()),
+    (schema.RAW, pa.string()),
+])
+
+
+def resolve_image_root(pool: PoolConfig) -> str:
+    """The configured image root, else the folder of the pool file (or the pool folder itself)."""
+    if pool.image_root:
+        return pool.image_root
+    loc = Location.parse(pool.path)
+    return str(loc if loc.is_dir() else loc.parent)
+
+
+class IngestBlockStage:
+    """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
+
+    def __init__(self, pool: dict, image_root: str, run_dir: str):
+        cfg = PoolConfig.model_validate(pool)
+        resolver = TaskResolver(cfg.task_map, cfg.default_task, cfg.task_field)
+        self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images))
+        self.run_dir = RunDir(run_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        names, good, bad = [], [], []
+        for i in range(len(batch["file_index"])):
+            spec = BlockSpec(**{k: _py(batch[k][i]) for k in BlockSpec.__dataclass_fields__})
+            n_good, n_bad = self.process(spec)
+            names.append(spec.name)
+            good.append(n_good)
+            bad.append(n_bad)
+        return {"block": names, "good": good, "bad": bad}
+
+    def process(self, spec: BlockSpec) -> tuple[int, int]:
+        samples, quarantined = [], []
+        for raw in read_block(spec):
+            row_id = schema.make_row_id(spec.file_index, raw.record_index)
+            sample, bad = self.validator.validate(raw, row_id, spec.uri)
+            (samples if sample else quarantined).append(sample or bad)
+        write_block_outputs(self.run_dir, spec.name, samples, quarantined)
+        return len(samples), len(quarantined)
+
+
+def write_block_outputs(run_dir: RunDir, name: str, samples: list[dict], quarantined: list[dict]) -> None:
+    # The quarantine shard is written first: a block counts as done only once its samples shard exists.
+    (run_dir / "quarantine" / "ingest" / f"{name}.parquet").write_parquet(
+        pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA))
+    (run_dir / "samples" / f"{name}.parquet").write_parquet(pa.Table.from_pylist(samples, schema=SAMPLES_SCHEMA))
+
+
+def _py(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def block_done(run_dir: RunDir, name: str) -> bool:
+    return (run_dir / "samples" / f"{name}.parquet").exists() and \
+        (run_dir / "quarantine" / "ingest" / f"{name}.parquet").exists()
+
+
+def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
+    """Run the ingest phase; returns counts ``{rows_in, samples, quarantined, by_reason}``."""
+    started = time.monotonic()
+    files = list_pool_files(cfg.pool.path, cfg.pool.format)
+    blocks = plan_blocks(files, cfg.pool.records_per_block)
+    total = sum(b.num_records for b in blocks)
+    pending = [b for b in blocks if not block_done(run_dir, b.name)]
+    progress = Progress("ingest", total, run_dir / "progress.json", already_done=total - sum(
+        b.num_records for b in pending), quiet=quiet)
+    if pending:
+        ds = ray_adapter.from_rows([b.to_dict() for b in pending])
+        ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
+            "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir)})
+        for row in ray_adapter.iter_result_rows(ds):
+            progress.update(int(row["good"]) + int(row["bad"]))
+    progress.finish()
+    counts = ingest_counts(run_dir)
+    if counts["samples"] + counts["quarantined"] != total:
+        raise RuntimeError(f"ingest lost rows: {total} read but {counts['samples']} samples + "
+                           f"{counts['quarantined']} quarantined (stale shards from another pool in {run_dir}?)")
+    counts["rows_in"] = total
+    counts["seconds"] = round(time.monotonic() - started, 3)
+    return counts
+
+
+def ingest_counts(run_dir: RunDir) -> dict:
+    import pyarrow.parquet as pq
+
+    n_samples = sum(pq.ParquetFile(f.open_input()).metadata.num_rows for f in (run_dir / "samples").list(".parquet"))
+    by_reason: dict[str, int] = {}
+    for f in (run_dir / "quarantine" / "ingest").list(".parquet"):
+        for reason in f.read_parquet([schema.REASON]).column(schema.REASON).to_pylist():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {"samples": n_samples, "quarantined": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items()))}

@@ -1,0 +1,87 @@
+"""Progress of a long phase: rows done / total, rows/s and ETA on the console and in ``progress.json``.
+
+``progress.json`` in the run directory lets ``datasel status RUN`` show progress from another shell.
+Writes are throttled (at most one every ``interval`` seconds) and atomic.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from datasel_ray.io.storage import Location
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Counts rows of one phase. ``already_done`` rows (resumed) count toward done but not toward speed."""
+
+    def __init__(self, phase: str, total: int, progress_file: Location | None = None, already_done: int = 0,
+                 interval: float = 2.0, stream=None, quiet: bool = False):
+        self.phase = phase
+        self.total = total
+        self.done = already_done
+        self.resumed = already_done
+        self.file = progress_file
+        self.interval = interval
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.start = time.monotonic()
+        self._last = 0.0
+        self._write(force=True)
+
+    @property
+    def rows_per_second(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return (self.done - self.resumed) / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rows_per_second
+        return (self.total - self.done) / rate if rate > 0 else None
+
+    def update(self, rows: int) -> None:
+        self.done += rows
+        self._write()
+
+    def finish(self) -> None:
+        self._write(force=True, finished=True)
+
+    def snapshot(self, finished: bool = False) -> dict:
+        return {
+            "phase": self.phase,
+            "done": self.done,
+            "total": self.total,
+            "resumed": self.resumed,
+            "rows_per_second": round(self.rows_per_second, 3),
+            "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
+            "elapsed_seconds": round(time.monotonic() - self.start, 3),
+            "finished": finished,
+            "updated": time.time(),
+        }
+
+    def line(self) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (f"[{self.phase}] {self.done}/{self.total} rows ({pct:5.1f}%) "
+                f"{self.rows_per_second:8.1f} rows/s  ETA {format_eta(self.eta_seconds)}")
+
+    def _write(self, force: bool = False, finished: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if not self.quiet:
+            print(self.line(), file=self.stream, flush=True)
+        if self.file is not None:
+            state = self.file.read_json() if self.file.exists() else {}
+            state[self.phase] = self.snapshot(finished)
+            state["current"] = self.phase
+            self.file.write_json(state)

@@ -1,0 +1,121 @@
+"""The one module that imports Ray. Stages are plain classes; this adapter maps them onto Ray Data.
+
+Ray Data's compute arguments for ``map_batches`` moved between releases (``compute=ActorPoolStrategy`` →
+``concurrency=`` → back); Ray is pinned (2.60) and the call lives only in :func:`map_actor_stage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import ray
+import ray.data
+
+from datasel_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Connect to the cluster named by ``cfg.address`` or RAY_ADDRESS, else start a local Ray."""
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of each alive node, e.g. ``[{"CPU": 16, "GPU": 8}, ...]``."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def has_autoscaler() -> bool:
+    """True when the cluster can add nodes (then current node sizes do not bound a request)."""
+    return bool(os.environ.get("DATASEL_ASSUME_AUTOSCALER"))
+
+
+def from_rows(rows: list[dict]) -> "ray.data.Dataset":
+    return ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+
+
+def _run_stage(batch: dict, stage_cls: type, kwargs: dict) -> dict:
+    key = (stage_cls, repr(sorted(kwargs.items())))
+    cache = _run_stage.__dict__.setdefault("cache", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = stage_cls(**kwargs)
+    return cache[key](batch)
+
+
+def map_task_stage(ds: "ray.data.Dataset", stage_cls: type, kwargs: dict, *, batch_size: int = 1,
+                   num_cpus: float = 1.0, max_retries: int = 3) -> "ray.data.Dataset":
+    """Run a stateless stage as Ray tasks (one stage instance cached per worker process)."""
+    return ds.map_batches(_run_stage, fn_kwargs={"stage_cls": stage_cls, "kwargs": kwargs}, batch_size=batch_size,
+                          num_cpus=num_cpus, max_retries=max_retries, batch_format="numpy")
+
+
+def map_actor_stage(ds: "ray.data.Dataset", stage_cls: type, kwargs: dict, *, batch_size: int, min_actors: int,
+                    max_actors: int, num_gpus: float, num_cpus: float, max_restarts: int,
+                    max_task_retries: int) -> "ray.data.Dataset":
+    """Run a stage with ``setup()`` weights on an autoscaling actor pool (min..max actors)."""
+    return ds.map_batches(
+        stage_cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_gpus=num_gpus or None,
+        num_cpus=num_cpus,
+        batch_format="numpy",
+        max_restarts=max_restarts,
+        max_task_retries=max_task_retries,
+    )
+
+
+def iter_result_rows(ds: "ray.data.Dataset") -> Iterator[dict[str, Any]]:
+    """Stream a (small) result dataset's rows to the driver as they are produced."""
+    yield from ds.iter_rows()
+
+
+def run_remote(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs):
+    """Run ``fn`` as one Ray task (e.g. clustering on a node with a GPU) and return its result."""
+    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args, **kwargs))
+
+
+def groupby_aggregate(table, key: str, aggregations: dict[str, list[str]]):
+    """Per-key statistics with Ray Data ``groupby(...).aggregate(...)``; returns a pyarrow Table.
+
+    ``aggregations`` maps a column to any of ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``.
+    """
+    from ray.data import aggregate as agg
+
+    ops = {"sum": agg.Sum, "mean": agg.Mean, "std": agg.Std, "min": agg.Min, "max": agg.Max}
+    aggs = [agg.Count()]
+    for column, names in aggregations.items():
+        for name in names:
+            if name == "count":
+                continue
+            aggs.append(ops[name](on=column, alias_name=f"{name}_{column}"))
+    ds = ray.data.from_arrow(table)
+    out = ds.groupby(key).aggregate(*aggs)
+    return _to_table(out)
+
+
+def _to_table(ds: "ray.data.Dataset"):
+    import pyarrow as pa
+
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    return pa.concat_tables(tables) if tables else None
