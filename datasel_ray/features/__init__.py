@@ -1,0 +1,1 @@
+"""Pure torch feature kernels: COINCIDE activations, DataTailor spectra, extraction stages, LoRA gradients."""

@@ -1,0 +1,48 @@
+"""COINCIDE multi-layer activation vectors (Lee et al., EMNLP 2024 Findings, Sec. 3, Eq. 2-3).
+
+Reference facts (G-JWLee/COINCIDE_code, ``extract_embed.py``): the hooked activation ``A_l`` is the output of
+``layers[l].self_attn.o_proj`` (MSA output before the residual add); per layer
+``v_l = normalize(tanh(mean(A_l[image tokens])))`` and ``t_l = normalize(tanh(mean(A_l[text after the image])))``;
+``u = concat_l [v_l, t_l] / sqrt(2 |L|)`` (unit norm when no span is empty), stored fp16 with NaN set to 0.
+
+Deviation from the reference code (METHODS.md Sec. 6): text-only samples get zero visual halves and use every
+token as text, instead of slicing fixed offsets that fall on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _span_feature(activations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised tanh of the mean of ``activations[mask]``; zeros [d] when the span is empty."""
+    if not bool(mask.any()):
+        return activations.new_zeros(activations.shape[-1])
+    pooled = torch.tanh(activations[mask].mean(dim=0))
+    return torch.nn.functional.normalize(pooled, dim=0)
+
+
+def coincide_vector(layer_outputs: list[torch.Tensor], image_mask: torch.Tensor,
+                    text_mask: torch.Tensor) -> torch.Tensor:
+    """COINCIDE feature ``u`` of one sample.
+
+    layer_outputs: one float Tensor [L, d] per hooked layer (layer order), non-pad tokens only;
+    image_mask / text_mask: bool [L]. Returns float32 [2 * n_layers * d] laid out ``[v_0, t_0, v_1, t_1, ...]``,
+    divided by sqrt(2 * n_layers); NaN entries are set to 0.
+    """
+    if not layer_outputs:
+        raise ValueError("coincide_vector needs at least one layer output")
+    image_mask = torch.as_tensor(image_mask, dtype=torch.bool)
+    text_mask = torch.as_tensor(text_mask, dtype=torch.bool)
+    parts = []
+    for activations in layer_outputs:
+        activations = activations.float()
+        if activations.shape[0] != image_mask.shape[0] or activations.shape[0] != text_mask.shape[0]:
+            raise ValueError(f"layer output has {activations.shape[0]} tokens, masks have "
+                             f"{image_mask.shape[0]} / {text_mask.shape[0]}")
+        parts.append(_span_feature(activations, image_mask.to(activations.device)))
+        parts.append(_span_feature(activations, text_mask.to(activations.device)))
+    u = torch.cat(parts) / math.sqrt(2 * len(layer_outputs))
+    return torch.nan_to_num(u, nan=0.0)

@@ -1,0 +1,203 @@
+"""A tiny LLaVA-style reference model, built fully offline and deterministically.
+
+The model is a real ``LlavaForConditionalGeneration`` (CLIP vision tower + 2-layer projector + Llama decoder),
+saved with ``save_pretrained`` so that it loads through the same generic path as any hub model
+(:class:`datasel_ray.models.vlm.ReferenceVLM`). Dimensions:
+
+- vision: CLIP, hidden 64, 2 layers, 4 heads, image 32x32, patch 8 -> 16 image tokens (CLS dropped,
+  ``vision_feature_select_strategy="default"``, ``vision_feature_layer=-2``);
+- text: Llama, hidden 128, 4 layers, 4 heads, intermediate 256, context 512, vocab ~1k (byte-level BPE
+  trained in-process on a built-in corpus);
+- chat template: LLaVA v1 (``"<sys> USER: <image>\\n... ASSISTANT: ...</s>USER: ..."``).
+
+Weights carry no knowledge; the model exists so that every phase runs end to end on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from datasel_ray.config import TINY_MODEL
+
+TINY_MODEL_VERSION = 1
+TINY_SUBDIR = "tiny-llava-v1"
+MARKER_FILE = "datasel_tiny.json"
+
+VOCAB_SIZE = 1024
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH_SIZE) ** 2
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# LLaVA v1 conversation format. Content is a string or a list of {"type": "image"|"text"} items.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] if messages[0]['content'] is string "
+    "else messages[0]['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set sys = '" + SYSTEM_PROMPT.replace("'", "\\'") + "' %}{% set loop_messages = messages %}{% endif %}"
+    "{{ sys }}"
+    "{% for message in loop_messages %}"
+    "{% if message['role'] == 'user' %}{% if loop.first %} {% endif %}USER: "
+    "{% else %} ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+_COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown"]
+_SHAPES = ["circle", "square", "triangle", "star", "rectangle", "line", "dot", "stripe", "cross", "ring"]
+_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_CHAT = [
+    "What is in the image?", "Describe the picture in detail.", "How many shapes are there?",
+    "What colour is the background?", "Is there a circle in the image?", "Answer with one word.",
+    "Please write a short caption.", "Explain your reasoning step by step.", "Yes, there is.", "No, there is not.",
+    "The image shows a simple drawing.", "Thank you for the question.", "Hello! How can I help you today?",
+    "Let me count them: the answer is", "The largest shape is on the left side of the image.",
+]
+
+
+def _corpus() -> list[str]:
+    """Deterministic training corpus for the tokenizer: colours, shapes, counting, captions, numbers, chat."""
+    lines = [SYSTEM_PROMPT, "USER: ASSISTANT:", *_CHAT]
+    for i, colour in enumerate(_COLOURS):
+        for j, shape in enumerate(_SHAPES):
+            n = _NUMBERS[(i + j) % len(_NUMBERS)]
+            lines.append(f"USER: <image>\nWhat colour is the {shape}? ASSISTANT: The {shape} is {colour}.</s>")
+            lines.append(f"There are {n} {colour} {shape}s in the image, {i * 10 + j} in total.")
+            lines.append(f"A {colour} {shape} on a {_COLOURS[-1 - i]} background, next to {n} dots.")
+    lines.extend(str(k) for k in range(200))
+    return lines
+
+
+def default_tiny_model_dir() -> Path:
+    """``$DATASEL_HOME/tiny-llava-v1``, default ``~/.cache/datasel_ray/tiny-llava-v1``."""
+    home = os.environ.get("DATASEL_HOME")
+    base = Path(home) if home else Path.home() / ".cache" / "datasel_ray"
+    return base / TINY_SUBDIR
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``"tiny"`` to the built tiny model directory (building it on first use); return anything else as is."""
+    if name_or_path == TINY_MODEL:
+        return str(build_tiny_model(default_tiny_model_dir()))
+    return name_or_path
+
+
+def _marker_ok(out_dir: Path, seed: int) -> bool:
+    marker = out_dir / MARKER_FILE
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == TINY_MODEL_VERSION and meta.get("seed") == seed
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build (once) the tiny LLaVA model + processor in ``out_dir`` and return its path.
+
+    Idempotent: a directory whose marker file has this version and seed is reused; a stale or partial one is
+    rebuilt. Atomic: the model is written to a sibling temp dir, marked, then renamed into place, so concurrent
+    builders (e.g. several Ray workers) never see a half-written model. Same seed -> identical files.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    if _marker_ok(out_dir, seed):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=out_dir.parent))
+    try:
+        _write_tiny_model(tmp, seed)
+        (tmp / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
+        if out_dir.exists() and not _marker_ok(out_dir, seed):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            # another builder won the race; its directory is complete once marked
+            if not _marker_ok(out_dir, seed):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_max_length=512, padding_side="right",
+    )
+
+
+def _build_processor(tokenizer):
+    from transformers import LlavaProcessor
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+    image_processor = ImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True, do_resize=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _build_model(tokenizer, seed: int):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=IMAGE_SEQ_LENGTH,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return model.eval()
+
+
+def _write_tiny_model(path: Path, seed: int) -> None:
+    tokenizer = _build_tokenizer()
+    processor = _build_processor(tokenizer)
+    model = _build_model(tokenizer, seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)

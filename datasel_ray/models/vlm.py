@@ -1,0 +1,429 @@
+"""Generic reference-VLM wrapper for any HF image-text-to-text model (local dir or hub id).
+
+Two halves, so CPU preprocessing never loads weights:
+
+- :class:`VLMProcessor` (processor only): LLaVA-form conversation + image -> :class:`PreparedSample`
+  (token ids, pixel values, image/text/answer masks), with the chat template of the model itself.
+- :class:`ReferenceVLM` (weights): a padded forward pass with hooks that returns, per sample, the COINCIDE
+  activations (``self_attn.o_proj`` outputs, COINCIDE Eq. 2-3), the pre-final-norm output of the last decoder
+  block (DataTailor Eq. 2 features) and the mean answer-token cross-entropy.
+
+The tiny offline model (:mod:`datasel_ray.models.tiny`) goes through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasel_ray.config import ModelConfig
+from datasel_ray.models.tiny import resolve_model_path
+
+IMAGE_PLACEHOLDER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+
+
+class ContextTooShortError(ValueError):
+    """The image span does not fit in the model context, so the sample cannot be truncated safely."""
+
+
+class ChatTemplateError(ValueError):
+    """The chat template does not render conversation prefixes as token prefixes (answer spans undefined)."""
+
+
+@dataclass
+class PreparedSample:
+    """One tokenised sample. All arrays have the same length L (no padding).
+
+    input_ids: int64 [L]; pixel_values: float32 [C, H, W] or None (text-only);
+    image_mask: bool [L] (input_ids == image token id); text_mask: bool [L] (COINCIDE text span: every token after
+    the image span, every token for text-only samples); answer_mask: bool [L] (assistant answer tokens plus the
+    end-of-turn token the template emits after each); truncated: cut to the model context.
+    """
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray | None
+    image_mask: np.ndarray
+    text_mask: np.ndarray
+    answer_mask: np.ndarray
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def has_image(self) -> bool:
+        return self.pixel_values is not None
+
+
+@dataclass
+class PaddedBatch:
+    """Right-padded batch of :class:`PreparedSample`.
+
+    input_ids int64 [B, T]; attention_mask int64 [B, T]; labels int64 [B, T] (input id on answer tokens, -100
+    elsewhere, unshifted as HF causal-LM losses expect); pixel_values float32 [n_images, C, H, W] for the rows
+    with an image, in row order, or None; lengths int64 [B] (non-pad tokens per row).
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    labels: Any
+    pixel_values: Any
+    lengths: Any
+
+
+@dataclass
+class SampleActivations:
+    """Hooked activations of one sample, restricted to its non-pad tokens (float32, CPU).
+
+    layer_outputs: one Tensor [L, d] per COINCIDE layer (o_proj outputs, layer order);
+    last_hidden: Tensor [L, d], pre-final-norm output of the last decoder block;
+    answer_loss: mean CE over answer tokens (shifted by one), nan when there is none.
+    """
+
+    layer_outputs: list
+    last_hidden: Any
+    answer_loss: float
+
+
+def conversation_to_messages(conversations: list[dict], with_image: bool) -> list[dict]:
+    """Convert LLaVA-form turns (``from``/``value`` with ``<image>``) to chat-template messages.
+
+    Content becomes ``[{"type": "image"}, {"type": "text", "text": ...}]`` items. With an image, the first
+    ``<image>`` placeholder becomes the image item (LLaVA inserts one at the start of the first human turn when
+    none is written); other placeholders and the newline that LLaVA writes next to them are dropped. Without an
+    image every placeholder is dropped: text-only samples carry no image tokens.
+    """
+    has_placeholder = any(IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations)
+    image_left = with_image
+    messages = []
+    for turn in conversations:
+        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        if role is None:
+            raise ValueError(f"Unknown conversation role {turn.get('from')!r}; expected one of {sorted(_ROLES)}")
+        value = str(turn.get("value", turn.get("content", "")))
+        if image_left and not has_placeholder and role == "user":
+            value = IMAGE_PLACEHOLDER + "\n" + value
+        content = []
+        pieces = value.split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                piece = piece.removeprefix("\n")
+                if image_left:
+                    content.append({"type": "image"})
+                    image_left = False
+            if i < len(pieces) - 1:
+                piece = piece.removesuffix("\n")
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).expanduser().is_dir()
+
+
+def _load_kwargs(model_cfg: ModelConfig, path: str) -> dict:
+    return {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "local_files_only": _is_local(path),
+    }
+
+
+class VLMProcessor:
+    """Chat template + tokenizer + image processor of a reference model; no weights."""
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
+        self.image_token_id = int(getattr(processor, "image_token_id", None)
+                                  or self.tokenizer.convert_tokens_to_ids(token))
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig) -> VLMProcessor:
+        """Load the processor of ``model_cfg.name_or_path``; context = ``max_length`` or the model's limit."""
+        from transformers import AutoConfig, AutoProcessor
+
+        path = resolve_model_path(model_cfg.name_or_path)
+        kwargs = _load_kwargs(model_cfg, path)
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+        max_length = model_cfg.max_length
+        if max_length is None:
+            config = AutoConfig.from_pretrained(path, **kwargs)
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            max_length = getattr(text_config, "max_position_embeddings", None)
+        return cls(processor, max_length=max_length)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _text_ids(self, text: str) -> np.ndarray:
+        # the chat template renders BOS/EOS itself
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def _encode(self, text: str, image) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.processor(text=[text], images=[image] if image is not None else None,
+                             add_special_tokens=False, return_tensors="np")
+        ids = np.asarray(out["input_ids"][0], dtype=np.int64)
+        pixels = None
+        if image is not None:
+            pixels = np.asarray(out["pixel_values"], dtype=np.float32)[0]
+        return ids, pixels
+
+    def prepare(self, conversations: list[dict], image=None, max_length: int | None = None) -> PreparedSample:
+        """Tokenise one LLaVA-form sample with the model's chat template and compute its token masks.
+
+        ``image`` is a PIL image or None (text-only). The sample is cut to ``max_length`` (default: the model
+        context) but never inside the image span: :class:`ContextTooShortError` when the span alone does not fit.
+        :class:`ChatTemplateError` when the template does not render conversation prefixes as token prefixes.
+        """
+        messages = conversation_to_messages(conversations, with_image=image is not None)
+        full_text = self.render(messages)
+        ids, pixels = self._encode(full_text, image)
+        to_full = self._prefix_mapper(self._text_ids(full_text), ids)
+        answer = np.zeros(ids.shape[0], dtype=bool)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = to_full(self._text_ids(self.render(messages[:k], add_generation_prompt=True)))
+            end = to_full(self._text_ids(self.render(messages[: k + 1])))
+            answer[start:end] = True
+        image_mask = ids == self.image_token_id
+        if image is not None and not image_mask.any():
+            raise ChatTemplateError("the processor inserted no image token for a sample with an image")
+        text_mask = np.ones_like(image_mask)
+        if image_mask.any():
+            text_mask[: int(np.flatnonzero(image_mask)[-1]) + 1] = False
+        sample = PreparedSample(ids, pixels, image_mask, text_mask, answer)
+        return truncate(sample, max_length or self.max_length)
+
+    def _prefix_mapper(self, text_ids: np.ndarray, full_ids: np.ndarray):
+        """Return f(prefix_text_ids) -> prefix length in ``full_ids`` (processor output with the image expanded).
+
+        The processor replaces the image placeholder token by a run of ``delta + 1`` tokens; ids before the
+        placeholder are unchanged and ids after it are shifted by ``delta``. Both facts are checked.
+        """
+        delta = full_ids.shape[0] - text_ids.shape[0]
+        hits = np.flatnonzero(text_ids == self.image_token_id)
+        if delta and hits.size != 1:
+            raise ChatTemplateError(f"expected one image placeholder token, found {hits.size}")
+        pos = int(hits[0]) if hits.size else text_ids.shape[0]
+        if not (np.array_equal(full_ids[:pos], text_ids[:pos])
+                and np.array_equal(full_ids[pos + 1 + delta:], text_ids[pos + 1:])):
+            raise ChatTemplateError("processor output differs from the tokenised chat template outside the image")
+
+        def to_full(prefix: np.ndarray) -> int:
+            n = prefix.shape[0]
+            if n > text_ids.shape[0] or not np.array_equal(prefix, text_ids[:n]):
+                raise ChatTemplateError(
+                    "the chat template renders a conversation prefix that is not a token prefix of the full "
+                    "conversation, so answer tokens cannot be located; use a model whose template is prefix-stable")
+            return n + delta if n > pos else n
+
+        return to_full
+
+
+def truncate(sample: PreparedSample, max_length: int | None) -> PreparedSample:
+    """Cut ``sample`` to ``max_length`` tokens, never inside the image span (raise ContextTooShortError)."""
+    if max_length is None or sample.length <= max_length:
+        return sample
+    if sample.image_mask.any() and int(np.flatnonzero(sample.image_mask)[-1]) >= max_length:
+        raise ContextTooShortError(
+            f"the image span ends at token {int(np.flatnonzero(sample.image_mask)[-1]) + 1} but the model context "
+            f"is {max_length} tokens")
+    cut = slice(0, max_length)
+    return PreparedSample(sample.input_ids[cut], sample.pixel_values, sample.image_mask[cut],
+                          sample.text_mask[cut], sample.answer_mask[cut], truncated=True)
+
+
+def collate(samples: Sequence[PreparedSample], pad_token_id: int) -> PaddedBatch:
+    """Right-pad ``samples`` into a :class:`PaddedBatch` of torch tensors (CPU)."""
+    import torch
+
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = torch.tensor([s.length for s in samples], dtype=torch.int64)
+    width = int(lengths.max())
+    ids = torch.full((len(samples), width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((len(samples), width), -100, dtype=torch.int64)
+    attention = torch.zeros((len(samples), width), dtype=torch.int64)
+    for b, s in enumerate(samples):
+        row = torch.from_numpy(np.ascontiguousarray(s.input_ids, dtype=np.int64))
+        ids[b, : s.length] = row
+        attention[b, : s.length] = 1
+        answer = torch.from_numpy(np.ascontiguousarray(s.answer_mask, dtype=bool))
+        labels[b, : s.length] = torch.where(answer, row, torch.full_like(row, -100))
+    images = [torch.from_numpy(np.ascontiguousarray(s.pixel_values, dtype=np.float32))
+              for s in samples if s.has_image]
+    pixels = torch.stack(images) if images else None
+    return PaddedBatch(ids, attention, labels, pixels, lengths)
+
+
+def default_coincide_layers(n_layers: int) -> list[int]:
+    """~5 evenly spaced 0-based layers: ``(i+1)*n//6 - 1`` (24 layers -> 3, 7, 11, 15, 19 as COINCIDE); all if n<=5."""
+    if n_layers <= 5:
+        return list(range(n_layers))
+    return [(i + 1) * n_layers // 6 - 1 for i in range(5)]
+
+
+def find_decoder_layers(model):
+    """The language model's decoder layers (an ``nn.ModuleList`` whose blocks have ``self_attn``).
+
+    Tries the usual attribute paths first, then the first matching ModuleList outside any vision tower.
+    """
+    import torch.nn as nn
+
+    for path in ("model.language_model.layers", "language_model.model.layers", "language_model.layers",
+                 "model.layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "self_attn"):
+            return obj
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "self_attn")
+                and not any(v in name.lower() for v in ("vision", "visual", "image", "encoder"))):
+            return module
+    raise ValueError(f"No decoder layers with `self_attn` found in {type(model).__name__}")
+
+
+def attention_output_module(layer):
+    """The attention output projection of a decoder block (``self_attn.o_proj`` or its usual aliases)."""
+    for name in _ATTN_OUT_NAMES:
+        module = getattr(layer.self_attn, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"No attention output projection ({', '.join(_ATTN_OUT_NAMES)}) in {type(layer).__name__}")
+
+
+def _first_tensor(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def capture_outputs(modules: dict) -> Iterator[dict]:
+    """Forward hooks storing each module's output tensor under its key; hooks are removed on exit."""
+    store: dict = {}
+    handles = []
+
+    def make_hook(key):
+        def hook(_module, _inputs, output):
+            store[key] = _first_tensor(output).detach()
+        return hook
+
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(key)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def answer_losses(logits, input_ids, labels) -> list[float]:
+    """Mean CE per row over answer tokens (``labels != -100``), next-token shifted; nan for rows without one.
+
+    logits [B, T, V]; input_ids / labels int64 [B, T]. Only the needed logit rows are cast to float32.
+    """
+    import torch.nn.functional as F
+
+    out = []
+    for b in range(labels.shape[0]):
+        pos = (labels[b] != -100).nonzero().flatten()
+        pos = pos[pos >= 1]
+        if pos.numel() == 0:
+            out.append(math.nan)
+            continue
+        out.append(float(F.cross_entropy(logits[b, pos - 1].float(), input_ids[b, pos], reduction="mean")))
+    return out
+
+
+class ReferenceVLM:
+    """A loaded reference model plus its :class:`VLMProcessor` and the COINCIDE layer choice."""
+
+    def __init__(self, model, processor: VLMProcessor, device, coincide_layers: list[int] | None = None):
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.decoder_layers = find_decoder_layers(model)
+        n = len(self.decoder_layers)
+        layers = list(coincide_layers) if coincide_layers is not None else default_coincide_layers(n)
+        bad = [layer for layer in layers if not 0 <= layer < n]
+        if bad or not layers:
+            raise ValueError(f"model.coincide_layers: layers {bad or layers} out of range for a {n}-layer model")
+        self.coincide_layers = layers
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, device=None) -> ReferenceVLM:
+        """Load weights (``AutoModelForImageTextToText``) and processor; device default: cuda if available."""
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        path = resolve_model_path(model_cfg.name_or_path)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **_load_kwargs(model_cfg, path))
+        model.to(device).eval()
+        return cls(model, VLMProcessor.load(model_cfg), torch.device(device), model_cfg.coincide_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(attention_output_module(self.decoder_layers[0]).weight.shape[0])
+
+    def collate(self, samples: Sequence[PreparedSample]) -> PaddedBatch:
+        return collate(samples, self.processor.pad_token_id)
+
+    def forward_features(self, samples: Sequence[PreparedSample]) -> list[SampleActivations]:
+        """One no-grad padded forward pass; per sample the hooked activations over its non-pad tokens.
+
+        Hooks: ``layers[l].self_attn.o_proj`` for l in ``coincide_layers`` (COINCIDE Eq. 2-3: MSA output before
+        the residual add) and the last decoder block (pre-final-norm output, DataTailor features).
+        """
+        import torch
+
+        batch = self.collate(samples)
+        modules = {("layer", layer): attention_output_module(self.decoder_layers[layer])
+                   for layer in self.coincide_layers}
+        modules["last"] = self.decoder_layers[-1]
+        dtype = next(self.model.parameters()).dtype
+        pixels = None if batch.pixel_values is None else batch.pixel_values.to(self.device, dtype=dtype)
+        ids = batch.input_ids.to(self.device)
+        with torch.inference_mode(), capture_outputs(modules) as store:
+            out = self.model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
+                             pixel_values=pixels, use_cache=False)
+            losses = answer_losses(out.logits, ids, batch.labels.to(self.device))
+        results = []
+        for b, n in enumerate(batch.lengths.tolist()):
+            layer_outputs = [store[("layer", layer)][b, :n].float().cpu() for layer in self.coincide_layers]
+            results.append(SampleActivations(layer_outputs, store["last"][b, :n].float().cpu(), losses[b]))
+        return results
+
+
+def load_conversations(value) -> list[dict]:
+    """Conversations from a JSON string (schema column) or an already decoded list."""
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise ValueError(f"conversations must be a list of turns, got {type(value).__name__}")
+    return value
