@@ -1,0 +1,261 @@
+"""Extraction stages: CPU preprocessing and the reference-model feature pass (DESIGN.md, ``extract`` phase).
+
+Both are plain callables over ``dict[str, np.ndarray]`` batches and never import Ray; the pipeline adapter maps
+them onto Ray Data ``map_batches``. A failing row never fails its batch: it carries ``error_reason`` (a
+:class:`datasel_ray.schema.Reason` code) and ``error_message``, with dummy arrays of the right dtypes and shapes.
+
+Ragged per-row arrays (token ids, masks) travel as numpy object arrays of 1-D arrays, which Ray Data stores as
+variable-shaped tensors; a batch whose rows happen to share a length comes back as a 2-D array, and both forms
+are accepted on input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datasel_ray import schema
+from datasel_ray.config import ModelConfig
+from datasel_ray.models.vlm import (
+    ContextTooShortError,
+    PreparedSample,
+    ReferenceVLM,
+    SampleActivations,
+    VLMProcessor,
+    load_conversations,
+)
+
+INPUT_IDS = "input_ids"
+IMAGE_MASK = "image_mask"
+TEXT_MASK = "text_mask"
+ANSWER_MASK = "answer_mask"
+PIXEL_VALUES = "pixel_values"
+HAS_IMAGE = "has_image"
+
+
+class RowError(Exception):
+    """A per-row failure with its quarantine reason code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def object_column(arrays: list[np.ndarray]) -> np.ndarray:
+    """1-D object array holding one array per row (never broadcast into a 2-D array by numpy)."""
+    column = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        column[i] = array
+    return column
+
+
+def load_image(path: str, image_size: int | None = None):
+    """Decode ``path`` (local path or fsspec URI) to an RGB PIL image, optionally resized to a square.
+
+    Raises RowError(image_missing) when the file does not exist and RowError(image_corrupt) when it cannot be
+    decoded (truncated files included: the pixels are loaded here, not lazily).
+    """
+    from PIL import Image
+
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as handle:
+                image = Image.open(handle)
+                image.load()
+        else:
+            image = Image.open(Path(path))
+            image.load()
+    except FileNotFoundError as err:
+        raise RowError(schema.Reason.IMAGE_MISSING, f"image not found: {path}") from err
+    except Exception as err:  # PIL raises many types for undecodable data
+        raise RowError(schema.Reason.IMAGE_CORRUPT, f"cannot decode image {path}: {err}") from err
+    image = image.convert("RGB")
+    if image_size is not None:
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return image
+
+
+class Preprocessor:
+    """CPU stage: image decode, chat template, tokenisation and token masks (no model weights).
+
+    Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only).
+    Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64 [L_i];
+    ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
+    [B, C, H, W] (zeros where ``has_image`` is False); ``has_image`` bool [B]; ``truncated`` bool [B];
+    ``error_reason`` / ``error_message`` str [B] ("" when fine). Failed rows get length-1 dummy token arrays.
+    """
+
+    def __init__(self, model_cfg: ModelConfig):
+        self.model_cfg = model_cfg
+        self.processor: VLMProcessor | None = None
+        self.pixel_shape: tuple[int, ...] | None = None
+
+    def setup(self) -> None:
+        """Load the processor and probe the pixel shape the image processor produces."""
+        from PIL import Image
+
+        if self.processor is not None:
+            return
+        self.processor = VLMProcessor.load(self.model_cfg)
+        size = self.model_cfg.image_size or 64
+        probe = self.processor.prepare([{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "x"}],
+                                       Image.new("RGB", (size, size), (127, 127, 127)))
+        self.pixel_shape = tuple(probe.pixel_values.shape)
+
+    def prepare_row(self, conversations, image_path: str) -> PreparedSample:
+        """One row -> PreparedSample; raises RowError with the quarantine reason on failure."""
+        image = load_image(image_path, self.model_cfg.image_size) if image_path else None
+        try:
+            return self.processor.prepare(load_conversations(conversations), image)
+        except ContextTooShortError as err:
+            raise RowError(schema.Reason.TOO_LONG, str(err)) from err
+        except Exception as err:
+            raise RowError(schema.Reason.EXTRACT_FAILED, f"{type(err).__name__}: {err}") from err
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.setup()
+        samples: list[PreparedSample] = []
+        reasons: list[str] = []
+        messages: list[str] = []
+        paths = batch.get(schema.IMAGE_PATH)
+        for i in range(len(batch[schema.ROW_ID])):
+            path = "" if paths is None or paths[i] is None else str(paths[i])
+            try:
+                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], path)
+                reason, message = "", ""
+            except RowError as err:
+                sample, reason, message = self._dummy(), err.reason, str(err)
+            samples.append(sample)
+            reasons.append(reason)
+            messages.append(message)
+        return self._columns(np.asarray(batch[schema.ROW_ID], dtype=np.int64), samples, reasons, messages)
+
+    def _dummy(self) -> PreparedSample:
+        ids = np.full(1, self.processor.pad_token_id, dtype=np.int64)
+        empty = np.zeros(1, dtype=bool)
+        return PreparedSample(ids, None, empty, empty.copy(), empty.copy())
+
+    def _columns(self, row_ids, samples, reasons, messages) -> dict[str, np.ndarray]:
+        pixels = np.zeros((len(samples), *self.pixel_shape), dtype=np.float32)
+        for i, sample in enumerate(samples):
+            if sample.has_image:
+                pixels[i] = sample.pixel_values
+        return {
+            schema.ROW_ID: row_ids,
+            INPUT_IDS: object_column([s.input_ids for s in samples]),
+            IMAGE_MASK: object_column([s.image_mask for s in samples]),
+            TEXT_MASK: object_column([s.text_mask for s in samples]),
+            ANSWER_MASK: object_column([s.answer_mask for s in samples]),
+            PIXEL_VALUES: pixels,
+            HAS_IMAGE: np.array([s.has_image for s in samples], dtype=bool),
+            schema.TRUNCATED: np.array([s.truncated for s in samples], dtype=bool),
+            schema.ERROR_REASON: np.array(reasons, dtype=object),
+            schema.ERROR_MESSAGE: np.array(messages, dtype=object),
+        }
+
+
+def sample_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedSample:
+    """Rebuild row ``i`` of a Preprocessor batch (object or 2-D token columns) as a PreparedSample."""
+    has_image = bool(batch[HAS_IMAGE][i])
+    return PreparedSample(
+        input_ids=np.asarray(batch[INPUT_IDS][i], dtype=np.int64),
+        pixel_values=np.asarray(batch[PIXEL_VALUES][i], dtype=np.float32) if has_image else None,
+        image_mask=np.asarray(batch[IMAGE_MASK][i], dtype=bool),
+        text_mask=np.asarray(batch[TEXT_MASK][i], dtype=bool),
+        answer_mask=np.asarray(batch[ANSWER_MASK][i], dtype=bool),
+        truncated=bool(batch[schema.TRUNCATED][i]),
+    )
+
+
+class FeatureExtractor:
+    """Model stage: COINCIDE vector, DataTailor spectrum stats, last-token vector and answer loss per row.
+
+    Input: the :class:`Preprocessor` output. Output columns (B rows, row order kept):
+    ``row_id`` int64 [B]; ``coincide_vector`` float16 [B, 2 * n_layers * hidden]; ``informativeness`` /
+    ``tau`` / ``answer_loss`` float32 [B] (nan on failed rows; answer_loss also nan without answer tokens);
+    ``last_token`` float16 [B, hidden]; ``n_image_tokens`` / ``n_text_tokens`` / ``n_answer_tokens`` int32 [B];
+    ``truncated`` bool [B]; ``error_reason`` / ``error_message`` str [B]. Failed rows carry zero vectors.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, device=None):
+        self.model_cfg = model_cfg
+        self.device = device
+        self.vlm: ReferenceVLM | None = None
+
+    def setup(self) -> None:
+        """Load the reference model (weights + processor); called lazily by the first batch otherwise."""
+        if self.vlm is None:
+            self.vlm = ReferenceVLM.load(self.model_cfg, device=self.device)
+
+    @property
+    def coincide_dim(self) -> int:
+        self.setup()
+        return 2 * len(self.vlm.coincide_layers) * self.vlm.hidden_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from datasel_ray.features.activations import coincide_vector
+        from datasel_ray.features.spectrum import spectrum_stats
+
+        self.setup()
+        n = len(batch[schema.ROW_ID])
+        out = self._empty_columns(batch, n)
+        reasons = out[schema.ERROR_REASON]
+        todo = [i for i in range(n) if not reasons[i]]
+        samples = {i: sample_from_row(batch, i) for i in todo}
+        for i, acts in self._forward(samples).items():
+            if isinstance(acts, Exception):
+                reasons[i] = schema.Reason.EXTRACT_FAILED
+                out[schema.ERROR_MESSAGE][i] = f"{type(acts).__name__}: {acts}"
+                continue
+            sample = samples[i]
+            u = coincide_vector(acts.layer_outputs, sample.image_mask, sample.text_mask)
+            out[schema.COINCIDE_VECTOR][i] = u.numpy().astype(np.float16)
+            out[schema.INFORMATIVENESS][i], out[schema.TAU][i] = spectrum_stats(acts.last_hidden)
+            out[schema.LAST_TOKEN][i] = acts.last_hidden[-1].numpy().astype(np.float16)
+            out[schema.ANSWER_LOSS][i] = acts.answer_loss
+            out[schema.N_IMAGE_TOKENS][i] = int(sample.image_mask.sum())
+            out[schema.N_TEXT_TOKENS][i] = int(sample.text_mask.sum())
+            out[schema.N_ANSWER_TOKENS][i] = int(sample.answer_mask.sum())
+        return out
+
+    def _forward(self, samples: dict[int, PreparedSample]) -> dict[int, SampleActivations | Exception]:
+        """Batched pass; when it fails, each row alone so one bad row only fails itself."""
+        if not samples:
+            return {}
+        keys = list(samples)
+        try:
+            return dict(zip(keys, self.vlm.forward_features([samples[i] for i in keys]), strict=True))
+        except Exception as err:  # recorded per row as extract_failed
+            if len(keys) == 1:
+                return {keys[0]: err}
+        results: dict[int, SampleActivations | Exception] = {}
+        for i in keys:
+            try:
+                results[i] = self.vlm.forward_features([samples[i]])[0]
+            except Exception as err:  # recorded per row as extract_failed
+                results[i] = err
+        return results
+
+    def _empty_columns(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        hidden = self.vlm.hidden_size
+        reasons = batch.get(schema.ERROR_REASON)
+        messages = batch.get(schema.ERROR_MESSAGE)
+        return {
+            schema.ROW_ID: np.asarray(batch[schema.ROW_ID], dtype=np.int64),
+            schema.COINCIDE_VECTOR: np.zeros((n, self.coincide_dim), dtype=np.float16),
+            schema.INFORMATIVENESS: np.full(n, np.nan, dtype=np.float32),
+            schema.TAU: np.full(n, np.nan, dtype=np.float32),
+            schema.LAST_TOKEN: np.zeros((n, hidden), dtype=np.float16),
+            schema.N_IMAGE_TOKENS: np.zeros(n, dtype=np.int32),
+            schema.N_TEXT_TOKENS: np.zeros(n, dtype=np.int32),
+            schema.N_ANSWER_TOKENS: np.zeros(n, dtype=np.int32),
+            schema.ANSWER_LOSS: np.full(n, np.nan, dtype=np.float32),
+            schema.TRUNCATED: np.asarray(batch[schema.TRUNCATED], dtype=bool).copy(),
+            schema.ERROR_REASON: np.array([str(r or "") for r in (reasons if reasons is not None else [""] * n)],
+                                          dtype=object),
+            schema.ERROR_MESSAGE: np.array([str(m or "") for m in (messages if messages is not None else [""] * n)],
+                                           dtype=object),
+        }
