@@ -1,0 +1,377 @@
+"""COINCIDE (Lee, Li, Hwang; EMNLP 2024 Findings): cluster-wise selection by transferability and density.
+
+Pure numpy (+ :mod:`datasel_ray.clustering` for faiss k-means). Defaults follow the reference code
+(G-JWLee/COINCIDE_code, ``COINCIDE_cluster/tinyllava/eval/score/coincide``); the paper variants are switches.
+
+Steps (paper §3.2–3.4, Algorithm 1 in App. G):
+
+1. spherical k-means of the unit vectors ``u`` (Eq. 3) into K clusters (K default ``max(1, round(N / 66))``);
+2. transferability proxy ``S_i`` (Eq. 5) from centroid cosines — :func:`transferability`;
+3. density ``D_i`` (Eq. 6) — :func:`density`;
+4. ``P = softmax(S / D / τ)`` — :func:`selection_probability`;
+5. sequential quotas + greedy MMD² prototypes (Eq. 7) — :func:`allocate_and_select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from datasel_ray.methods.budget import resolve_budget
+
+__all__ = [
+    "CoincideResult",
+    "allocate_and_select",
+    "default_num_clusters",
+    "density",
+    "greedy_mmd",
+    "selection_probability",
+    "select",
+    "transferability",
+]
+
+_BLOCK = 1024  # rows per block in blocked kernel / cosine computations
+_DENSE_MMD_MAX = 2048  # clusters up to this size use one dense kernel matrix in greedy MMD
+
+
+def default_num_clusters(n: int) -> int:
+    """K = max(1, round(N / 66)) (reference: K = 10,000 for LLaVA-665k), clipped to N."""
+    return max(1, min(n, round(n / 66)))
+
+
+def _check_x(x, name: str = "x") -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1 or not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{name} must be a float array [N, d] with N, d >= 1, got shape {a.shape}, dtype {a.dtype}")
+    return a
+
+
+def _check_labels(labels, n: int, k: int) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"labels must be an int array [{n}], got shape {lab.shape}, dtype {lab.dtype}")
+    if n and (lab.min() < 0 or lab.max() >= k):
+        raise ValueError(f"labels must lie in [0, k={k}), got range [{lab.min()}, {lab.max()}]")
+    return lab.astype(np.int64, copy=False)
+
+
+# ------------------------------------------------------------------------------------------- Eq. 5
+
+
+def transferability(centroids: np.ndarray, n_layers: int | None = None, mode: str = "reference",
+                    cos_threshold: float = 0.9) -> np.ndarray:
+    """Transferability proxy S (Eq. 5): mean cosine of each centroid to the other centroids.
+
+    Args:
+        centroids: float[K, F]. In ``"reference"`` mode ``F = n_layers * 2 * h`` laid out as
+            ``concat_l [v_l, t_l]`` (visual half, then text half, per layer).
+        n_layers: number of hooked layers (reference mode only).
+        mode: ``"reference"`` (default, code): keep only the text halves ``t_l`` of every layer, cosine matrix
+            C (a zero vector has cosine 0 with everything, as sklearn's ``cosine_similarity``), mask pairs with
+            ``C > cos_threshold`` — this masks the self pair of every non-zero centroid and near-duplicates —
+            and average the rest: ``S_i = Σ_{j: C_ij <= thr} C_ij / #{j: C_ij <= thr}``. If nothing remains
+            (the code would give 0/0), ``S_i = 0``. ``"paper"``: full centroids, ``S_i = mean_{j != i} C_ij``
+            (``S = 0`` when K = 1).
+        cos_threshold: reference mask threshold (0.9).
+
+    Returns:
+        float64[K]. Computed in row blocks: O(K · block) memory, O(K² F) time.
+    """
+    c = _check_x(centroids, "centroids")
+    K, F = c.shape
+    if mode == "reference":
+        if n_layers is None or int(n_layers) < 1 or F % (2 * int(n_layers)):
+            raise ValueError(f"n_layers must be a positive integer dividing centroids.shape[1] / 2 "
+                             f"(F = {F}) in reference mode, got {n_layers!r}")
+        h = F // (2 * int(n_layers))
+        c = np.asarray(c, dtype=np.float64).reshape(K, int(n_layers), 2, h)[:, :, 1, :].reshape(K, -1)
+    elif mode == "paper":
+        c = np.asarray(c, dtype=np.float64)
+    else:
+        raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
+    norms = np.linalg.norm(c, axis=1)
+    cn = np.where(norms[:, None] > 0, c / np.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    out = np.zeros(K, dtype=np.float64)
+    for s in range(0, K, _BLOCK):
+        cos = cn[s:s + _BLOCK] @ cn.T
+        if mode == "reference":
+            keep = ~(cos > cos_threshold)
+            cnt = keep.sum(1)
+            tot = np.where(keep, cos, 0.0).sum(1)
+            out[s:s + _BLOCK] = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+        else:
+            rows = np.arange(s, min(s + _BLOCK, K))
+            cos[rows - s, rows] = 0.0
+            out[s:s + _BLOCK] = cos.sum(1) / (K - 1) if K > 1 else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------- Eq. 6
+
+
+def _cluster_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    return order, starts
+
+
+def _kernel_block(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray, sigma: float) -> np.ndarray:
+    """exp(-(|a|² + |b|² - 2 a·b) / (2σ²)) — the reference's expansion form (float64)."""
+    return np.exp(-(a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)) / (2.0 * sigma * sigma))
+
+
+def _cluster_density(xc: np.ndarray, sigma: float) -> float:
+    sq = np.einsum("ij,ij->i", xc, xc)
+    total = 0.0
+    for s in range(0, len(xc), _BLOCK):
+        total += _kernel_block(xc[s:s + _BLOCK], xc, sq[s:s + _BLOCK], sq, sigma).sum()
+    return total / (len(xc) * len(xc))
+
+
+def density(x: np.ndarray, labels: np.ndarray, k: int, sigma: float = 1.0) -> np.ndarray:
+    """Cluster density D (Eq. 6), reference form: ``D_c = mean_{a,b ∈ C} exp(-|u_a - u_b|² / (2σ²))``.
+
+    The mean runs over all ordered pairs *including* the diagonal (reference code; the paper text says "two
+    distinct data points"). float64 throughout, as the reference.
+
+    Args:
+        x: float[N, d] vectors (cast to float64 one cluster at a time).
+        labels: int[N] in ``[0, k)``.
+        k: number of clusters.
+        sigma: Gaussian kernel width (reference ``--gamma`` = 1.0).
+
+    Returns:
+        float64[k]; NaN for empty clusters, 1.0 for single-member clusters. Memory O(|C| · block + |C| d) per
+        cluster, time O(Σ_c |C|² d) = O(N · max|C| · d).
+    """
+    x = _check_x(x)
+    lab = _check_labels(labels, x.shape[0], int(k))
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    order, starts = _cluster_order(lab, int(k))
+    out = np.full(int(k), np.nan)
+    for c in range(int(k)):
+        idx = order[starts[c]:starts[c + 1]]
+        if len(idx):
+            out[c] = _cluster_density(np.asarray(x[idx], dtype=np.float64), float(sigma))
+    return out
+
+
+def selection_probability(S: np.ndarray, D: np.ndarray, temperature: float = 0.1) -> np.ndarray:
+    """Cluster sampling distribution ``P = softmax(S / D / τ)`` over clusters with finite D (float64[K]).
+
+    Clusters with NaN density (empty) get P = 0. Reference: ``score = S / D``, ``ratio = softmax(score / temp)``.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    D = np.asarray(D, dtype=np.float64)
+    if S.shape != D.shape or S.ndim != 1:
+        raise ValueError(f"S and D must be 1-D arrays of the same shape, got {S.shape} and {D.shape}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = np.isfinite(D)
+    P = np.zeros(len(S))
+    if valid.any():
+        z = S[valid] / D[valid] / temperature
+        e = np.exp(z - z.max())
+        P[valid] = e / e.sum()
+    return P
+
+
+# ------------------------------------------------------------------------------------------- Eq. 7
+
+
+def greedy_mmd(xc: np.ndarray, m: int, sigma: float = 1.0) -> np.ndarray:
+    """Greedy MMD² prototypes of one cluster (Eq. 7; Kim et al. 2016), incremental O(n) per step.
+
+    Picks ``m`` rows of ``xc`` (float[n, d]) one at a time, each minimising
+    ``MMD²(S ∪ c) = K̄_XX + (ΣK_SS + 2 Σ_{s∈S} K_sc + K_cc)/(k+1)² − 2 (Σ_{s∈S} colsum_s + colsum_c)/(n (k+1))``
+    with ``colsum_c = Σ_{x∈X} K_xc`` — the same choice as the reference's from-scratch recomputation. Ties go to
+    the lowest row index.
+
+    Memory: clusters with n <= 2048 use one dense n x n kernel; larger ones never build it (colsum in row
+    blocks, O(n · block); then one kernel row O(n d) per step). Time O(n² d + m n d).
+
+    Returns:
+        int64[m] positions into ``xc`` in selection order.
+    """
+    xc = np.asarray(xc, dtype=np.float64)
+    n = len(xc)
+    m = int(min(m, n))
+    if m <= 0:
+        return np.zeros(0, dtype=np.int64)
+    sq = np.einsum("ij,ij->i", xc, xc)
+    dense = n <= _DENSE_MMD_MAX
+    if dense:
+        K = _kernel_block(xc, xc, sq, sq, sigma)
+        colsum = K.sum(0)
+        kcc = np.diagonal(K).copy()
+    else:
+        colsum = np.zeros(n)
+        for s in range(0, n, _BLOCK):
+            colsum += _kernel_block(xc[s:s + _BLOCK], xc, sq[s:s + _BLOCK], sq, sigma).sum(0)
+        kcc = np.exp(-(sq + sq - 2.0 * sq) / (2.0 * sigma * sigma))
+    ksc = np.zeros(n)  # Σ_{s∈S} K_sc
+    taken = np.zeros(n, dtype=bool)
+    out = np.empty(m, dtype=np.int64)
+    for step in range(m):
+        k1 = step + 1
+        f = (2.0 * ksc + kcc) / (k1 * k1) - 2.0 * colsum / (n * k1)
+        f[taken] = np.inf
+        c = int(np.argmin(f))
+        out[step] = c
+        taken[c] = True
+        if step + 1 < m:
+            ksc += K[c] if dense else _kernel_block(xc[c:c + 1], xc, sq[c:c + 1], sq, sigma)[0]
+    return out
+
+
+@dataclass
+class _Allocation:
+    selected: np.ndarray  # int64, selection order
+    quota: np.ndarray  # int64[K], rows taken per cluster
+    order: np.ndarray  # int64[K'], processing order of non-empty clusters
+    pick_rank: np.ndarray  # int64[N], position in ``selected`` or -1
+
+
+def allocate_and_select(x: np.ndarray, labels: np.ndarray, S: np.ndarray, D: np.ndarray, budget: int,
+                        temperature: float = 0.1, sigma: float = 1.0) -> _Allocation:
+    """Sequential cluster quotas and greedy MMD prototypes (Algorithm 1; reference ``cluster_wise_prune.py``).
+
+    Non-empty clusters are processed in descending ``score = S / D`` (= descending P; ties: lowest cluster id —
+    the reference's reversed argsort would take the highest). With ``remaining = budget``: ``q = round(remaining ·
+    P̃_i)`` (Python round, half to even, as the reference), where ``P̃_i`` is the softmax of ``score / τ`` over
+    this and all not-yet-processed clusters; if ``q > |C_i|`` the whole cluster is taken, else ``greedy_mmd(q)``;
+    ``remaining -= taken``. The total is at most ``budget`` (shortfalls flow to later clusters).
+
+    Args:
+        x: float[N, d]; labels: int[N] in [0, K); S, D: float[K] (NaN D = empty cluster, skipped);
+        budget: rows (int >= 0); temperature τ; sigma: kernel width.
+
+    Returns:
+        an object with ``selected`` (int64, selection order), ``quota`` (int64[K]), ``order`` (processing order of
+        the non-empty clusters) and ``pick_rank`` (int64[N], position of each row in ``selected``, -1 if not).
+    """
+    x = _check_x(x)
+    S = np.asarray(S, dtype=np.float64)
+    D = np.asarray(D, dtype=np.float64)
+    K = len(S)
+    lab = _check_labels(labels, x.shape[0], K)
+    if D.shape != (K,):
+        raise ValueError(f"D must have shape ({K},) like S, got {D.shape}")
+    if isinstance(budget, bool) or int(budget) != budget or budget < 0:
+        raise ValueError(f"budget must be an integer >= 0, got {budget!r}")
+    if not temperature > 0 or not sigma > 0:
+        raise ValueError(f"temperature and sigma must be > 0, got {temperature}, {sigma}")
+    order_rows, starts = _cluster_order(lab, K)
+    valid = np.flatnonzero(np.isfinite(D))
+    score = S[valid] / D[valid]
+    proc = valid[np.lexsort((valid, -score))]
+    z = (S[proc] / D[proc]) / temperature
+    e = np.exp(z - z.max()) if len(z) else z
+    suffix = np.cumsum(e[::-1])[::-1]  # Σ_{j >= i} e_j : re-softmax over the clusters not yet processed
+    remaining = int(budget)
+    chosen = []
+    quota = np.zeros(K, dtype=np.int64)
+    for i, c in enumerate(proc):
+        members = order_rows[starts[c]:starts[c + 1]]
+        q = round(remaining * (e[i] / suffix[i]))
+        if q > len(members):
+            pick = members
+        else:
+            pick = members[greedy_mmd(np.asarray(x[members], dtype=np.float64), q, sigma)]
+        chosen.append(pick)
+        quota[c] = len(pick)
+        remaining -= len(pick)
+    selected = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+    pick_rank = np.full(x.shape[0], -1, dtype=np.int64)
+    pick_rank[selected] = np.arange(len(selected))
+    return _Allocation(selected, quota, proc.astype(np.int64), pick_rank)
+
+
+# ------------------------------------------------------------------------------------------- top level
+
+
+@dataclass
+class CoincideResult:
+    """Output of :func:`select`.
+
+    selected: int64[B'] row positions (0-based into x) in selection order (B' <= budget).
+    labels: int64[N] cluster of each row. centroids: float32[K, F'] (F' = reduce_dim or F).
+    cluster_size: int64[K]; cluster_S, cluster_D, cluster_P: float64[K] (D NaN and P 0 for empty clusters);
+    cluster_quota: int64[K] rows selected per cluster; cluster_order: int64[K'] processing order.
+    row_S, row_D, row_P: float64[N] values of each row's cluster; row_rank: int64[N] position in ``selected``
+    (-1 = not selected).
+    """
+
+    selected: np.ndarray
+    labels: np.ndarray
+    centroids: np.ndarray
+    cluster_size: np.ndarray
+    cluster_S: np.ndarray
+    cluster_D: np.ndarray
+    cluster_P: np.ndarray
+    cluster_quota: np.ndarray
+    cluster_order: np.ndarray
+    row_S: np.ndarray
+    row_D: np.ndarray
+    row_P: np.ndarray
+    row_rank: np.ndarray
+
+
+def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *, n_layers: int | None = None,
+           labels: np.ndarray | None = None, centroids: np.ndarray | None = None) -> CoincideResult:
+    """Run COINCIDE end to end on float[N, F] vectors ``x`` (the ``coincide_vector`` column).
+
+    Args:
+        x: float[N, F], F = n_layers * 2 * hidden, unit-norm rows (zero rows allowed).
+        budget: fraction (< 1) or row count (>= 1); see :func:`~datasel_ray.methods.budget.resolve_budget`.
+            (The reference uses ``int(fraction * N)``; we round like ``SelectConfig.budget_rows``.)
+        config: :class:`datasel_ray.config.CoincideConfig` (None = defaults).
+        seed: k-means seed used when ``config.seed`` is None.
+        n_layers: number of hooked layers; required for ``transferability="reference"``.
+        labels, centroids: precomputed clustering (e.g. from the aggregate phase); when given, k-means is skipped.
+            Transferability then uses ``centroids`` (which must be in the space expected by the mode).
+
+    Density and MMD always use ``x`` itself (not the reduced space). Transferability uses only the centroids of
+    non-empty clusters (an empty cluster's centroid is no concept-skill composition); empty clusters get S = 0.
+    """
+    from datasel_ray.clustering import spherical_kmeans
+    from datasel_ray.config import CoincideConfig
+
+    cfg = config if config is not None else CoincideConfig()
+    x = _check_x(x)
+    n = x.shape[0]
+    B = resolve_budget(budget, n)
+    if labels is None:
+        k = cfg.num_clusters if cfg.num_clusters is not None else default_num_clusters(n)
+        centroids, labels = spherical_kmeans(
+            x, k, niter=cfg.niter, seed=cfg.seed if cfg.seed is not None else seed, train_sample=cfg.train_sample,
+            reduce_dim=cfg.reduce_dim, reduce_method=cfg.reduce_method)
+        if cfg.reduce_dim is not None and cfg.transferability == "reference":
+            # the layer layout is lost after projection: recompute the centroids in the original space
+            centroids = _cluster_means(x, labels, len(centroids))
+    elif centroids is None:
+        raise ValueError("centroids must be given together with labels")
+    centroids = _check_x(centroids, "centroids")
+    K = centroids.shape[0]
+    labels = _check_labels(labels, n, K)
+    size = np.bincount(labels, minlength=K).astype(np.int64)
+    nonempty = np.flatnonzero(size)
+    S = np.zeros(K)
+    S[nonempty] = transferability(centroids[nonempty], n_layers, cfg.transferability, cfg.cos_threshold)
+    D = density(x, labels, K, cfg.sigma)
+    P = selection_probability(S, D, cfg.temperature)
+    alloc = allocate_and_select(x, labels, S, D, B, cfg.temperature, cfg.sigma)
+    return CoincideResult(
+        selected=alloc.selected, labels=labels, centroids=np.asarray(centroids, dtype=np.float32),
+        cluster_size=size, cluster_S=S, cluster_D=D, cluster_P=P, cluster_quota=alloc.quota,
+        cluster_order=alloc.order, row_S=S[labels], row_D=D[labels], row_P=P[labels], row_rank=alloc.pick_rank)
+
+
+def _cluster_means(x: np.ndarray, labels: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    sums = np.zeros((k, x.shape[1]))
+    for s in range(0, x.shape[0], block):
+        np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
+    cnt = np.bincount(labels, minlength=k)
+    return (sums / np.maximum(cnt, 1)[:, None]).astype(np.float32)

@@ -1,0 +1,278 @@
+"""DataTailor (Yu et al., ICCV 2025; arXiv 2412.06293): informativeness, uniqueness, representativeness.
+
+Pure numpy (+ :func:`datasel_ray.clustering.ward_clusters`). Defaults follow the reference code
+(Yuqifan1117/DataTailor: ``relationship_value_calculation.py``, ``datatailor_selector.py``); paper variants are
+switches of :class:`datasel_ray.config.DataTailorConfig`.
+
+Per task t (rows with the same task label):
+
+1. Ward clusters of the last-token states ``h`` (App. B.1) — :func:`datasel_ray.clustering.ward_clusters`;
+2. uniqueness U (Eq. 3) — :func:`uniqueness`;
+3. inter-cluster association A and representativeness R (Eq. 4–5) — :func:`association`, :func:`representativeness`;
+4. within-task percentile ranks and ``score = (r·rk(I) + rk(U) + rk(R)) / (r + 2)`` (Eq. 6, code form);
+5. task budgets ``k_t ∝ N_t · τ̄_t²`` (Eq. 7 / App. Eq. 14) and deterministic top-k per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from datasel_ray.methods.budget import allocate_proportional, resolve_budget
+
+__all__ = [
+    "DataTailorResult",
+    "association",
+    "percentile_rank",
+    "representativeness",
+    "select",
+    "task_budgets",
+    "uniqueness",
+]
+
+_BLOCK = 1024
+
+
+def percentile_rank(x: np.ndarray) -> np.ndarray:
+    """Within-group percentile rank ``argsort(argsort(x)) / n`` in [0, 1) (float64[n]); stable, so ties rank by
+    position (the reference uses numpy's default unstable sort)."""
+    x = np.asarray(x)
+    n = len(x)
+    if n == 0:
+        return np.zeros(0)
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable") / n
+
+
+def _cluster_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    return order, starts
+
+
+def _uniqueness_cluster(hc: np.ndarray, v: np.ndarray, mode: str) -> np.ndarray:
+    from scipy.spatial.distance import cdist
+
+    n = len(hc)
+    num = np.zeros(n)
+    total = 0.0
+    for s in range(0, n, _BLOCK):
+        d = cdist(hc[s:s + _BLOCK], hc)  # Euclidean, O(block · n) memory
+        num[s:s + _BLOCK] = d @ v
+        total += d.sum()
+    if mode == "reference":
+        avg = total / n
+        return num / avg if avg > 0 else np.zeros(n)
+    vs = v.sum()
+    return num / vs if vs > 0 else np.zeros(n)
+
+
+def uniqueness(h: np.ndarray, informativeness: np.ndarray, labels: np.ndarray, mode: str = "reference") -> np.ndarray:
+    """Unique value U (Eq. 3) of every row within its cluster; Euclidean distances in float64.
+
+    ``mode="reference"`` (code, default): ``U_i = Σ_{j∈C} d_ij V_j / ((1/|C|) Σ_{j,k∈C} d_jk)``.
+    ``mode="paper"``: ``U_i = Σ_{j∈C, j≠i} d_ij V_j / Σ_{k∈C} V_k``.
+    A zero denominator (single-member cluster, all-identical members, or zero informativeness) gives U = 0:
+    a row with no distinct neighbour has no measurable uniqueness.
+
+    Args:
+        h: float[N, d]; informativeness: float[N]; labels: int[N] >= 0 (cluster ids).
+
+    Returns:
+        float64[N]. Memory O(|C| · block) per cluster (never |C| x |C|), time O(Σ_c |C|² d).
+    """
+    h = np.asarray(h)
+    n = h.shape[0]
+    v = np.asarray(informativeness, dtype=np.float64)
+    lab = np.asarray(labels, dtype=np.int64)
+    if mode not in ("reference", "paper"):
+        raise ValueError(f"uniqueness mode must be 'reference' or 'paper', got {mode!r}")
+    if v.shape != (n,) or lab.shape != (n,):
+        raise ValueError(f"informativeness and labels must have shape ({n},)")
+    k = int(lab.max()) + 1 if n else 0
+    order, starts = _cluster_order(lab, k)
+    out = np.zeros(n)
+    for c in range(k):
+        idx = order[starts[c]:starts[c + 1]]
+        if len(idx):
+            out[idx] = _uniqueness_cluster(np.asarray(h[idx], dtype=np.float64), v[idx], mode)
+    return out
+
+
+def association(means: np.ndarray, cluster_task: np.ndarray) -> np.ndarray:
+    """Inter-cluster association A (Eq. 4): ``A_c = mean_{c'≠c, same task} exp(cos(μ_c, μ_c'))`` (float64[K]).
+
+    ``means``: float[K, d] cluster means; ``cluster_task``: int[K]. A task with a single cluster gets
+    ``A = e¹`` (the code divides by zero). A zero mean has cosine 0 with every other mean.
+    Blocked: O(K_t · block) memory per task. (The code further divides A by its task mean; this is a per-task
+    constant that leaves the within-task ranks unchanged, so it is omitted.)
+    """
+    mu = np.asarray(means, dtype=np.float64)
+    ct = np.asarray(cluster_task, dtype=np.int64)
+    norms = np.linalg.norm(mu, axis=1)
+    mn = np.where(norms[:, None] > 0, mu / np.where(norms > 0, norms, 1.0)[:, None], 0.0)
+    A = np.full(len(mu), np.e)
+    for t in np.unique(ct):
+        idx = np.flatnonzero(ct == t)
+        kt = len(idx)
+        if kt < 2:
+            continue
+        for s in range(0, kt, _BLOCK):
+            rows = idx[s:s + _BLOCK]
+            e = np.exp(mn[rows] @ mn[idx].T)
+            e[np.arange(len(rows)), np.arange(s, s + len(rows))] = 0.0
+            A[rows] = e.sum(1) / (kt - 1)
+    return A
+
+
+def representativeness(A_row: np.ndarray, informativeness: np.ndarray, labels: np.ndarray,
+                       mode: str = "reference") -> np.ndarray:
+    """Representative value R (Eq. 5): reference ``R_i = A_c V_i``; paper ``R_i = A_c V_i / Σ_{k∈C} V_k``
+    (0 when the cluster's Σ V is 0). ``A_row`` is A of each row's cluster. Returns float64[N]."""
+    v = np.asarray(informativeness, dtype=np.float64)
+    A_row = np.asarray(A_row, dtype=np.float64)
+    if mode == "reference":
+        return A_row * v
+    if mode != "paper":
+        raise ValueError(f"representativeness mode must be 'reference' or 'paper', got {mode!r}")
+    lab = np.asarray(labels, dtype=np.int64)
+    csum = np.bincount(lab, weights=v)
+    den = csum[lab]
+    return np.where(den > 0, A_row * v / np.where(den > 0, den, 1.0), 0.0)
+
+
+def task_budgets(task_sizes: np.ndarray, tau_mean: np.ndarray, budget: int) -> np.ndarray:
+    """Task budgets (Eq. 7 / App. Eq. 14): ``k_t ∝ N_t · τ̄_t²``, summing exactly to ``budget``.
+
+    Rounded by largest remainder and capped at N_t with the excess redistributed over the uncapped tasks
+    (:func:`~datasel_ray.methods.budget.allocate_proportional`). The code rounds each ``k_t`` half-up and has
+    no cap. Returns int64[T].
+    """
+    sizes = np.asarray(task_sizes, dtype=np.int64)
+    w = sizes * np.asarray(tau_mean, dtype=np.float64) ** 2
+    return allocate_proportional(w, int(budget), caps=sizes)
+
+
+@dataclass
+class DataTailorResult:
+    """Output of :func:`select` (all per-row arrays are aligned with the input rows).
+
+    selected: int64[B] row positions, ascending. task_names: the unique task labels (np.unique order);
+    task_index: int64[N] position of each row's task in ``task_names``; task_size, task_budget: int64[T];
+    task_tau: float64[T] mean τ of each task. labels: int64[N] global cluster id (task-major, contiguous);
+    cluster_task: int64[K]; cluster_size: int64[K]; cluster_A: float64[K].
+    U, R: float64[N] uniqueness / representativeness; rank_I, rank_U, rank_R: float64[N] within-task
+    percentile ranks; r: float64[N] weight max(1, n_turns); score: float64[N] combined value;
+    row_rank: int64[N] position of the row in its task's descending-score order (0 = best).
+    """
+
+    selected: np.ndarray
+    task_names: np.ndarray
+    task_index: np.ndarray
+    task_size: np.ndarray
+    task_budget: np.ndarray
+    task_tau: np.ndarray
+    labels: np.ndarray
+    cluster_task: np.ndarray
+    cluster_size: np.ndarray
+    cluster_A: np.ndarray
+    U: np.ndarray
+    R: np.ndarray
+    rank_I: np.ndarray
+    rank_U: np.ndarray
+    rank_R: np.ndarray
+    r: np.ndarray
+    score: np.ndarray
+    row_rank: np.ndarray
+
+
+def _check_inputs(h, informativeness, tau, n_turns, tasks):
+    h = np.asarray(h)
+    if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1 or not np.issubdtype(h.dtype, np.floating):
+        raise ValueError(f"h must be a float array [N, d] with N, d >= 1, got shape {h.shape}, dtype {h.dtype}")
+    n = h.shape[0]
+    out = []
+    for name, a in (("informativeness", informativeness), ("tau", tau)):
+        a = np.asarray(a)
+        if a.shape != (n,) or not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"{name} must be a float array [{n}], got shape {a.shape}, dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite (found NaN/inf)")
+        out.append(a.astype(np.float64))
+    nt = np.asarray(n_turns)
+    if nt.shape != (n,) or not np.issubdtype(nt.dtype, np.number):
+        raise ValueError(f"n_turns must be an int array [{n}], got shape {nt.shape}, dtype {nt.dtype}")
+    t = np.asarray(tasks)
+    if t.shape != (n,):
+        raise ValueError(f"tasks must be an array [{n}] of int codes or strings, got shape {t.shape}")
+    return h, out[0], out[1], nt.astype(np.float64), t
+
+
+def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns: np.ndarray, tasks: np.ndarray,
+           budget: float | int, config=None, seed: int = 0) -> DataTailorResult:
+    """Run DataTailor end to end.
+
+    Args:
+        h: float[N, d] last-token states (``last_token``; fp16 is cast per task to float64).
+        informativeness: float[N] V_inf (singular-value entropy); tau: float[N] σ₁/Σσ; n_turns: int[N] number of
+            human/gpt rounds (r = max(1, n_turns)); tasks: [N] int codes or strings (grouped with np.unique).
+        budget: fraction (< 1) or row count (>= 1) of the whole pool.
+        config: :class:`datasel_ray.config.DataTailorConfig` (None = defaults).
+        seed: seed of the k-means pre-clustering used for tasks above ``config.dense_max_rows`` rows.
+
+    Top-k per task by score, ties by lowest row position. Deterministic.
+    """
+    from datasel_ray.clustering import ward_clusters
+    from datasel_ray.config import DataTailorConfig
+
+    cfg = config if config is not None else DataTailorConfig()
+    h, v, tau, nt, tasks = _check_inputs(h, informativeness, tau, n_turns, tasks)
+    n = h.shape[0]
+    B = resolve_budget(budget, n)
+    names, tindex = np.unique(tasks, return_inverse=True)
+    tindex = tindex.astype(np.int64).reshape(-1)
+    T = len(names)
+    labels = np.empty(n, dtype=np.int64)
+    t_rows = [np.flatnonzero(tindex == t) for t in range(T)]
+    offset = 0
+    cluster_task = []
+    for t, rows in enumerate(t_rows):
+        lab = ward_clusters(h[rows], cut=cfg.cut, cut_ratio=cfg.cut_ratio, dense_max_rows=cfg.dense_max_rows,
+                            precluster_size=cfg.precluster_size, seed=seed + t)
+        kt = int(lab.max()) + 1
+        labels[rows] = lab + offset
+        cluster_task.extend([t] * kt)
+        offset += kt
+    K = offset
+    cluster_task = np.asarray(cluster_task, dtype=np.int64)
+    size = np.bincount(labels, minlength=K).astype(np.int64)
+    U = uniqueness(h, v, labels, cfg.uniqueness)
+    means = np.zeros((K, h.shape[1]))
+    for s in range(0, n, 65536):
+        np.add.at(means, labels[s:s + 65536], np.asarray(h[s:s + 65536], dtype=np.float64))
+    means /= size[:, None]
+    A = association(means, cluster_task)
+    R = representativeness(A[labels], v, labels, cfg.representativeness)
+    r = np.maximum(1.0, nt)
+    rank_I = np.zeros(n)
+    rank_U = np.zeros(n)
+    rank_R = np.zeros(n)
+    for rows in t_rows:
+        rank_I[rows] = percentile_rank(v[rows])
+        rank_U[rows] = percentile_rank(U[rows])
+        rank_R[rows] = percentile_rank(R[rows])
+    score = (r * rank_I + rank_U + rank_R) / (r + 2.0)
+    tsize = np.array([len(rw) for rw in t_rows], dtype=np.int64)
+    ttau = np.array([tau[rw].mean() for rw in t_rows])
+    kb = task_budgets(tsize, ttau, B)
+    row_rank = np.empty(n, dtype=np.int64)
+    chosen = []
+    for t, rows in enumerate(t_rows):
+        order = rows[np.argsort(-score[rows], kind="stable")]
+        row_rank[order] = np.arange(len(order))
+        chosen.append(order[:kb[t]])
+    selected = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+    return DataTailorResult(
+        selected=selected, task_names=names, task_index=tindex, task_size=tsize, task_budget=kb, task_tau=ttau,
+        labels=labels, cluster_task=cluster_task, cluster_size=size, cluster_A=A, U=U, R=R, rank_I=rank_I,
+        rank_U=rank_U, rank_R=rank_R, r=r, score=score, row_rank=row_rank)
