@@ -51,6 +51,7 @@ With ``include_task_field=True`` a ``task`` field (parquet: column) is written t
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -209,16 +210,17 @@ class Perturbation:
     """Light near-duplicate perturbation: a shift, a brightness change and pixel noise."""
 
     shift: tuple[int, int]
-    brightness: int
+    brightness: int  # magnitude; applied towards mid-grey so that it is not lost to clipping
     noise_seed: int
     noise_amplitude: int = 4
 
     def apply(self, image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.int16)
         pixels = np.roll(pixels, shift=self.shift, axis=(0, 1))
+        brightness = -self.brightness if pixels.mean() > 127 else self.brightness
         noise = np.random.default_rng(self.noise_seed).integers(
             -self.noise_amplitude, self.noise_amplitude + 1, size=pixels.shape, dtype=np.int16)
-        pixels = np.clip(pixels + self.brightness + noise, 0, 255).astype(np.uint8)
+        pixels = np.clip(pixels + brightness + noise, 0, 255).astype(np.uint8)
         return Image.fromarray(pixels, mode="RGB")
 
 
@@ -509,8 +511,7 @@ def _perturbation(rng: np.random.Generator) -> Perturbation:
     shift = (0, 0)
     while shift == (0, 0):
         shift = (int(rng.integers(-2, 3)), int(rng.integers(-2, 3)))
-    brightness = int(rng.integers(3, 11)) * (1 if rng.integers(2) else -1)
-    return Perturbation(shift, brightness, int(rng.integers(2**31)))
+    return Perturbation(shift, int(rng.integers(3, 11)), int(rng.integers(2**31)))
 
 
 def _duplicate_group(rng: np.random.Generator, task: str, size: int, group: int) -> list[PlannedRow]:
@@ -598,8 +599,6 @@ def _too_long_conversations(sample: Sample, variant: int) -> list[dict]:
 def _corrupt_image_bytes(sample: Sample, variant: int, size: int) -> bytes:
     if variant % 2 == 0:
         return b"this is not an image\x00\xff" * 8
-    import io
-
     buffer = io.BytesIO()
     sample.render(size).save(buffer, format="PNG")
     png = buffer.getvalue()
@@ -629,7 +628,7 @@ def _break_record(record: dict, row: PlannedRow, out_dir: Path, config: SynthCon
         record["conversations"] = _too_long_conversations(sample, variant)
     elif kind == Reason.MISSING_FIELD:
         del record["conversations"]
-    # IMAGE_MISSING: the image path stays, the file is never written. INVALID_JSON: see _jsonl_line.
+    # IMAGE_MISSING: the path stays and the file is never written. INVALID_JSON: see _jsonl_line.
     return record
 
 
@@ -687,13 +686,25 @@ def _write_pool(path: Path, records: list[dict], rows: list[PlannedRow], config:
         _write_parquet(path, records, config.include_task_field)
 
 
+def _remove_stale_outputs(out_dir: Path) -> None:
+    """Remove pool files of every format, so a directory ingest of ``out_dir`` sees only this pool."""
+    for name in (*POOL_FILE.values(), GROUND_TRUTH_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def generate_pool(out_dir: str | Path, config: SynthConfig) -> PoolInfo:
-    """Write the pool, its images and ``ground_truth.jsonl`` under ``out_dir``; identical bytes per seed."""
+    """Write the pool, its images and ``ground_truth.jsonl`` under ``out_dir``; identical bytes per seed.
+
+    Re-running into the same ``out_dir`` overwrites the images it names and removes earlier ``pool.*``
+    files; other files already there are left alone.
+    """
     config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for folder in TASK_FOLDERS:
         (out_dir / folder).mkdir(exist_ok=True)
+
+    _remove_stale_outputs(out_dir)
 
     rows = plan_rows(config)
     records, truths = [], []
@@ -701,7 +712,9 @@ def generate_pool(out_dir: str | Path, config: SynthConfig) -> PoolInfo:
         record = _record(index, row, config.include_task_field)
         if row.sample.picture is not None and row.bad_kind not in _IMAGE_BAD_KINDS:
             row.sample.render(config.image_size).save(out_dir / record["image"], format="PNG")
-        if row.bad_kind is not None:
+        if row.bad_kind == Reason.IMAGE_MISSING:
+            (out_dir / record["image"]).unlink(missing_ok=True)  # left by an earlier run into out_dir
+        elif row.bad_kind is not None:
             record = _break_record(record, row, out_dir, config)
         records.append(record)
         truths.append(_ground_truth(index, row))
