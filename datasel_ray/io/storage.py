@@ -128,6 +128,18 @@ class Location:
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path, columns=columns, filesystem=self.fs)
 
+    def write_npy(self, array) -> None:
+        import numpy as np
+
+        sink = io.BytesIO()
+        np.save(sink, array, allow_pickle=False)
+        self.write_bytes(sink.getvalue())
+
+    def read_npy(self):
+        import numpy as np
+
+        return np.load(io.BytesIO(self.read_bytes()), allow_pickle=False)
+
     def delete(self) -> None:
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.Directory:

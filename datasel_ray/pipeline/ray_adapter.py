@@ -6,8 +6,10 @@ Ray Data's compute arguments for ``map_batches`` moved between releases (``compu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from typing import Any, Callable, Iterator
 
 import ray
@@ -64,25 +66,37 @@ def _run_stage(batch: dict, stage_cls: type, kwargs: dict) -> dict:
 def map_task_stage(ds: "ray.data.Dataset", stage_cls: type, kwargs: dict, *, batch_size: int = 1,
                    num_cpus: float = 1.0, max_retries: int = 3) -> "ray.data.Dataset":
     """Run a stateless stage as Ray tasks (one stage instance cached per worker process)."""
-    return ds.map_batches(_run_stage, fn_kwargs={"stage_cls": stage_cls, "kwargs": kwargs}, batch_size=batch_size,
-                          num_cpus=num_cpus, max_retries=max_retries, batch_format="numpy")
+    with _retry_args_allowed():
+        return ds.map_batches(_run_stage, fn_kwargs={"stage_cls": stage_cls, "kwargs": kwargs},
+                              batch_size=batch_size, num_cpus=num_cpus, max_retries=max_retries,
+                              batch_format="numpy")
+
+
+@contextlib.contextmanager
+def _retry_args_allowed():
+    """Ray 2.60 warns on retry/restart arguments passed through ``**ray_remote_args``; they are still the
+    documented way to set them for Ray Data operators."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        yield
 
 
 def map_actor_stage(ds: "ray.data.Dataset", stage_cls: type, kwargs: dict, *, batch_size: int, min_actors: int,
                     max_actors: int, num_gpus: float, num_cpus: float, max_restarts: int,
                     max_task_retries: int) -> "ray.data.Dataset":
     """Run a stage with ``setup()`` weights on an autoscaling actor pool (min..max actors)."""
-    return ds.map_batches(
-        stage_cls,
-        fn_constructor_kwargs=kwargs,
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-        num_gpus=num_gpus or None,
-        num_cpus=num_cpus,
-        batch_format="numpy",
-        max_restarts=max_restarts,
-        max_task_retries=max_task_retries,
-    )
+    with _retry_args_allowed():
+        return ds.map_batches(
+            stage_cls,
+            fn_constructor_kwargs=kwargs,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            num_gpus=num_gpus or None,
+            num_cpus=num_cpus,
+            batch_format="numpy",
+            max_restarts=max_restarts,
+            max_task_retries=max_task_retries,
+        )
 
 
 def iter_result_rows(ds: "ray.data.Dataset") -> Iterator[dict[str, Any]]:

@@ -1,0 +1,44 @@
+"""Selection quality against the ground truth of a generated pool (see :mod:`datasel_ray.synthetic`).
+
+* ``duplicate_rate``: share of selected rows that repeat a near-duplicate group already represented in the
+  selection (0 = no redundant copy selected).
+* ``noise_rate``: share of selected rows whose answer is unrelated to the input.
+* ``task_coverage``: share of the pool's tasks with at least one selected row; ``task_counts`` per task.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from datasel_ray import schema
+
+
+def selection_quality(selected_row_ids: np.ndarray, ground_truth: list[dict], pool_tasks: set[str]) -> dict:
+    """Quality of a selection of ``selected_row_ids`` (int64 row ids of a one-file pool)."""
+    mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
+    rows = [ground_truth[int(r) & mask] for r in np.asarray(selected_row_ids, dtype=np.int64)]
+    n = len(rows)
+    seen: set[int] = set()
+    repeats = 0
+    for row in rows:
+        group = row["dup_group"]
+        if group >= 0:
+            repeats += group in seen
+            seen.add(group)
+    tasks = Counter(row["task"] for row in rows)
+    return {
+        "selected": n,
+        "duplicate_rate": repeats / n if n else 0.0,
+        "noise_rate": sum(bool(r["noisy"]) for r in rows) / n if n else 0.0,
+        "task_coverage": len(set(tasks) & pool_tasks) / len(pool_tasks) if pool_tasks else 0.0,
+        "task_counts": dict(sorted(tasks.items())),
+    }
+
+
+def pool_quality(ground_truth: list[dict]) -> dict:
+    """The same statistics for the whole pool's good rows (the baseline a selection is compared with)."""
+    good = [i for i, r in enumerate(ground_truth) if not r.get("bad_kind")]
+    tasks = {ground_truth[i]["task"] for i in good}
+    return selection_quality(np.array(good, dtype=np.int64), ground_truth, tasks)

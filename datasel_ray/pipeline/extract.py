@@ -1,0 +1,205 @@
+"""Extract phase: ``samples/`` → ``features/`` (one parquet shard per sample shard) on a Ray actor pool.
+
+The unit of work is a *shard*: ``extract.shard_rows`` consecutive rows of one samples file. Ray Data carries
+one row per shard through two stages:
+
+1. :class:`ShardPreprocessStage` (CPU tasks): reads the shard's samples, decodes images, applies the chat
+   template, tokenises and truncates (:class:`~datasel_ray.features.extractor.Preprocessor`), and packs the
+   result into one payload.
+2. :class:`ShardExtractStage` (an autoscaling actor pool, ``num_gpus`` per actor): runs the reference model in
+   micro-batches of ``extract.batch_size`` rows in row order, and writes ``features/<shard>.parquet`` plus
+   ``quarantine/extract/<shard>.parquet`` atomically.
+
+Because a shard is always processed as the same micro-batches in the same order, its features are
+bit-identical whether it runs in an uninterrupted job or in a resumed one; a re-run skips shards whose
+feature file exists (so a killed job, worker or driver loses at most the shards in flight).
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasel_ray import schema
+from datasel_ray.config import ModelConfig, RunConfig, TiveConfig
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.storage import Location
+from datasel_ray.io.validation import quarantine_row
+from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.ingest import QUARANTINE_SCHEMA
+from datasel_ray.pipeline.progress import Progress
+
+SAMPLE_COLUMNS = [schema.ROW_ID, schema.TASK, schema.N_TURNS, schema.CONVERSATIONS, schema.IMAGE_PATH,
+                  schema.RAW, schema.SOURCE_FILE, schema.SOURCE_INDEX]
+PASSTHROUGH_COLUMNS = [schema.TASK, schema.N_TURNS]
+_STATUS_COLUMNS = (schema.ERROR_REASON, schema.ERROR_MESSAGE)
+
+
+def plan_shards(run_dir: RunDir, shard_rows: int) -> list[dict]:
+    """Shards of every samples file, in row order: ``{shard_id, samples_file, offset, count}``."""
+    shards = []
+    for f in (run_dir / "samples").list(".parquet"):
+        n = pq.ParquetFile(f.open_input()).metadata.num_rows
+        stem = f.name[: -len(".parquet")]
+        for offset in range(0, n, shard_rows):
+            shards.append({"shard_id": f"{stem}-{offset // shard_rows:05d}", "samples_file": str(f),
+                           "offset": offset, "count": min(shard_rows, n - offset)})
+    return shards
+
+
+def feature_shard_path(run_dir: RunDir, shard_id: str) -> Location:
+    return run_dir / "features" / f"{shard_id}.parquet"
+
+
+class ShardPreprocessStage:
+    """CPU stage: a batch of shard specs → the same shards with their preprocessed rows packed as bytes."""
+
+    def __init__(self, model: dict):
+        from datasel_ray.features.extractor import Preprocessor
+
+        self.preprocessor = Preprocessor(ModelConfig.model_validate(model))
+
+    def __call__(self, batch: dict) -> dict:
+        payloads = []
+        for i in range(len(batch["shard_id"])):
+            rows = Location.parse(str(batch["samples_file"][i])).read_parquet(SAMPLE_COLUMNS).slice(
+                int(batch["offset"][i]), int(batch["count"][i]))
+            columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in SAMPLE_COLUMNS}
+            prepared = self.preprocessor({k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS,
+                                                                   schema.IMAGE_PATH)})
+            payloads.append(pickle.dumps({"samples": columns, "prepared": prepared}, protocol=5))
+        return {"shard_id": batch["shard_id"], "payload": np.array(payloads, dtype=object)}
+
+
+class ShardExtractStage:
+    """Model stage (one per actor): runs the reference model over a shard and writes its outputs."""
+
+    def __init__(self, model: dict, run_dir: str, batch_size: int, tive: dict | None = None,
+                 lora_dir: str | None = None, seed: int = 0):
+        from datasel_ray.features.extractor import FeatureExtractor
+
+        self.extractor = FeatureExtractor(ModelConfig.model_validate(model))
+        self.run_dir = RunDir(run_dir)
+        self.batch_size = batch_size
+        self.gradients = None
+        if tive is not None and lora_dir:
+            from datasel_ray.features.gradient_stage import GradientStage
+
+            self.gradients = GradientStage(ModelConfig.model_validate(model), TiveConfig.model_validate(tive),
+                                           lora_dir, seed)
+
+    def __call__(self, batch: dict) -> dict:
+        rows, failed = [], []
+        for shard_id, payload in zip(batch["shard_id"], batch["payload"]):
+            n_ok, n_bad = self.process(str(shard_id), pickle.loads(payload))
+            rows.append(n_ok + n_bad)
+            failed.append(n_bad)
+        return {"shard_id": batch["shard_id"], "rows": np.array(rows), "failed": np.array(failed)}
+
+    def process(self, shard_id: str, data: dict) -> tuple[int, int]:
+        samples, prepared = data["samples"], data["prepared"]
+        n = len(samples[schema.ROW_ID])
+        parts = []
+        for start in range(0, n, self.batch_size):
+            part = {k: v[start:start + self.batch_size] for k, v in prepared.items()}
+            out = self.extractor(part)
+            if self.gradients is not None:
+                out = self.gradients.add_gradients(part, out)
+            parts.append(out)
+        features = {k: _concat([p[k] for p in parts]) for k in parts[0]}
+        ok = features[schema.ERROR_REASON] == ""
+        table = features_table(features, samples, ok)
+        bad = [quarantine_row(int(samples[schema.ROW_ID][i]), str(samples[schema.SOURCE_FILE][i]),
+                              int(samples[schema.SOURCE_INDEX][i]), "extract", str(features[schema.ERROR_REASON][i]),
+                              str(features[schema.ERROR_MESSAGE][i]), str(samples[schema.RAW][i]))
+               for i in np.flatnonzero(~ok)]
+        (self.run_dir / "quarantine" / "extract" / f"{shard_id}.parquet").write_parquet(
+            pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA))
+        (self.run_dir / "features" / f"{shard_id}.parquet").write_parquet(table)
+        return int(ok.sum()), int((~ok).sum())
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    if arrays[0].dtype == object:
+        return np.array([x for a in arrays for x in a], dtype=object)
+    return np.concatenate(arrays)
+
+
+def features_table(features: dict, samples: dict, keep: np.ndarray) -> pa.Table:
+    """The features/ parquet table of the rows in ``keep``; vectors as fixed-size lists."""
+    columns: dict[str, pa.Array] = {}
+    for name in PASSTHROUGH_COLUMNS:
+        columns[name] = pa.array(samples[name][keep])
+    for name, values in features.items():
+        if name in _STATUS_COLUMNS:
+            continue
+        values = values[keep]
+        if values.ndim == 2:
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+        else:
+            columns[name] = pa.array(values)
+    ordered = {schema.ROW_ID: columns.pop(schema.ROW_ID)}
+    ordered.update(columns)
+    return pa.table(ordered)
+
+
+def resolve_num_gpus(cfg: RunConfig) -> float:
+    """GPUs per extraction actor: the configured value, else 1 when the cluster has a GPU, else 0."""
+    if cfg.extract.num_gpus_per_actor is not None:
+        return cfg.extract.num_gpus_per_actor
+    return 1.0 if any(n.get("GPU", 0) >= 1 for n in ray_adapter.cluster_nodes()) else 0.0
+
+
+def validate_resources(cfg: RunConfig, num_gpus: float) -> None:
+    """Refuse requests no node of the cluster can satisfy, before any work starts."""
+    if ray_adapter.has_autoscaler():
+        return
+    nodes = ray_adapter.cluster_nodes()
+    max_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    max_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    if num_gpus > max_gpus:
+        raise ValueError(f"extract.num_gpus_per_actor={num_gpus} but the largest node of the cluster has "
+                         f"{max_gpus:g} GPUs: lower it, or add GPU nodes (set DATASEL_ASSUME_AUTOSCALER=1 when "
+                         f"the cluster autoscales GPU workers)")
+    if cfg.extract.num_cpus_per_actor > max_cpus:
+        raise ValueError(f"extract.num_cpus_per_actor={cfg.extract.num_cpus_per_actor} but the largest node of "
+                         f"the cluster has {max_cpus:g} CPUs")
+
+
+def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, quiet: bool = False) -> dict:
+    """Run the extract phase; returns ``{rows, features, failed, shards, seconds}``."""
+    started = time.monotonic()
+    num_gpus = resolve_num_gpus(cfg)
+    validate_resources(cfg, num_gpus)
+    shards = plan_shards(run_dir, cfg.extract.shard_rows)
+    if not shards:
+        raise RuntimeError(f"No samples in {run_dir / 'samples'}: run the ingest phase first")
+    total = sum(s["count"] for s in shards)
+    pending = [s for s in shards if not feature_shard_path(run_dir, s["shard_id"]).exists()]
+    progress = Progress("extract", total, run_dir / "progress.json",
+                        already_done=total - sum(s["count"] for s in pending), quiet=quiet)
+    if pending:
+        model = cfg.model.model_dump()
+        ds = ray_adapter.from_rows(pending)
+        ds = ray_adapter.map_task_stage(ds, ShardPreprocessStage, {"model": model}, batch_size=1)
+        tive = cfg.tive.model_dump() if cfg.tive.enabled else None
+        ds = ray_adapter.map_actor_stage(
+            ds, ShardExtractStage,
+            {"model": model, "run_dir": str(run_dir), "batch_size": cfg.extract.batch_size, "tive": tive,
+             "lora_dir": lora_dir, "seed": cfg.seed},
+            batch_size=1, min_actors=cfg.extract.min_actors, max_actors=cfg.extract.max_actors,
+            num_gpus=num_gpus, num_cpus=cfg.extract.num_cpus_per_actor, max_restarts=cfg.extract.max_restarts,
+            max_task_retries=cfg.extract.max_task_retries)
+        for row in ray_adapter.iter_result_rows(ds):
+            progress.update(int(row["rows"]))
+    progress.finish()
+    n_features = sum(pq.ParquetFile(f.open_input()).metadata.num_rows for f in (run_dir / "features").list(".parquet"))
+    failed = sum(pq.ParquetFile(f.open_input()).metadata.num_rows
+                 for f in (run_dir / "quarantine" / "extract").list(".parquet"))
+    return {"rows": total, "features": n_features, "failed": failed, "shards": len(shards),
+            "num_gpus_per_actor": num_gpus, "seconds": round(time.monotonic() - started, 3)}

@@ -1,0 +1,98 @@
+"""Runs the phases a config enables, in order, with manifest checks, timing and resumption.
+
+``datasel run --config cfg.yaml`` and every single-phase command go through :func:`run_phases`, so a phase
+behaves the same whether it runs alone, in a local run, or under ``ray job submit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from datasel_ray.config import RunConfig
+from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.pipeline import ray_adapter
+
+log = logging.getLogger(__name__)
+
+
+def _ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.ingest import run_ingest
+
+    return run_ingest(cfg, run_dir, quiet=quiet)
+
+
+def _warmup(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.warmup import run_warmup
+
+    return run_warmup(cfg, run_dir, quiet=quiet)
+
+
+def _extract(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.extract import run_extract
+    from datasel_ray.pipeline.warmup import adapter_dir_for_extract
+
+    return run_extract(cfg, run_dir, lora_dir=adapter_dir_for_extract(cfg, run_dir), quiet=quiet)
+
+
+def _aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.aggregate import run_aggregate
+
+    return run_aggregate(cfg, run_dir, quiet=quiet)
+
+
+def _select(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.select import run_select
+
+    return run_select(cfg, run_dir, quiet=quiet)
+
+
+def _report(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.report import write_report
+
+    return write_report(run_dir)
+
+
+PHASE_FUNCS: dict[str, Callable[[RunConfig, RunDir, bool], dict]] = {
+    "ingest": _ingest,
+    "warmup": _warmup,
+    "extract": _extract,
+    "aggregate": _aggregate,
+    "select": _select,
+    "report": _report,
+}
+ALWAYS_RERUN = {"select", "report"}  # cheap, and depend on options outside the manifest fingerprint
+
+
+def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | None = None,
+               quiet: bool = False) -> dict[str, dict]:
+    """Run ``phases`` (default: ``cfg.phases``) in pipeline order; returns each phase's result.
+
+    ``force`` names a phase whose outputs (and those of every later phase) are deleted and recomputed.
+    A phase recorded as done with the same fingerprint is skipped, except select and report.
+    """
+    wanted = phases if phases is not None else cfg.phases
+    if "warmup" in wanted and not cfg.tive.enabled:
+        wanted = [p for p in wanted if p != "warmup"]
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.init(cfg)
+    ray_adapter.ensure_ray(cfg.ray)
+    results: dict[str, dict] = {}
+    for phase in PHASE_ORDER:
+        if phase not in wanted:
+            continue
+        if force == phase:
+            run_dir.reset_phase(phase)
+        run_dir.check_phase(cfg, phase)
+        if run_dir.phase_status(phase) == "done" and phase not in ALWAYS_RERUN:
+            results[phase] = {**run_dir.load_manifest()["phases"][phase].get("result", {}), "skipped": True}
+            if not quiet:
+                log.info("phase %s already done in %s: skipped", phase, run_dir)
+            continue
+        run_dir.start_phase(cfg, phase)
+        started = time.monotonic()
+        result = PHASE_FUNCS[phase](cfg, run_dir, quiet)
+        run_dir.finish_phase(phase, time.monotonic() - started, result=result)
+        results[phase] = result
+    return results
