@@ -1,0 +1,75 @@
+"""Tiny offline LLaVA: deterministic, idempotent, loads through the generic path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datasel_ray.config import ModelConfig
+from datasel_ray.models import tiny
+from datasel_ray.models.tiny import build_tiny_model, default_tiny_model_dir, resolve_model_path
+from datasel_ray.models.vlm import ReferenceVLM
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return build_tiny_model(root / "a", seed=0), build_tiny_model(root / "b", seed=0)
+
+
+def test_same_seed_gives_identical_weights_and_tokenizer(two_builds):
+    a, b = two_builds
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    assert (a / "processor_config.json").read_bytes() == (b / "processor_config.json").read_bytes()
+
+
+def test_build_is_idempotent_and_rebuilds_stale(two_builds, tmp_path):
+    a, _ = two_builds
+    stamp = (a / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_model(a, seed=0) == a
+    assert (a / "model.safetensors").stat().st_mtime_ns == stamp
+
+    stale = tmp_path / "stale"
+    shutil.copytree(a, stale)
+    (stale / tiny.MARKER_FILE).write_text(json.dumps({"version": -1, "seed": 0}))
+    (stale / "model.safetensors").write_bytes(b"partial")
+    assert build_tiny_model(stale, seed=0) == stale.resolve()
+    assert json.loads((stale / tiny.MARKER_FILE).read_text())["version"] == tiny.TINY_MODEL_VERSION
+    assert load_file(stale / "model.safetensors").keys() == load_file(a / "model.safetensors").keys()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_resolve_model_path(two_builds, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATASEL_HOME", str(tmp_path))
+    assert default_tiny_model_dir() == tmp_path / tiny.TINY_SUBDIR
+    shutil.copytree(two_builds[0], tmp_path / tiny.TINY_SUBDIR)  # already built: resolve must not rebuild
+    assert resolve_model_path("tiny") == str(tmp_path / tiny.TINY_SUBDIR)
+    assert resolve_model_path("org/some-vlm") == "org/some-vlm"
+    assert resolve_model_path("/abs/dir") == "/abs/dir"
+
+
+def test_loads_through_generic_path(two_builds):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = two_builds[0]
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    text = model.config.text_config
+    assert text.hidden_size <= 128 and model.config.vision_config.hidden_size <= 128
+    assert text.num_hidden_layers == 4 and text.max_position_embeddings == 512
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    assert model.config.image_seq_length == 16
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert 500 <= len(processor.tokenizer) <= 2000
+
+    vlm = ReferenceVLM.load(ModelConfig(name_or_path=str(path)))
+    assert vlm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert vlm.hidden_size == 128 and vlm.coincide_layers == [0, 1, 2, 3]
+    assert vlm.decoder_layers is vlm.model.model.language_model.layers
