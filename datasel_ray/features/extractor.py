@@ -17,6 +17,8 @@ import numpy as np
 
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
+from datasel_ray.features.activations import coincide_vector
+from datasel_ray.features.spectrum import spectrum_stats
 from datasel_ray.models.vlm import (
     ContextTooShortError,
     PreparedSample,
@@ -101,9 +103,8 @@ class Preprocessor:
             return
         self.processor = VLMProcessor.load(self.model_cfg)
         size = self.model_cfg.image_size or 64
-        probe = self.processor.prepare([{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "x"}],
-                                       Image.new("RGB", (size, size), (127, 127, 127)))
-        self.pixel_shape = tuple(probe.pixel_values.shape)
+        probe = self.processor.pixel_values(Image.new("RGB", (size, size), (127, 127, 127)))
+        self.pixel_shape = tuple(probe.shape)
 
     def prepare_row(self, conversations, image_path: str) -> PreparedSample:
         """One row -> PreparedSample; raises RowError with the quarantine reason on failure."""
@@ -196,9 +197,6 @@ class FeatureExtractor:
         return 2 * len(self.vlm.coincide_layers) * self.vlm.hidden_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from datasel_ray.features.activations import coincide_vector
-        from datasel_ray.features.spectrum import spectrum_stats
-
         self.setup()
         n = len(batch[schema.ROW_ID])
         out = self._empty_columns(batch, n)
@@ -206,20 +204,33 @@ class FeatureExtractor:
         todo = [i for i in range(n) if not reasons[i]]
         samples = {i: sample_from_row(batch, i) for i in todo}
         for i, acts in self._forward(samples).items():
-            if isinstance(acts, Exception):
+            try:
+                if isinstance(acts, Exception):
+                    raise acts
+                row = self._row_features(samples[i], acts)
+            except Exception as err:  # recorded per row as extract_failed
                 reasons[i] = schema.Reason.EXTRACT_FAILED
-                out[schema.ERROR_MESSAGE][i] = f"{type(acts).__name__}: {acts}"
+                out[schema.ERROR_MESSAGE][i] = f"{type(err).__name__}: {err}"
                 continue
-            sample = samples[i]
-            u = coincide_vector(acts.layer_outputs, sample.image_mask, sample.text_mask)
-            out[schema.COINCIDE_VECTOR][i] = u.numpy().astype(np.float16)
-            out[schema.INFORMATIVENESS][i], out[schema.TAU][i] = spectrum_stats(acts.last_hidden)
-            out[schema.LAST_TOKEN][i] = acts.last_hidden[-1].numpy().astype(np.float16)
-            out[schema.ANSWER_LOSS][i] = acts.answer_loss
-            out[schema.N_IMAGE_TOKENS][i] = int(sample.image_mask.sum())
-            out[schema.N_TEXT_TOKENS][i] = int(sample.text_mask.sum())
-            out[schema.N_ANSWER_TOKENS][i] = int(sample.answer_mask.sum())
+            for col, value in row.items():
+                out[col][i] = value
         return out
+
+    @staticmethod
+    def _row_features(sample: PreparedSample, acts: SampleActivations) -> dict:
+        """Feature values of one row from its hooked activations (COINCIDE Eq. 2-3, DataTailor Eq. 2)."""
+        u = coincide_vector(acts.layer_outputs, sample.image_mask, sample.text_mask)
+        informativeness, tau = spectrum_stats(acts.last_hidden)
+        return {
+            schema.COINCIDE_VECTOR: u.numpy().astype(np.float16),
+            schema.INFORMATIVENESS: informativeness,
+            schema.TAU: tau,
+            schema.LAST_TOKEN: acts.last_hidden[-1].numpy().astype(np.float16),
+            schema.ANSWER_LOSS: acts.answer_loss,
+            schema.N_IMAGE_TOKENS: int(sample.image_mask.sum()),
+            schema.N_TEXT_TOKENS: int(sample.text_mask.sum()),
+            schema.N_ANSWER_TOKENS: int(sample.answer_mask.sum()),
+        }
 
     def _forward(self, samples: dict[int, PreparedSample]) -> dict[int, SampleActivations | Exception]:
         """Batched pass; when it fails, each row alone so one bad row only fails itself."""

@@ -186,6 +186,10 @@ class VLMProcessor:
             pixels = np.asarray(out["pixel_values"], dtype=np.float32)[0]
         return ids, pixels
 
+    def pixel_values(self, image) -> np.ndarray:
+        """float32 [C, H, W] pixel values the processor makes of ``image`` (a PIL image)."""
+        return self._encode(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER), image)[1]
+
     def prepare(self, conversations: list[dict], image=None, max_length: int | None = None) -> PreparedSample:
         """Tokenise one LLaVA-form sample with the model's chat template and compute its token masks.
 
@@ -387,7 +391,9 @@ class ReferenceVLM:
 
     @property
     def hidden_size(self) -> int:
-        return int(attention_output_module(self.decoder_layers[0]).weight.shape[0])
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(text.hidden_size)
 
     def collate(self, samples: Sequence[PreparedSample]) -> PaddedBatch:
         return collate(samples, self.processor.pad_token_id)
