@@ -333,3 +333,12 @@ def ward_clusters(x: np.ndarray, cut: str = "reference", cut_ratio: float = 0.1,
 def _blocked_add(sums: np.ndarray, labels: np.ndarray, x: np.ndarray, block: int = 65536) -> None:
     for s in range(0, len(labels), block):
         np.add.at(sums, labels[s:s + block], x[s:s + block].astype(np.float64))
+
+
+def cluster_means(x: np.ndarray, labels: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    """Mean vector of each cluster, float64[k, d], accumulated in row blocks (empty clusters: zeros)."""
+    sums = np.zeros((k, x.shape[1]))
+    for s in range(0, x.shape[0], block):
+        np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
+    counts = np.bincount(labels, minlength=k)
+    return sums / np.maximum(counts, 1)[:, None]

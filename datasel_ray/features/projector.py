@@ -116,11 +116,14 @@ class _BlockProjector(ABC):
         return torch.cat([self.block_matrix(b) for b in range(self.num_blocks)], dim=0)
 
     # -- projection ----------------------------------------------------------------------------------------
-    def project(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def project(self, x: torch.Tensor | Sequence[torch.Tensor], blocks: range | None = None) -> torch.Tensor:
         """Project ``x`` ([B, grad_dim], fp32/fp16/bf16) to fp32 ``[B, proj_dim]`` on ``self.device``.
 
         ``x`` may also be a sequence of ``[B, n_p]`` pieces (e.g. one per parameter, in flattening order) whose
         concatenation along dim 1 is the gradient; the flat gradient is then never built.
+        ``blocks`` restricts the sum to those matrix blocks (a partial projection: partial results over
+        disjoint block ranges add up to the full one, so workers can split a projection; benchmarks time a
+        slice). Default: all blocks.
         """
         pieces = [x] if isinstance(x, torch.Tensor) else list(x)
         if not pieces or any(p.ndim != 2 for p in pieces):
@@ -136,8 +139,12 @@ class _BlockProjector(ABC):
                 raise ValueError(f"project() expects a floating-point input, got {p.dtype}")
         out = torch.zeros(batch, self.proj_dim, dtype=torch.float32, device=self.device)
         with torch.no_grad():
+            wanted = range(self.num_blocks) if blocks is None else blocks
             for block, chunk in enumerate(_column_blocks(pieces, self.block_rows)):
-                self._accumulate(out, chunk.to(device=self.device, dtype=torch.float32), block)
+                if block >= wanted.stop:
+                    break
+                if block in wanted:
+                    self._accumulate(out, chunk.to(device=self.device, dtype=torch.float32), block)
         return out
 
     __call__ = project

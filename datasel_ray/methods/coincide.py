@@ -320,7 +320,8 @@ class CoincideResult:
 
 
 def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *, n_layers: int | None = None,
-           labels: np.ndarray | None = None, centroids: np.ndarray | None = None) -> CoincideResult:
+           labels: np.ndarray | None = None, centroids: np.ndarray | None = None, S: np.ndarray | None = None,
+           D: np.ndarray | None = None) -> CoincideResult:
     """Run COINCIDE end to end on float[N, F] vectors ``x`` (the ``coincide_vector`` column).
 
     Args:
@@ -332,11 +333,13 @@ def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *,
         n_layers: number of hooked layers; required for ``transferability="reference"``.
         labels, centroids: precomputed clustering (e.g. from the aggregate phase); when given, k-means is skipped.
             Transferability then uses ``centroids`` (which must be in the space expected by the mode).
+        S, D: precomputed per-cluster transferability and density (float[K], from the aggregate phase's stats);
+            when given with ``labels``, they are not recomputed.
 
     Density and MMD always use ``x`` itself (not the reduced space). Transferability uses only the centroids of
     non-empty clusters (an empty cluster's centroid is no concept-skill composition); empty clusters get S = 0.
     """
-    from datasel_ray.clustering import spherical_kmeans
+    from datasel_ray.clustering import cluster_means, spherical_kmeans
     from datasel_ray.config import CoincideConfig
 
     cfg = config if config is not None else CoincideConfig()
@@ -350,7 +353,7 @@ def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *,
             reduce_dim=cfg.reduce_dim, reduce_method=cfg.reduce_method)
         if cfg.reduce_dim is not None and cfg.transferability == "reference":
             # the layer layout is lost after projection: recompute the centroids in the original space
-            centroids = _cluster_means(x, labels, len(centroids))
+            centroids = cluster_means(x, labels, len(centroids)).astype(np.float32)
     elif centroids is None:
         raise ValueError("centroids must be given together with labels")
     centroids = _check_x(centroids, "centroids")
@@ -358,20 +361,18 @@ def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *,
     labels = _check_labels(labels, n, K)
     size = np.bincount(labels, minlength=K).astype(np.int64)
     nonempty = np.flatnonzero(size)
-    S = np.zeros(K)
-    S[nonempty] = transferability(centroids[nonempty], n_layers, cfg.transferability, cfg.cos_threshold)
-    D = density(x, labels, K, cfg.sigma)
+    if S is None:
+        S = np.zeros(K)
+        S[nonempty] = transferability(centroids[nonempty], n_layers, cfg.transferability, cfg.cos_threshold)
+    if D is None:
+        D = density(x, labels, K, cfg.sigma)
+    S = np.asarray(S, dtype=np.float64)
+    D = np.asarray(D, dtype=np.float64)
+    if S.shape != (K,) or D.shape != (K,):
+        raise ValueError(f"S and D must have shape ({K},), got {S.shape} and {D.shape}")
     P = selection_probability(S, D, cfg.temperature)
     alloc = allocate_and_select(x, labels, S, D, B, cfg.temperature, cfg.sigma)
     return CoincideResult(
         selected=alloc.selected, labels=labels, centroids=np.asarray(centroids, dtype=np.float32),
         cluster_size=size, cluster_S=S, cluster_D=D, cluster_P=P, cluster_quota=alloc.quota,
         cluster_order=alloc.order, row_S=S[labels], row_D=D[labels], row_P=P[labels], row_rank=alloc.pick_rank)
-
-
-def _cluster_means(x: np.ndarray, labels: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
-    sums = np.zeros((k, x.shape[1]))
-    for s in range(0, x.shape[0], block):
-        np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
-    cnt = np.bincount(labels, minlength=k)
-    return (sums / np.maximum(cnt, 1)[:, None]).astype(np.float32)

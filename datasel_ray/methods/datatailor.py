@@ -186,6 +186,42 @@ class DataTailorResult:
     row_rank: np.ndarray
 
 
+def cluster_tasks(h: np.ndarray, task_rows: list[np.ndarray], config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ward clusters inside each task (Sec. 3.2, cross-modal domain clustering).
+
+    Args:
+        h: float[N, d]; task_rows: per task, the int row positions of its members; config: DataTailorConfig.
+    Returns:
+        labels int64[N] global cluster ids (task-major, contiguous), cluster_task int64[K].
+    """
+    from datasel_ray.clustering import ward_clusters
+
+    labels = np.empty(h.shape[0], dtype=np.int64)
+    offset = 0
+    cluster_task: list[int] = []
+    for t, rows in enumerate(task_rows):
+        lab = ward_clusters(h[rows], cut=config.cut, cut_ratio=config.cut_ratio, dense_max_rows=config.dense_max_rows,
+                            precluster_size=config.precluster_size, seed=seed + t)
+        kt = int(lab.max()) + 1
+        labels[rows] = lab + offset
+        cluster_task.extend([t] * kt)
+        offset += kt
+    return labels, np.asarray(cluster_task, dtype=np.int64)
+
+
+def _check_task_labels(labels, tindex: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    lab = np.asarray(labels)
+    if lab.shape != (n,) or not np.issubdtype(lab.dtype, np.integer) or (n and lab.min() < 0):
+        raise ValueError(f"labels must be non-negative ints [{n}], got shape {lab.shape}, dtype {lab.dtype}")
+    lab = lab.astype(np.int64)
+    K = int(lab.max()) + 1 if n else 0
+    cluster_task = np.full(K, -1, dtype=np.int64)
+    cluster_task[lab] = tindex
+    if np.any(cluster_task < 0) or np.any(cluster_task[lab] != tindex):
+        raise ValueError("labels: every cluster id in 0..K-1 must be used and lie inside a single task")
+    return lab, cluster_task
+
+
 def _check_inputs(h, informativeness, tau, n_turns, tasks):
     h = np.asarray(h)
     if h.ndim != 2 or h.shape[0] < 1 or h.shape[1] < 1 or not np.issubdtype(h.dtype, np.floating):
@@ -209,7 +245,7 @@ def _check_inputs(h, informativeness, tau, n_turns, tasks):
 
 
 def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns: np.ndarray, tasks: np.ndarray,
-           budget: float | int, config=None, seed: int = 0) -> DataTailorResult:
+           budget: float | int, config=None, seed: int = 0, labels: np.ndarray | None = None) -> DataTailorResult:
     """Run DataTailor end to end.
 
     Args:
@@ -219,10 +255,12 @@ def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns:
         budget: fraction (< 1) or row count (>= 1) of the whole pool.
         config: :class:`datasel_ray.config.DataTailorConfig` (None = defaults).
         seed: seed of the k-means pre-clustering used for tasks above ``config.dense_max_rows`` rows.
+        labels: int[N] precomputed global Ward clusters (from :func:`cluster_tasks`, e.g. the aggregate phase's
+            stats); each cluster must lie inside one task. When given, clustering is skipped.
 
     Top-k per task by score, ties by lowest row position. Deterministic.
     """
-    from datasel_ray.clustering import ward_clusters
+    from datasel_ray.clustering import cluster_means
     from datasel_ray.config import DataTailorConfig
 
     cfg = config if config is not None else DataTailorConfig()
@@ -232,25 +270,15 @@ def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns:
     names, tindex = np.unique(tasks, return_inverse=True)
     tindex = tindex.astype(np.int64).reshape(-1)
     T = len(names)
-    labels = np.empty(n, dtype=np.int64)
     t_rows = [np.flatnonzero(tindex == t) for t in range(T)]
-    offset = 0
-    cluster_task = []
-    for t, rows in enumerate(t_rows):
-        lab = ward_clusters(h[rows], cut=cfg.cut, cut_ratio=cfg.cut_ratio, dense_max_rows=cfg.dense_max_rows,
-                            precluster_size=cfg.precluster_size, seed=seed + t)
-        kt = int(lab.max()) + 1
-        labels[rows] = lab + offset
-        cluster_task.extend([t] * kt)
-        offset += kt
-    K = offset
-    cluster_task = np.asarray(cluster_task, dtype=np.int64)
+    if labels is None:
+        labels, cluster_task = cluster_tasks(h, t_rows, cfg, seed)
+    else:
+        labels, cluster_task = _check_task_labels(labels, tindex, n)
+    K = len(cluster_task)
     size = np.bincount(labels, minlength=K).astype(np.int64)
     U = uniqueness(h, v, labels, cfg.uniqueness)
-    means = np.zeros((K, h.shape[1]))
-    for s in range(0, n, 65536):
-        np.add.at(means, labels[s:s + 65536], np.asarray(h[s:s + 65536], dtype=np.float64))
-    means /= size[:, None]
+    means = cluster_means(h, labels, K)
     A = association(means, cluster_task)
     R = representativeness(A[labels], v, labels, cfg.representativeness)
     r = np.maximum(1.0, nt)
