@@ -115,6 +115,15 @@ def test_vmap_handles_left_padding(model, reference):
     np.testing.assert_allclose(feats["grad_proj"], expected, rtol=1e-4, atol=1e-6)
 
 
+def test_eager_attention_uses_additive_mask(reference):
+    eager = _tiny_lora_llava()
+    eager.base_model.model.set_attn_implementation("eager")
+    projector = RademacherProjector(reference.shape[1], 16, seed=0)
+    feats = LoraGradientFeaturizer(eager, projector, method="vmap").compute(_batch(left_pad=True))
+    expected = (reference @ projector.materialize().double()).numpy()
+    np.testing.assert_allclose(feats["grad_proj"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_picks_vmap_and_loop_equals_vmap(model):
     projector = RademacherProjector(4096, 16, seed=3)
     auto = LoraGradientFeaturizer(model, projector)

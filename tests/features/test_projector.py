@@ -115,6 +115,14 @@ def test_rademacher_preserves_norms_up_to_sqrt_k():
     assert abs(ratio.mean().item() - 1.0) < 0.05
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+def test_partial_block_ranges_add_up(kind):
+    proj = make_projector(kind, 900, 16, seed=4, block_rows=100)
+    x = torch.randn(3, 900)
+    parts = proj.project(x, blocks=range(0, 4)) + proj.project(x, blocks=range(4, 9))
+    torch.testing.assert_close(parts, proj.project(x), rtol=1e-5, atol=1e-4)
+
+
 def test_bad_input_is_rejected():
     proj = RademacherProjector(100, 8)
     with pytest.raises(ValueError, match="grad_dim = 100"):
