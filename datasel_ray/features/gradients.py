@@ -21,13 +21,16 @@ Two implementations give the same numbers (tested):
   selected parameter lives outside the language model or the attention is FlashAttention-2 (no 4-D mask);
   ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
 
-Measured on this machine (2 CPUs, torch 2.13 CPU; ``benchmarks/bench_gradients.py``; the tiny LLaVA of
-``datasel_ray.models.tiny``, batch of 8, ~60-90 tokens with 16 image tokens, r8 LoRA on q/k/v/o,
-grad_dim 32,768):
+Measured on this machine (2 CPUs, torch 2.13 CPU; ``benchmarks/bench_gradients.py``, median of 10
+interleaved rounds; the tiny LLaVA of ``datasel_ray.models.tiny`` (Llama hidden 128, 4 layers), batch of 8,
+56-79 tokens incl. 16 image tokens, 20 answer tokens, r8 LoRA on q/k/v/o, grad_dim 32,768, proj_dim 512):
 
-- loop: 26.6 samples/s; vmap: 51.0 samples/s (1.9x). ``"auto"`` therefore picks ``"vmap"`` (with the loop
-  as fallback). On a GPU the same trade-off holds for small models; for a 7B model vmap needs the activation
-  memory of a batch (use ``chunk_size``), the loop that of one sample.
+- SDPA attention (the model's default): loop 54.1 samples/s, vmap 68.0 samples/s (1.26x; a quick run gave
+  48.2 vs 75.0). With eager attention (one run): loop 50.1, vmap 78.4. vmap wins although functorch has no
+  batching rule for the CPU flash-SDPA kernel (it warns and loops inside); the gain is the batched vision tower
+  and embedding pass plus batched LoRA matmuls. ``"auto"`` therefore picks ``"vmap"``, with the loop as fallback.
+  For a 7B model on a GPU, vmap needs the activation memory of the whole batch (bound it with ``chunk_size``),
+  the loop that of one sample; re-measure there before trusting the CPU ratio.
 
 Adam preconditioning (LESS ``adam`` gradient type; METHODS.md section 4): with the warm-up optimizer's
 ``exp_avg`` m and ``exp_avg_sq`` v (flattened in the same order), ``m' = 0.9 m + 0.1 g``,
