@@ -184,3 +184,34 @@ def test_rejects_wrong_projector_dim_and_method(model):
         LoraGradientFeaturizer(model, RademacherProjector(10, 4))
     with pytest.raises(ValueError, match="auto, vmap, loop"):
         LoraGradientFeaturizer(model, RademacherProjector(4096, 4), method="jacrev")
+
+
+def test_tiny_reference_model_vmap_equals_loop(tiny_model_dir):
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForImageTextToText
+
+    from datasel_ray.config import LoraConfig as TiveLora
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    lora = TiveLora()
+    torch.manual_seed(0)
+    model = get_peft_model(base, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                init_lora_weights=False, target_modules=lora.target_modules))
+    cfg = model.config
+    n_img, size = int(cfg.image_seq_length), int(cfg.vision_config.image_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, int(cfg.text_config.vocab_size), (2, n_img + 20), generator=gen)
+    ids[:, 2:2 + n_img] = int(cfg.image_token_id)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    labels = torch.where(torch.arange(ids.shape[1]) >= n_img + 8, ids, torch.full_like(ids, -100))
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "pixel_values": torch.randn(2, 3, size, size, generator=gen)}
+    grad_dim = sum(p.numel() for n, p in model.named_parameters() if tive_param_filter(n))
+    projector = RademacherProjector(grad_dim, 64, seed=0)
+    a = LoraGradientFeaturizer(model, projector, method="vmap").compute(batch)
+    b = LoraGradientFeaturizer(model, projector, method="loop").compute(batch)
+    np.testing.assert_allclose(a["grad_proj"], b["grad_proj"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
+    assert np.all(b["grad_norm"] > 0)
