@@ -24,7 +24,8 @@ from datasel_ray.io.storage import Location
 
 FORMAT_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _SCAN_CHUNK = 8 << 20
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]|[^\s\[\]{},"]+', re.DOTALL)
+# A string runs to its closing quote, or to the end of the buffer when the chunk cut it (then it is carried).
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]|[^\s\[\]{},"]+', re.DOTALL)
 
 
 class PoolError(ValueError):
@@ -242,5 +243,5 @@ def _read_parquet_block(loc: Location, spec: BlockSpec) -> Iterator[RawRecord]:
                 row["conversations"] = json.loads(conv)
             except json.JSONDecodeError:
                 pass  # left as a string: validation reports wrong_type for the field
-        row = {k: v for k, v in row.items() if v is not None or k == "conversations"}
+        row = {k: v for k, v in row.items() if v is not None}  # a null cell is a missing field
         yield RawRecord(spec.first_record + i, json.dumps(row, ensure_ascii=False, default=str), row)

@@ -1,0 +1,54 @@
+"""Shared fixtures: one local Ray per session (num_cpus=2, dashboard off), one tiny model, one demo run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Built once per session; set before Ray starts so that workers inherit it.
+os.environ.setdefault("DATASEL_HOME", tempfile.mkdtemp(prefix="datasel-home-"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from datasel_ray.config import RayConfig
+    from datasel_ray.pipeline import ray_adapter
+
+    if not ray.is_initialized():
+        ray_adapter.ensure_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray_adapter.shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from datasel_ray.models.tiny import resolve_model_path
+
+    return Path(resolve_model_path("tiny"))
+
+
+@pytest.fixture(scope="session")
+def demo_pool(tmp_path_factory):
+    """A 500-row generated pool with every kind of bad row, near-duplicates and noise."""
+    from datasel_ray.synthetic import SynthConfig, generate_pool
+
+    return generate_pool(tmp_path_factory.mktemp("pool"), SynthConfig(num_samples=500, seed=7, bad_rate=0.04))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_pool, ray_local, tiny_model_dir):
+    """ingest → extract → aggregate → select on ``demo_pool``; returns (config, results)."""
+    from datasel_ray.demo import demo_config
+    from datasel_ray.pipeline.runner import run_phases
+
+    cfg = demo_config(tmp_path_factory.mktemp("demo"), demo_pool.pool_path, tive=False, seed=3)
+    cfg.select.methods = ["coincide", "datatailor", "random", "random_per_task", "answer_loss"]
+    results = run_phases(cfg, ["ingest", "extract", "aggregate", "select"], quiet=True)
+    return cfg, results
