@@ -1,0 +1,510 @@
+"""The report phase: ``report/index.html`` plus PNG plots and ``report/summary.json`` for a run directory.
+
+Reads what the other phases wrote (all optional): ``manifest.json``, ``samples/``, ``quarantine/{ingest,extract}/``,
+``selections/<method>/{scores.parquet,summary.json}`` and ``stats/coincide_clusters.parquet``. A missing input
+skips its plot with a note on the page; it is never an error. All I/O goes through :class:`Location`, so the
+run directory may live on object storage. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot
+global state, safe inside Ray workers.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from matplotlib.figure import Figure
+
+from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.io.storage import Location, read_parquet_dir
+
+FIG_WIDTH_IN = 7.0
+FIG_HEIGHT_IN = 3.5
+FIG_DPI = 100
+MAX_TASKS_SHOWN = 20
+POOL_LABEL = "pool"
+OTHER_TASKS_LABEL = "(other tasks)"
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    """One selection method's outputs: its summary and the columns of its scores table the report needs."""
+
+    name: str
+    summary: dict = field(default_factory=dict)
+    scores: np.ndarray | None = None  # float64 [N], the method's main score
+    selected: np.ndarray | None = None  # bool [N]
+    tasks: np.ndarray | None = None  # object [N]
+
+    @property
+    def selected_rows(self) -> int | None:
+        if "selected" in self.summary:
+            return int(self.summary["selected"])
+        return int(self.selected.sum()) if self.selected is not None else None
+
+    @property
+    def task_counts(self) -> dict[str, int]:
+        if self.summary.get("task_counts"):
+            return {str(k): int(v) for k, v in self.summary["task_counts"].items()}
+        if self.selected is not None and self.tasks is not None:
+            return _count(self.tasks[self.selected])
+        return {}
+
+
+@dataclass
+class RunInputs:
+    """Everything the report reads from a run directory; absent pieces are None or empty."""
+
+    manifest: dict
+    pool_task_counts: dict[str, int]
+    quarantine: pa.Table | None
+    methods: list[MethodResult]
+    clusters: pa.Table | None
+
+
+def _count(values) -> dict[str, int]:
+    names, counts = np.unique(np.asarray(values, dtype=object).astype(str), return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def _read_table(loc: Location, columns: list[str]) -> pa.Table | None:
+    """The parquet file(s) at ``loc`` restricted to those of ``columns`` present; None when absent or empty."""
+    if loc.is_file():
+        table = loc.read_parquet()
+    elif loc.is_dir():
+        table = read_parquet_dir(loc)
+    else:
+        return None
+    if table is None or table.num_rows == 0:
+        return None
+    return table.select([c for c in columns if c in table.column_names])
+
+
+def _read_quarantine(run_dir: RunDir) -> pa.Table | None:
+    tables = []
+    for phase in ("ingest", "extract"):
+        table = _read_table(run_dir / "quarantine" / phase, ["reason"])
+        if table is not None and "reason" in table.column_names:
+            tables.append(table.append_column("phase", pa.array([phase] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _method_dirs(run_dir: RunDir) -> list[Location]:
+    """``selections/<method>/`` folders that hold a summary or a scores table, sorted by method name."""
+    files = (run_dir / "selections").list(recursive=True)
+    wanted = {"summary.json", "scores.parquet"}
+    parents = {f.parent.path: f.parent for f in files if f.name in wanted}
+    return [parents[p] for p in sorted(parents)]
+
+
+def _read_method(folder: Location) -> MethodResult:
+    result = MethodResult(name=folder.name)
+    summary_loc = folder / "summary.json"
+    if summary_loc.is_file():
+        result.summary = summary_loc.read_json()
+    table = _read_table(folder / "scores.parquet", ["task", "selected", "score"])
+    if table is not None:
+        if "score" in table.column_names:
+            result.scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        if "selected" in table.column_names:
+            result.selected = table.column("selected").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        if "task" in table.column_names:
+            result.tasks = np.asarray(table.column("task").to_pylist(), dtype=object)
+    return result
+
+
+def _pool_task_counts(run_dir: RunDir, methods: list[MethodResult]) -> dict[str, int]:
+    samples = _read_table(run_dir / "samples", ["task"])
+    if samples is not None and "task" in samples.column_names:
+        return _count(samples.column("task").to_pylist())
+    for method in methods:
+        if method.summary.get("pool_task_counts"):
+            return {str(k): int(v) for k, v in method.summary["pool_task_counts"].items()}
+    return {}
+
+
+def read_run_inputs(run_dir: RunDir) -> RunInputs:
+    """Load the report's inputs from ``run_dir``."""
+    methods = [_read_method(folder) for folder in _method_dirs(run_dir)]
+    return RunInputs(
+        manifest=run_dir.load_manifest(),
+        pool_task_counts=_pool_task_counts(run_dir, methods),
+        quarantine=_read_quarantine(run_dir),
+        methods=methods,
+        clusters=_read_table(run_dir / "stats" / "coincide_clusters.parquet", ["cluster", "size", "density"]),
+    )
+
+
+# --- plots ----------------------------------------------------------------------------------------------------
+
+
+def _new_figure(rows: int = 1, cols: int = 1, height: float = FIG_HEIGHT_IN) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(FIG_WIDTH_IN, height), dpi=FIG_DPI)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    return fig, axes
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    fig.tight_layout()
+    sink = io.BytesIO()
+    fig.savefig(sink, format="png", dpi=FIG_DPI)
+    return sink.getvalue()
+
+
+def _tasks_by_pool_size(pool: dict[str, int], methods: list[MethodResult]) -> list[str]:
+    """Tasks ordered by pool count (descending, then name), including tasks only a selection has."""
+    names = set(pool)
+    for method in methods:
+        names |= set(method.task_counts)
+    return sorted(names, key=lambda t: (-pool.get(t, 0), t))
+
+
+def _shares(counts: dict[str, int], tasks: list[str], shown: list[str]) -> list[float]:
+    """Percent of ``counts`` per task in ``shown``; tasks beyond ``shown`` go into one trailing bucket."""
+    total = sum(counts.values()) or 1
+    values = [100.0 * counts.get(t, 0) / total for t in shown]
+    if len(shown) < len(tasks):
+        values.append(100.0 * sum(counts.get(t, 0) for t in tasks[len(shown):]) / total)
+    return values
+
+
+def plot_task_mix(inputs: RunInputs) -> bytes | None:
+    """Grouped bars: share of rows per task in the pool and in each selection."""
+    series = [(POOL_LABEL, inputs.pool_task_counts)] if inputs.pool_task_counts else []
+    series += [(m.name, m.task_counts) for m in inputs.methods if m.task_counts]
+    if not series:
+        return None
+    tasks = _tasks_by_pool_size(inputs.pool_task_counts, inputs.methods)
+    shown = tasks[:MAX_TASKS_SHOWN]
+    labels = shown + ([OTHER_TASKS_LABEL] if len(shown) < len(tasks) else [])
+    fig, (ax,) = _new_figure()
+    width = 0.8 / len(series)
+    x = np.arange(len(labels))
+    for i, (name, counts) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, _shares(counts, tasks, shown), width, label=name,
+               color="0.6" if name == POOL_LABEL else None)
+    ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_ylabel("share of rows (%)")
+    ax.set_xlabel("task")
+    ax.set_title("Task mix: pool vs selections" if len(series) > 1 else f"Task mix: {series[0][0]}")
+    ax.legend(fontsize="small", ncols=min(len(series), 4))
+    ax.grid(axis="y", alpha=0.3)
+    return _png_bytes(fig)
+
+
+def plot_score_distributions(inputs: RunInputs) -> bytes | None:
+    """One histogram per method of its main score: all rows, with the selected rows overlaid."""
+    methods = [m for m in inputs.methods if m.scores is not None and np.isfinite(m.scores).any()]
+    if not methods:
+        return None
+    cols = min(len(methods), 3)
+    rows = math.ceil(len(methods) / cols)
+    fig, axes = _new_figure(rows, cols, height=2.6 * rows + 0.4)
+    for ax, method in zip(axes, methods):
+        finite = np.isfinite(method.scores)
+        scores = method.scores[finite]
+        bins = np.histogram_bin_edges(scores, bins=30)
+        ax.hist(scores, bins=bins, color="0.7", label="all")
+        if method.selected is not None:
+            ax.hist(method.scores[finite & method.selected], bins=bins, color="tab:blue", label="selected")
+        ax.set_title(method.name, fontsize="medium")
+        ax.set_xlabel("score")
+        ax.set_ylabel("rows")
+        ax.legend(fontsize="x-small")
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
+    fig.suptitle("Score distributions per method")
+    return _png_bytes(fig)
+
+
+def plot_clusters(inputs: RunInputs) -> bytes | None:
+    """COINCIDE clusters: histogram of sizes, and size vs density."""
+    table = inputs.clusters
+    if table is None or "size" not in table.column_names:
+        return None
+    sizes = table.column("size").to_numpy(zero_copy_only=False).astype(np.float64)
+    has_density = "density" in table.column_names
+    fig, axes = _new_figure(1, 2 if has_density else 1)
+    axes[0].hist(sizes, bins=min(40, max(5, len(np.unique(sizes)))), color="tab:green")
+    axes[0].set_xlabel("cluster size (rows)")
+    axes[0].set_ylabel("clusters")
+    axes[0].set_title(f"Cluster sizes (K = {table.num_rows})", fontsize="medium")
+    if has_density:
+        density = table.column("density").to_numpy(zero_copy_only=False).astype(np.float64)
+        axes[1].scatter(sizes, density, s=10, alpha=0.6, color="tab:green")
+        if sizes.min() > 0 and sizes.max() / sizes.min() > 50:
+            axes[1].set_xscale("log")
+        axes[1].set_xlabel("cluster size (rows)")
+        axes[1].set_ylabel("density")
+        axes[1].set_title("Size vs density", fontsize="medium")
+    fig.suptitle("COINCIDE clusters")
+    return _png_bytes(fig)
+
+
+def quarantine_counts(inputs: RunInputs) -> list[tuple[str, str, int]]:
+    """``(phase, reason, rows)`` sorted by rows (descending), then phase and reason."""
+    if inputs.quarantine is None:
+        return []
+    pairs = zip(inputs.quarantine.column("phase").to_pylist(), inputs.quarantine.column("reason").to_pylist())
+    counts: dict[tuple[str, str], int] = {}
+    for phase, reason in pairs:
+        key = (str(phase), str(reason))
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(((p, r, n) for (p, r), n in counts.items()), key=lambda item: (-item[2], item[0], item[1]))
+
+
+def plot_quarantine(inputs: RunInputs) -> bytes | None:
+    """Horizontal bars: quarantined rows per phase and reason."""
+    counts = quarantine_counts(inputs)
+    if not counts:
+        return None
+    counts = counts[::-1]  # largest on top
+    fig, (ax,) = _new_figure(height=max(2.0, 0.35 * len(counts) + 1.2))
+    colours = {"ingest": "tab:orange", "extract": "tab:red"}
+    bars = ax.barh([f"{phase}: {reason}" for phase, reason, _ in counts], [n for _, _, n in counts],
+                   color=[colours.get(phase, "tab:gray") for phase, _, _ in counts])
+    ax.bar_label(bars, padding=2, fontsize="small")
+    ax.set_xlabel("rows")
+    ax.set_title("Quarantined rows by reason")
+    ax.margins(x=0.1)
+    return _png_bytes(fig)
+
+
+def phase_seconds(manifest: dict) -> list[tuple[str, float]]:
+    """``(phase, seconds)`` of the phases that recorded a duration, in pipeline order."""
+    phases = manifest.get("phases", {})
+    ordered = [p for p in PHASE_ORDER if p in phases] + sorted(p for p in phases if p not in PHASE_ORDER)
+    return [(p, float(phases[p]["seconds"])) for p in ordered if isinstance(phases[p].get("seconds"), (int, float))]
+
+
+def plot_phase_times(inputs: RunInputs) -> bytes | None:
+    """Bars: wall-clock seconds per phase."""
+    times = phase_seconds(inputs.manifest)
+    if not times:
+        return None
+    fig, (ax,) = _new_figure()
+    bars = ax.bar([p for p, _ in times], [s for _, s in times], color="tab:purple")
+    ax.bar_label(bars, labels=[_format_seconds(s) for _, s in times], padding=2, fontsize="small")
+    ax.set_xlabel("phase")
+    ax.set_ylabel("seconds")
+    ax.set_title("Time per phase")
+    ax.margins(y=0.15)
+    return _png_bytes(fig)
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    """One plot of the report: file name, section title, renderer, and the note shown when it is skipped."""
+
+    filename: str
+    title: str
+    render: Callable[[RunInputs], bytes | None]
+    missing_note: str
+
+
+PLOTS = (
+    PlotSpec("task_mix.png", "Task mix", plot_task_mix,
+             "No task mix: no samples/ and no selections/ in this run."),
+    PlotSpec("score_distributions.png", "Score distributions", plot_score_distributions,
+             "No score distributions: no selections/<method>/scores.parquet with a score column."),
+    PlotSpec("coincide_clusters.png", "COINCIDE clusters", plot_clusters,
+             "No cluster plots: stats/coincide_clusters.parquet is absent (COINCIDE not aggregated)."),
+    PlotSpec("quarantine_reasons.png", "Quarantine", plot_quarantine,
+             "No quarantined rows (or no quarantine/ tables)."),
+    PlotSpec("phase_times.png", "Time per phase", plot_phase_times,
+             "No phase timings in manifest.json."),
+)
+
+
+# --- page -----------------------------------------------------------------------------------------------------
+
+
+def header_counts(inputs: RunInputs) -> dict[str, int | None]:
+    """Rows in, samples, quarantined and feature rows: from the manifest, else from the tables."""
+    phases = inputs.manifest.get("phases", {})
+    ingest = phases.get("ingest", {}).get("result", {})
+    extract = phases.get("extract", {}).get("result", {})
+    quarantined = ingest.get("quarantined")
+    if quarantined is None and inputs.quarantine is not None:
+        quarantined = inputs.quarantine.num_rows
+    samples = ingest.get("samples", sum(inputs.pool_task_counts.values()) or None)
+    return {
+        "rows in": ingest.get("rows_in"),
+        "samples": samples,
+        "quarantined": quarantined,
+        "features": extract.get("features"),
+        "extract failures": extract.get("failed"),
+    }
+
+
+def method_rows(inputs: RunInputs) -> list[dict]:
+    """Per-method summary rows for the page and ``summary.json``."""
+    pool_rows = sum(inputs.pool_task_counts.values())
+    rows = []
+    for method in inputs.methods:
+        selected = method.selected_rows
+        rows.append({
+            "method": method.name,
+            "selected": selected,
+            "budget_rows": method.summary.get("budget_rows"),
+            "share_of_pool": round(selected / pool_rows, 4) if selected is not None and pool_rows else None,
+            "task_counts": method.task_counts,
+        })
+    return rows
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1100px;
+       color: #222; line-height: 1.4; padding: 0 16px; }
+h1 { font-size: 1.6em; margin-bottom: 4px; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; margin-top: 32px; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+dl.meta { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; margin: 8px 0; }
+dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
+.versions { color: #555; font-size: 0.88em; }
+.notes { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 14px; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.muted { color: #888; }
+"""
+
+
+def _esc(value) -> str:
+    return html.escape("—" if value is None else str(value))
+
+
+def _fmt_int(value) -> str:
+    return "—" if value is None else f"{int(value):,}"
+
+
+def _fmt_percent(fraction) -> str:
+    return "—" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def _render_header(inputs: RunInputs) -> str:
+    manifest = inputs.manifest
+    model = manifest.get("model_id")
+    if manifest.get("model_revision"):
+        model = f"{model} @ {manifest['model_revision']}"
+    meta = [("run id", manifest.get("run_id")), ("model", model), ("seed", manifest.get("seed")),
+            ("created", manifest.get("created"))]
+    meta += [(name, _fmt_int(value)) for name, value in header_counts(inputs).items()]
+    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in meta)
+    versions = " · ".join(f"{_esc(k)} {_esc(v)}" for k, v in sorted(manifest.get("versions", {}).items()))
+    return (f"<h1>datasel report: {_esc(manifest.get('run_id', 'unknown run'))}</h1>"
+            f"<dl class='meta'>{items}</dl><p class='versions'>{versions or 'versions not recorded'}</p>")
+
+
+def _render_method_table(inputs: RunInputs) -> str:
+    rows = method_rows(inputs)
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{_esc(r['method'])}</td><td>{_fmt_int(r['selected'])}</td><td>{_fmt_int(r['budget_rows'])}</td>"
+        f"<td>{_fmt_percent(r['share_of_pool'])}</td></tr>"
+        for r in rows)
+    return ("<h2>Selections</h2><table><tr><th>method</th><th>selected rows</th><th>budget rows</th>"
+            f"<th>share of pool</th></tr>{body}</table>")
+
+
+def _render_task_table(inputs: RunInputs) -> str:
+    """Rows per task: pool count, then each method's count and its share of the task's pool rows."""
+    if not inputs.methods and not inputs.pool_task_counts:
+        return ""
+    tasks = _tasks_by_pool_size(inputs.pool_task_counts, inputs.methods)
+    method_counts = [(m.name, m.task_counts) for m in inputs.methods]
+    head = "<tr><th>task</th><th>pool</th>" + "".join(f"<th>{_esc(n)}</th>" for n, _ in method_counts) + "</tr>"
+    body = []
+    for task in tasks:
+        pool = inputs.pool_task_counts.get(task)
+        cells = [f"<td>{_esc(task)}</td><td>{_fmt_int(pool)}</td>"]
+        for _, counts in method_counts:
+            n = counts.get(task, 0)
+            share = f" <span class='muted'>({100 * n / pool:.0f}%)</span>" if pool else ""
+            cells.append(f"<td>{_fmt_int(n)}{share}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ("<h2>Rows per task</h2><p class='muted'>Selected rows per task; in brackets, the share of that task's "
+            f"pool rows.</p><table>{head}{''.join(body)}</table>")
+
+
+def _render_quarantine_table(inputs: RunInputs) -> str:
+    counts = quarantine_counts(inputs)
+    if not counts:
+        return ""
+    body = "".join(f"<tr><td>{_esc(p)}</td><td>{_esc(r)}</td><td>{_fmt_int(n)}</td></tr>" for p, r, n in counts)
+    return f"<table><tr><th>phase</th><th>reason</th><th>rows</th></tr>{body}</table>"
+
+
+def render_html(inputs: RunInputs, plots: list[tuple[PlotSpec, str]], notes: list[str]) -> str:
+    """The report page. ``plots`` pairs each written plot with its file name relative to the page."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>datasel report {_esc(inputs.manifest.get('run_id', ''))}</title><style>{_CSS}</style></head><body>",
+             _render_header(inputs)]
+    if notes:
+        parts.append("<div class='notes'><strong>Not shown</strong><ul>"
+                     + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></div>")
+    parts += [_render_method_table(inputs), _render_task_table(inputs)]
+    for spec, filename in plots:
+        parts.append(f"<h2>{_esc(spec.title)}</h2>")
+        if spec.filename == "quarantine_reasons.png":
+            parts.append(_render_quarantine_table(inputs))
+        parts.append(f"<img src='{_esc(filename)}' alt='{_esc(spec.title)}'>")
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def _summary_json(inputs: RunInputs, notes: list[str]) -> dict:
+    manifest = inputs.manifest
+    return {
+        "run_id": manifest.get("run_id"),
+        "model_id": manifest.get("model_id"),
+        "seed": manifest.get("seed"),
+        "counts": header_counts(inputs),
+        "pool_task_counts": inputs.pool_task_counts,
+        "methods": method_rows(inputs),
+        "quarantine": [{"phase": p, "reason": r, "rows": n} for p, r, n in quarantine_counts(inputs)],
+        "phase_seconds": [{"phase": p, "seconds": s} for p, s in phase_seconds(manifest)],
+        "notes": notes,
+    }
+
+
+def write_report(run_dir: RunDir) -> dict:
+    """Write ``report/index.html``, its PNG plots and ``report/summary.json``; return their paths and notes.
+
+    Returns ``{"html": str, "plots": [str, ...], "summary": str, "notes": [str, ...]}``; a plot whose inputs are
+    absent is skipped and named in ``notes``.
+    """
+    inputs = read_run_inputs(run_dir)
+    out = run_dir / "report"
+    for stale in out.list(".png"):
+        stale.delete()
+    written: list[tuple[PlotSpec, Location]] = []
+    notes: list[str] = []
+    for spec in PLOTS:
+        png = spec.render(inputs)
+        if png is None:
+            notes.append(spec.missing_note)
+            continue
+        target = out / spec.filename
+        target.write_bytes(png)
+        written.append((spec, target))
+    page = out / "index.html"
+    page.write_text(render_html(inputs, [(spec, loc.name) for spec, loc in written], notes))
+    summary = out / "summary.json"
+    summary.write_json(_summary_json(inputs, notes))
+    return {"html": str(page), "plots": [str(loc) for _, loc in written], "summary": str(summary), "notes": notes}

@@ -1,0 +1,194 @@
+"""The report phase on fabricated run directories: full, partial and empty."""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.report import PLOTS, write_report
+
+TASKS = ("caption", "color_qa", "counting", "ocr", "text_chat")
+TASK_WEIGHTS = (0.35, 0.25, 0.2, 0.15, 0.05)
+METHODS = ("coincide", "datatailor", "random")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_samples(run_dir: RunDir, rng: np.random.Generator, n_rows: int) -> np.ndarray:
+    tasks = rng.choice(TASKS, size=n_rows, p=TASK_WEIGHTS)
+    for shard, rows in enumerate(np.array_split(np.arange(n_rows), 2)):
+        (run_dir / "samples" / f"block-{shard:05d}.parquet").write_parquet(pa.table({
+            "row_id": pa.array(rows, pa.int64()),
+            "task": pa.array(tasks[rows].tolist(), pa.string()),
+            "n_turns": pa.array(rng.integers(1, 5, size=len(rows)), pa.int32()),
+        }))
+    return tasks
+
+
+def _write_quarantine(run_dir: RunDir, phase: str, reasons: list[str]) -> None:
+    n = len(reasons)
+    (run_dir / "quarantine" / phase / "block-00000.parquet").write_parquet(pa.table({
+        "row_id": pa.array(range(10_000, 10_000 + n), pa.int64()),
+        "phase": [phase] * n, "reason": reasons, "message": ["fabricated"] * n, "raw": ["{}"] * n,
+    }))
+
+
+def _write_selection(run_dir: RunDir, method: str, tasks: np.ndarray, budget: int, rng: np.random.Generator) -> None:
+    scores = rng.gamma(2.0, 1.0, size=len(tasks)) if method != "random" else rng.random(len(tasks))
+    selected = np.zeros(len(tasks), dtype=bool)
+    selected[np.argsort(-scores)[:budget]] = True
+    folder = run_dir / "selections" / method
+    (folder / "scores.parquet").write_parquet(pa.table({
+        "row_id": pa.array(np.arange(len(tasks)), pa.int64()), "task": tasks.tolist(),
+        "selected": selected, "score": scores, "component": scores * 0.5,
+    }))
+    selected_tasks, counts = np.unique(tasks[selected], return_counts=True)
+    pool_tasks, pool_counts = np.unique(tasks, return_counts=True)
+    (folder / "summary.json").write_json({
+        "method": method, "budget_rows": budget, "selected": int(selected.sum()),
+        "task_counts": dict(zip(selected_tasks.tolist(), counts.tolist())),
+        "pool_task_counts": dict(zip(pool_tasks.tolist(), pool_counts.tolist())),
+    })
+
+
+def _write_clusters(run_dir: RunDir, rng: np.random.Generator, k: int = 40) -> None:
+    sizes = rng.integers(1, 30, size=k)
+    (run_dir / "stats" / "coincide_clusters.parquet").write_parquet(pa.table({
+        "cluster": pa.array(np.arange(k), pa.int64()), "size": pa.array(sizes, pa.int64()),
+        "density": rng.random(k), "transferability": rng.random(k), "probability": rng.dirichlet(np.ones(k)),
+    }))
+
+
+def _write_manifest(run_dir: RunDir, rows_in: int, samples: int, quarantined: int) -> None:
+    run_dir.save_manifest({
+        "run_id": "fab123456789", "created": "2025-01-01T00:00:00+00:00", "model_id": "tiny", "seed": 7,
+        "versions": {"datasel-ray": "0.1.0", "ray": "2.60.0", "numpy": "2.4.6"},
+        "phases": {
+            "ingest": {"status": "done", "seconds": 4.2, "result": {
+                "rows_in": rows_in, "samples": samples, "quarantined": quarantined, "by_reason": {}}},
+            "extract": {"status": "done", "seconds": 95.0, "result": {"features": samples - 1, "failed": 1}},
+            "aggregate": {"status": "done", "seconds": 3.1, "result": {}},
+            "select": {"status": "done", "seconds": 0.8, "result": {}},
+            "report": {"status": "running"},
+        },
+    })
+
+
+def make_run_dir(root: Path, n_rows: int = 300, selections: bool = True, clusters: bool = True,
+                 seed: int = 0) -> RunDir:
+    """Fabricate a run directory with the tables the other phases write (tiny, seeded)."""
+    rng = np.random.default_rng(seed)
+    run_dir = RunDir(str(root))
+    tasks = _write_samples(run_dir, rng, n_rows)
+    ingest_reasons = ["image_missing"] * 4 + ["invalid_json"] * 2 + ["too_long"]
+    _write_quarantine(run_dir, "ingest", ingest_reasons)
+    _write_quarantine(run_dir, "extract", ["extract_failed"])
+    if selections:
+        for method in METHODS:
+            _write_selection(run_dir, method, tasks, budget=n_rows // 5, rng=rng)
+    if clusters:
+        _write_clusters(run_dir, rng)
+    _write_manifest(run_dir, n_rows + len(ingest_reasons), n_rows, len(ingest_reasons))
+    return run_dir
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _referenced_images(page: str) -> set[str]:
+    return set(re.findall(r"<img src='([^']+)'", page))
+
+
+def _check_report(result: dict) -> str:
+    """The page exists, references exactly the PNGs on disk, and each PNG is a sane image."""
+    page_path = Path(result["html"])
+    page = page_path.read_text()
+    on_disk = {p.name for p in page_path.parent.glob("*.png")}
+    assert _referenced_images(page) == on_disk
+    assert {Path(p).name for p in result["plots"]} == on_disk
+    for name in on_disk:
+        width, height = _png_size(page_path.parent / name)
+        assert 300 <= width <= 1400 and 150 <= height <= 1400, (name, width, height)
+    return page
+
+
+def test_full_report(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    result = write_report(run_dir)
+    page = _check_report(result)
+    assert {Path(p).name for p in result["plots"]} == {spec.filename for spec in PLOTS}
+    assert result["notes"] == []
+    assert "fab123456789" in page and "tiny" in page and "ray 2.60.0" in page
+    for method in METHODS:
+        assert f"<td>{method}</td>" in page
+    for task in TASKS:
+        assert f"<td>{task}</td>" in page
+    assert "image_missing" in page and "extract_failed" in page
+
+
+def test_summary_json_counts(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", n_rows=200)
+    summary = (run_dir / "report" / "summary.json")
+    write_report(run_dir)
+    data = summary.read_json()
+    assert data["counts"]["samples"] == 200 and data["counts"]["quarantined"] == 7
+    assert sum(data["pool_task_counts"].values()) == 200
+    by_method = {m["method"]: m for m in data["methods"]}
+    assert set(by_method) == set(METHODS)
+    assert all(m["selected"] == 40 and sum(m["task_counts"].values()) == 40 for m in by_method.values())
+    assert {q["reason"]: q["rows"] for q in data["quarantine"]}["image_missing"] == 4
+    assert [p["phase"] for p in data["phase_seconds"]] == ["ingest", "extract", "aggregate", "select"]
+
+
+def test_missing_selections_and_stats_give_notes(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run", selections=False, clusters=False)
+    result = write_report(run_dir)
+    page = _check_report(result)
+    written = {Path(p).name for p in result["plots"]}
+    assert written == {"task_mix.png", "quarantine_reasons.png", "phase_times.png"}
+    assert len(result["notes"]) == 2
+    assert "coincide_clusters.parquet" in page and "Not shown" in page
+
+
+def test_empty_run_dir(tmp_path):
+    result = write_report(RunDir(str(tmp_path / "empty")))
+    page = _check_report(result)
+    assert result["plots"] == []
+    assert len(result["notes"]) == len(PLOTS)
+    assert "unknown run" in page
+
+
+def test_rerun_removes_stale_plots(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    write_report(run_dir)
+    (run_dir / "stats" / "coincide_clusters.parquet").delete()
+    result = write_report(run_dir)
+    _check_report(result)
+    assert not (tmp_path / "run" / "report" / "coincide_clusters.png").exists()
+
+
+def test_selection_without_summary_counts_from_scores(tmp_path):
+    run_dir = make_run_dir(tmp_path / "run")
+    (run_dir / "selections" / "random" / "summary.json").delete()
+    write_report(run_dir)
+    methods = {m["method"]: m for m in (run_dir / "report" / "summary.json").read_json()["methods"]}
+    assert methods["random"]["selected"] == 60 and methods["random"]["budget_rows"] is None
+    assert sum(methods["random"]["task_counts"].values()) == 60
+
+
+@pytest.mark.parametrize("html_escape_task", ["<b>bold</b>"])
+def test_task_names_are_escaped(tmp_path, html_escape_task):
+    run_dir = RunDir(str(tmp_path / "run"))
+    (run_dir / "samples" / "s.parquet").write_parquet(pa.table({
+        "row_id": pa.array([0, 1], pa.int64()), "task": [html_escape_task, "caption"]}))
+    page = Path(write_report(run_dir)["html"]).read_text()
+    assert html_escape_task not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
