@@ -17,10 +17,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from datasel_ray.io.rundir import PHASE_ORDER, RunDir
-from datasel_ray.io.storage import Location, read_parquet_dir
+from datasel_ray.io.storage import Location
 
 FIG_WIDTH_IN = 7.0
 FIG_HEIGHT_IN = 3.5
@@ -28,6 +30,7 @@ FIG_DPI = 100
 MAX_TASKS_SHOWN = 20
 POOL_LABEL = "pool"
 OTHER_TASKS_LABEL = "(other tasks)"
+NO_SELECTIONS_NOTE = "No selections: selections/ holds no method output (the select phase has not run)."
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -74,17 +77,21 @@ def _count(values) -> dict[str, int]:
     return {str(n): int(c) for n, c in zip(names, counts)}
 
 
+def _read_parquet_columns(file: Location, columns: list[str]) -> pa.Table:
+    """Only those of ``columns`` that ``file`` has (wide columns such as centroids are never read)."""
+    with file.open_input() as handle:
+        names = pq.ParquetFile(handle).schema_arrow.names
+    return file.read_parquet([c for c in columns if c in names])
+
+
 def _read_table(loc: Location, columns: list[str]) -> pa.Table | None:
-    """The parquet file(s) at ``loc`` restricted to those of ``columns`` present; None when absent or empty."""
-    if loc.is_file():
-        table = loc.read_parquet()
-    elif loc.is_dir():
-        table = read_parquet_dir(loc)
-    else:
+    """The parquet file, or the files of the folder, at ``loc`` with the present ``columns``; None when empty."""
+    files = [loc] if loc.is_file() else loc.list(".parquet")
+    tables = [_read_parquet_columns(f, columns) for f in files]
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
         return None
-    if table is None or table.num_rows == 0:
-        return None
-    return table.select([c for c in columns if c in table.column_names])
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def _read_quarantine(run_dir: RunDir) -> pa.Table | None:
@@ -235,6 +242,7 @@ def plot_clusters(inputs: RunInputs) -> bytes | None:
     axes[0].hist(sizes, bins=min(40, max(5, len(np.unique(sizes)))), color="tab:green")
     axes[0].set_xlabel("cluster size (rows)")
     axes[0].set_ylabel("clusters")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(f"Cluster sizes (K = {table.num_rows})", fontsize="medium")
     if has_density:
         density = table.column("density").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -271,6 +279,7 @@ def plot_quarantine(inputs: RunInputs) -> bytes | None:
     bars = ax.barh([f"{phase}: {reason}" for phase, reason, _ in counts], [n for _, _, n in counts],
                    color=[colours.get(phase, "tab:gray") for phase, _, _ in counts])
     ax.bar_label(bars, padding=2, fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rows")
     ax.set_title("Quarantined rows by reason")
     ax.margins(x=0.1)
@@ -374,7 +383,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 1.6em; margin-bottom: 4px; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; margin-top: 32px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+th { background: #f3f3f3; } td:first-child, th:first-child, td.text, th.text { text-align: left; }
 dl.meta { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; margin: 8px 0; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; }
 .versions { color: #555; font-size: 0.88em; }
@@ -438,16 +447,18 @@ def _render_task_table(inputs: RunInputs) -> str:
             share = f" <span class='muted'>({100 * n / pool:.0f}%)</span>" if pool else ""
             cells.append(f"<td>{_fmt_int(n)}{share}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ("<h2>Rows per task</h2><p class='muted'>Selected rows per task; in brackets, the share of that task's "
-            f"pool rows.</p><table>{head}{''.join(body)}</table>")
+    caption = ("Selected rows per task; in brackets, the share of that task's pool rows." if method_counts
+               else "Pool rows per task.")
+    return f"<h2>Rows per task</h2><p class='muted'>{caption}</p><table>{head}{''.join(body)}</table>"
 
 
 def _render_quarantine_table(inputs: RunInputs) -> str:
     counts = quarantine_counts(inputs)
     if not counts:
         return ""
-    body = "".join(f"<tr><td>{_esc(p)}</td><td>{_esc(r)}</td><td>{_fmt_int(n)}</td></tr>" for p, r, n in counts)
-    return f"<table><tr><th>phase</th><th>reason</th><th>rows</th></tr>{body}</table>"
+    body = "".join(f"<tr><td>{_esc(p)}</td><td class='text'>{_esc(r)}</td><td>{_fmt_int(n)}</td></tr>"
+                   for p, r, n in counts)
+    return f"<table><tr><th>phase</th><th class='text'>reason</th><th>rows</th></tr>{body}</table>"
 
 
 def render_html(inputs: RunInputs, plots: list[tuple[PlotSpec, str]], notes: list[str]) -> str:
@@ -494,7 +505,7 @@ def write_report(run_dir: RunDir) -> dict:
     for stale in out.list(".png"):
         stale.delete()
     written: list[tuple[PlotSpec, Location]] = []
-    notes: list[str] = []
+    notes: list[str] = [] if inputs.methods else [NO_SELECTIONS_NOTE]
     for spec in PLOTS:
         png = spec.render(inputs)
         if png is None:

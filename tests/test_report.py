@@ -155,7 +155,7 @@ def test_missing_selections_and_stats_give_notes(tmp_path):
     page = _check_report(result)
     written = {Path(p).name for p in result["plots"]}
     assert written == {"task_mix.png", "quarantine_reasons.png", "phase_times.png"}
-    assert len(result["notes"]) == 2
+    assert len(result["notes"]) == 3
     assert "coincide_clusters.parquet" in page and "Not shown" in page
 
 
@@ -163,7 +163,7 @@ def test_empty_run_dir(tmp_path):
     result = write_report(RunDir(str(tmp_path / "empty")))
     page = _check_report(result)
     assert result["plots"] == []
-    assert len(result["notes"]) == len(PLOTS)
+    assert len(result["notes"]) == len(PLOTS) + 1
     assert "unknown run" in page
 
 
