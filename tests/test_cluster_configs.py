@@ -190,3 +190,10 @@ def test_rayservice_token_env_is_set_on_gpu_workers():
     for group in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         for container in _containers(group):
             assert token_env in {e["name"] for e in container.get("env", [])}
+
+
+def test_rayservice_args_validate_as_serve_options():
+    serve_app = pytest.importorskip("serve.app")
+    serve_config = yaml.safe_load(_load(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
+    options = serve_app.ServeOptions.model_validate(serve_config["applications"][0]["args"])
+    assert options.num_gpus == 1 and options.autoscaling_config["max_replicas"] >= 1
