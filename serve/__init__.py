@@ -1,0 +1,2 @@
+"""Ray Serve application for online scoring (``serve.app:build_app``); the scoring itself is
+:mod:`datasel_ray.scoring`."""
