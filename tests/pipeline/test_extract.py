@@ -78,3 +78,8 @@ def test_killed_driver_resumes_to_identical_features(tmp_path, ray_local):
     a, b = _features(clean.run_dir), _features(killed.run_dir)
     assert a.column_names == b.column_names
     assert a.equals(b), "resumed features differ from an uninterrupted run"
+    for cfg in (clean, killed):
+        run_phases(cfg, ["aggregate", "select"], quiet=True)
+    for method in clean.select.methods:
+        ids = [(RunDir(c.run_dir) / "selections" / method / "selected_ids.npy").read_bytes() for c in (clean, killed)]
+        assert ids[0] == ids[1], f"{method}: selection after the resumed run differs"
