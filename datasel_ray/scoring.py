@@ -41,6 +41,7 @@ import base64
 import binascii
 import io
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,6 +467,7 @@ class SampleParser:
         # a path outside every root is an escape only when no root accepted it; else report the nearer problem
         bad = next((r for r in rejections if r[schema.REASON] != Reason.IMAGE_PATH_ESCAPE), rejections[0])
         field_name, _, message = bad[schema.MESSAGE].partition(": ")  # ingest messages are "field: text"
+        field_name = re.sub(r"\.(\d+)", r"[\1]", field_name)  # pydantic paths: conversations.0.value
         if field_name == "image" and bad[schema.REASON] == Reason.IMAGE_PATH_ESCAPE:
             message = f"path '{value.get('image')}' is outside the configured image roots"
         return self._raise(field_name, bad[schema.REASON], message)
