@@ -10,7 +10,15 @@ saved with ``save_pretrained`` so that it loads through the same generic path as
   trained in-process on a built-in corpus);
 - chat template: LLaVA v1 (``"<sys> USER: <image>\\n... ASSISTANT: ...</s>USER: ..."``).
 
-Weights carry no knowledge; the model exists so that every phase runs end to end on a laptop.
+Pretraining (``TINY_MODEL_VERSION`` >= 2): the randomly initialised model is trained, deterministically and in
+process, on ``PRETRAIN_SAMPLES`` clean samples of the synthetic tasks (:mod:`datasel_ray.synthetic`, generator
+seed ``PRETRAIN_DATA_SEED``, no duplicates / noise / bad rows; demo and test pools use other seeds) for
+``PRETRAIN_STEPS`` AdamW steps of ``PRETRAIN_BATCH_SIZE`` (all parameters, cosine schedule, one CPU thread so
+that the weights do not depend on the machine's thread count); see :data:`PRETRAIN`. Every method paper scores
+data with a *trained* reference model (COINCIDE: TinyLLaVA after SFT; DataTailor: LLaVA after stage-1
+pretraining; TIVE: a warmed-up LLaVA). With random weights the features of all samples are nearly collinear
+(COINCIDE vectors of one task at cosine ~0.99) and feature-based selection degenerates to noise. The model
+is still tiny and only roughly fitted to the tasks; it exists so that every phase runs end to end on a laptop.
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ from pathlib import Path
 
 from datasel_ray.config import TINY_MODEL
 
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
+PRETRAIN_DATA_SEED = 10_000
+PRETRAIN_SAMPLES = 1200
+PRETRAIN_STEPS = 150
+PRETRAIN_BATCH_SIZE = 16
+PRETRAIN_LR = 3e-3
 TINY_SUBDIR = "tiny-llava-v1"
 MARKER_FILE = "datasel_tiny.json"
 
@@ -99,6 +112,39 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def pretrain_config(seed: int):
+    """The :class:`~datasel_ray.training.finetune.FinetuneConfig` of the build-time pretraining."""
+    from datasel_ray.training.finetune import FinetuneConfig
+
+    return FinetuneConfig(
+        steps=PRETRAIN_STEPS, batch_size=PRETRAIN_BATCH_SIZE, lr=PRETRAIN_LR, warmup_steps=PRETRAIN_STEPS // 10,
+        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, seed=seed, train="all",
+        num_threads=1)
+
+
+def pretrain_samples(num_samples: int = PRETRAIN_SAMPLES, seed: int = PRETRAIN_DATA_SEED) -> list[dict]:
+    """Clean synthetic samples (all tasks, round robin; no duplicates, noise or bad rows), images in memory."""
+    from datasel_ray.synthetic import SynthConfig, plan_rows
+
+    config = SynthConfig(num_samples=num_samples, seed=seed, duplicate_rate=0.0, noise_rate=0.0, bad_rate=0.0)
+    out = []
+    for row in plan_rows(config):
+        sample = row.sample
+        image = sample.render(config.image_size) if sample.picture is not None else None
+        out.append({"conversations": sample.conversations(), "image": image, "task": sample.task})
+    return out
+
+
+def _pretrain(model, processor, seed: int) -> dict:
+    from datasel_ray.models.vlm import VLMProcessor
+    from datasel_ray.training.finetune import finetune
+
+    log = finetune(model, VLMProcessor(processor, max_length=512), pretrain_samples(), pretrain_config(seed))
+    tail = log.step_loss[-10:]
+    return {"steps": len(log.step_loss), "first_loss": round(log.step_loss[0], 4),
+            "last10_loss": round(sum(tail) / len(tail), 4), "seconds": round(log.seconds, 1)}
+
+
 def _marker_ok(out_dir: Path, seed: int) -> bool:
     marker = out_dir / MARKER_FILE
     try:
@@ -121,8 +167,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}-", dir=out_dir.parent))
     try:
-        _write_tiny_model(tmp, seed)
-        (tmp / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
+        pretrain = _write_tiny_model(tmp, seed)
+        (tmp / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed,
+                                                   "pretrain": pretrain}))
         if out_dir.exists() and not _marker_ok(out_dir, seed):
             shutil.rmtree(out_dir, ignore_errors=True)
         try:
@@ -195,9 +242,13 @@ def _build_model(tokenizer, seed: int):
     return model.eval()
 
 
-def _write_tiny_model(path: Path, seed: int) -> None:
+def _write_tiny_model(path: Path, seed: int, pretrain: bool = True) -> dict:
+    """Build, pretrain (unless ``pretrain=False``: the random-weight model) and save; return the training log."""
     tokenizer = _build_tokenizer()
     processor = _build_processor(tokenizer)
     model = _build_model(tokenizer, seed)
+    info = _pretrain(model, processor, seed) if pretrain else {"steps": 0}
+    model.eval()
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    return info

@@ -73,3 +73,19 @@ def test_loads_through_generic_path(two_builds):
     assert vlm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert vlm.hidden_size == 128 and vlm.coincide_layers == [0, 1, 2, 3]
     assert vlm.decoder_layers is vlm.model.model.language_model.layers
+
+
+def test_reference_model_is_pretrained_on_the_synthetic_tasks(two_builds):
+    from transformers import AutoModelForImageTextToText
+
+    from datasel_ray.models.vlm import VLMProcessor
+    from datasel_ray.training.finetune import evaluate_answers
+
+    path = two_builds[0]
+    meta = json.loads((path / tiny.MARKER_FILE).read_text())
+    assert meta["pretrain"]["steps"] == tiny.PRETRAIN_STEPS
+    assert meta["pretrain"]["last10_loss"] < meta["pretrain"]["first_loss"] / 3
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    held_out = tiny.pretrain_samples(14, seed=31_337)  # not the pretraining seed
+    result = evaluate_answers(model, VLMProcessor.load(ModelConfig(name_or_path=str(path))), held_out)
+    assert result["loss_mean"] < 2.0  # random init: ~6.8
