@@ -65,6 +65,20 @@ PHASE_FUNCS: dict[str, Callable[[RunConfig, RunDir, bool], dict]] = {
 ALWAYS_RERUN = {"select", "report"}  # cheap, and depend on options outside the manifest fingerprint
 
 
+def preflight(cfg: RunConfig, phases: list[str]) -> None:
+    """Refuse impossible or inconsistent requests before any work starts (errors name the field)."""
+    from datasel_ray.io.pool import list_pool_files
+    from datasel_ray.pipeline.extract import resolve_num_gpus, validate_resources
+
+    if "ingest" in phases:
+        list_pool_files(cfg.pool.path, cfg.pool.format)
+    if "tive" in cfg.select.methods and "select" in phases and not cfg.tive.enabled:
+        raise ValueError("select.methods includes 'tive' but tive.enabled is false: enable TIVE (warm-up and "
+                         "gradients) or remove 'tive' from select.methods")
+    if "extract" in phases:
+        validate_resources(cfg, resolve_num_gpus(cfg))
+
+
 def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | None = None,
                quiet: bool = False) -> dict[str, dict]:
     """Run ``phases`` (default: ``cfg.phases``) in pipeline order; returns each phase's result.
@@ -75,9 +89,10 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
     wanted = phases if phases is not None else cfg.phases
     if "warmup" in wanted and not cfg.tive.enabled:
         wanted = [p for p in wanted if p != "warmup"]
+    ray_adapter.ensure_ray(cfg.ray)
+    preflight(cfg, wanted)
     run_dir = RunDir(cfg.run_dir)
     run_dir.init(cfg)
-    ray_adapter.ensure_ray(cfg.ray)
     results: dict[str, dict] = {}
     for phase in PHASE_ORDER:
         if phase not in wanted:
