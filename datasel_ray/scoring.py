@@ -670,7 +670,7 @@ class Scorer:
         """Feature columns of the extract phase (``features/`` schema, same dtypes) for ``samples``."""
         row_ids = np.arange(len(samples), dtype=np.int64)
         prepared = [s.prepared for s in samples]
-        batch = self.preprocessor._columns(row_ids, prepared, [""] * len(samples), [""] * len(samples))
+        batch = self.preprocessor.columns(row_ids, prepared, [""] * len(samples), [""] * len(samples))
         with self._model_lock:
             out = self.extractor(batch)
             if self.gradients is not None:

@@ -132,14 +132,15 @@ class Preprocessor:
             samples.append(sample)
             reasons.append(reason)
             messages.append(message)
-        return self._columns(np.asarray(batch[schema.ROW_ID], dtype=np.int64), samples, reasons, messages)
+        return self.columns(np.asarray(batch[schema.ROW_ID], dtype=np.int64), samples, reasons, messages)
 
     def _dummy(self) -> PreparedSample:
         ids = np.full(1, self.processor.pad_token_id, dtype=np.int64)
         empty = np.zeros(1, dtype=bool)
         return PreparedSample(ids, None, empty, empty.copy(), empty.copy())
 
-    def _columns(self, row_ids, samples, reasons, messages) -> dict[str, np.ndarray]:
+    def columns(self, row_ids, samples, reasons, messages) -> dict[str, np.ndarray]:
+        """Batch columns (see the class docstring) from prepared samples and their per-row errors."""
         pixels = np.zeros((len(samples), *self.pixel_shape), dtype=np.float32)
         for i, sample in enumerate(samples):
             if sample.has_image:
