@@ -23,13 +23,14 @@ Metrics:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import emit_record  # noqa: E402
 
 import numpy as np
 import psutil
@@ -43,7 +44,6 @@ from datasel_ray.features.gradients import LoraGradientFeaturizer, tive_param_fi
 from datasel_ray.features.projector import RademacherProjector, SparseJLProjector  # noqa: E402
 
 GRAD_DIM_7B = 32 * 4 * 2 * 128 * 4096  # 134,217,728
-RESULTS = ROOT / "benchmarks" / "results" / "bench_gradients.jsonl"
 
 
 class PeakRSS:
@@ -204,12 +204,7 @@ def main(argv=None) -> dict:
     p1, m1 = bench_per_sample(args)
     p2, m2 = bench_projectors(args)
     record = {"params": {"quick": args.quick, **p1, **p2}, "metrics": {**m1, **m2}}
-    print(json.dumps(record))
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as fh:
-            fh.write(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                 "bench": "bench_gradients", **record}) + "\n")
+    emit_record("bench_gradients", record["params"], record["metrics"], save=not args.no_save)
     return record
 
 

@@ -12,20 +12,22 @@ Targets: batching >= 3x the throughput of batch size 1 at concurrency 16; p50 HT
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import socket
 import tempfile
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import emit_record  # noqa: E402
 
 import numpy as np
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_serve.jsonl"
 APP = "datasel-bench"
 
 
@@ -161,11 +163,7 @@ def main() -> None:
                     "targets": {"batching_3x_at_c16": speedup >= 3.0, "overhead_p50_le_15ms": overhead <= 15.0},
                     "wall_seconds": round(time.monotonic() - started, 1)},
     }
-    print(json.dumps(record))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                 **record}) + "\n")
+    emit_record("bench_serve", record["params"], record["metrics"])
 
 
 if __name__ == "__main__":

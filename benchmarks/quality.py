@@ -24,8 +24,6 @@ ISO ``date``, to ``benchmarks/results/quality.jsonl``. ``--quick`` is a smoke ru
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
 import os
 import shutil
@@ -34,6 +32,9 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import emit_record  # noqa: E402
 
 import numpy as np
 
@@ -47,7 +48,6 @@ from datasel_ray.evaluation import selection_quality  # noqa: E402
 from datasel_ray.io.rundir import RunDir  # noqa: E402
 from datasel_ray.synthetic import SynthConfig, generate_pool, load_ground_truth, read_pool  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "quality.jsonl"
 METHODS = ["coincide", "datatailor", "tive", "random"]
 
 
@@ -235,12 +235,7 @@ def main(argv=None) -> dict:
                                   for k in per_seed[0]["timings"]},
                     "total_s": round(time.perf_counter() - start, 1)},
     }
-    print(json.dumps(record))
-    if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as fh:
-            fh.write(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                 **record}) + "\n")
+    emit_record("quality", record["params"], record["metrics"], save=not args.no_save)
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return record

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def emit_record(name: str, params: dict, metrics: dict) -> dict:
+def emit_record(name: str, params: dict, metrics: dict, save: bool = True) -> dict:
     record = {
         "benchmark": name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -18,12 +19,25 @@ def emit_record(name: str, params: dict, metrics: dict) -> dict:
         "params": params,
         "metrics": metrics,
     }
-    line = json.dumps(record, sort_keys=True)
+    line = json.dumps(_finite(record), sort_keys=True, allow_nan=False)
     print(line, flush=True)
+    if not save:
+        return record
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.jsonl", "a") as f:
         f.write(line + "\n")
     return record
+
+
+def _finite(value):
+    """NaN/inf → None, so that records are strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _cpus() -> int:

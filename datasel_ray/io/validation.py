@@ -10,7 +10,6 @@ import io
 import json
 import posixpath
 from dataclasses import dataclass
-from typing import Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError

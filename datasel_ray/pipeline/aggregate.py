@@ -133,11 +133,11 @@ def aggregate_datatailor(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Lo
 def aggregate_tive(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Location) -> dict:
     from datasel_ray.methods import tive
 
-    tasks = feats[schema.TASK].astype(str)
-    names = np.unique(tasks)
-    values = tive.task_values(feats[schema.GRAD_NORM], tasks, mode=cfg.tive.task_value)
-    mean_grad = tive.task_mean_gradients(feats[schema.GRAD_PROJ], tasks)
-    sizes = np.array([(tasks == t).sum() for t in names], dtype=np.int64)
+    names, codes = np.unique(feats[schema.TASK].astype(str), return_inverse=True)
+    codes = codes.reshape(-1).astype(np.int64)
+    values = tive.task_values(feats[schema.GRAD_NORM], codes, mode=cfg.tive.task_value)
+    mean_grad = tive.task_mean_gradients(feats[schema.GRAD_PROJ], codes)
+    sizes = np.bincount(codes, minlength=len(names)).astype(np.int64)
     (stats / "tive_tasks.parquet").write_parquet(pa.table({
         schema.TASK: pa.array(names), "size": sizes, "task_value": np.asarray(values, dtype=np.float64),
         "mean_gradient_norm": np.linalg.norm(mean_grad, axis=1).astype(np.float64)}))
