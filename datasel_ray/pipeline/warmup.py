@@ -65,8 +65,9 @@ def adapter_dir_for_extract(cfg: RunConfig, run_dir: RunDir) -> str | None:
 def run_warmup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     """Run the warm-up phase (or return the recorded result when ``lora/`` holds a complete run).
 
-    Returns ``{samples, warmup_rows, dropped, steps, epochs, first_loss, final_loss, epoch_loss, seconds,
-    train_seconds, num_workers, use_gpu, adapter_dir, adapter_sha256}``.
+    Returns ``{samples, warmup_rows, dropped, steps, epochs, first_loss (first step), final_loss (mean of the
+    last epoch), last_step_loss, epoch_loss, seconds, train_seconds, num_workers, use_gpu, adapter_dir,
+    adapter_sha256}``; the runner stores it under ``phases.warmup.result`` of the manifest.
     """
     lora = run_dir / "lora"
     finished = completed_log(lora)
@@ -136,8 +137,8 @@ def adapter_sha256(adapter: Location) -> str:
 
 
 def result_from_log(record: dict, lora: Location) -> dict:
-    keys = ("samples", "warmup_rows", "dropped", "steps", "epochs", "first_loss", "final_loss", "epoch_loss",
-            "seconds", "train_seconds", "num_workers", "use_gpu", "adapter_sha256")
+    keys = ("samples", "warmup_rows", "dropped", "steps", "epochs", "first_loss", "final_loss", "last_step_loss",
+            "epoch_loss", "seconds", "train_seconds", "num_workers", "use_gpu", "adapter_sha256")
     return {**{k: record.get(k) for k in keys}, "adapter_dir": str(lora / ADAPTER_DIR)}
 
 
@@ -231,7 +232,8 @@ def warmup_worker(config: dict, ctx) -> None:
                   "steps": train_log.steps, "epochs": epoch + 1, "step_loss": train_log.step_loss,
                   "epoch_loss": train_log.epoch_loss,
                   "first_loss": train_log.step_loss[0] if train_log.steps else None,
-                  "final_loss": train_log.step_loss[-1] if train_log.steps else None, "samples_seen": train_log.samples_seen,
+                  "final_loss": train_log.epoch_loss[-1] if train_log.steps else None,
+                  "last_step_loss": train_log.step_loss[-1] if train_log.steps else None, "samples_seen": train_log.samples_seen,
                   "train_seconds": round(time.monotonic() - started, 3), "world_size": ctx.world_size,
                   "seed": seed, "trainable_params": int(sum(p.numel() for p in model.parameters()
                                                             if p.requires_grad)),
