@@ -26,7 +26,8 @@ def render_status(run: str) -> str:
         snap = progress.get(phase)
         if snap:
             age = time.time() - snap.get("updated", time.time())
-            line += (f"  {snap['done']}/{snap['total']} rows  {snap['rows_per_second']:.1f} rows/s"
+            unit = snap.get("unit", "rows")
+            line += (f"  {snap['done']}/{snap['total']} {unit}  {snap['rows_per_second']:.1f} {unit}/s"
                      f"  ETA {format_eta(snap.get('eta_seconds')) if status != 'done' else '-'}"
                      f"  (updated {age:.0f}s ago)")
         lines.append(line)

@@ -156,7 +156,7 @@ def run_aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     n = len(feats[schema.ROW_ID])
     stats = run_dir / "stats"
     steps = ["tasks", "coincide", "datatailor"] + (["tive"] if has_grads else [])
-    progress = Progress("aggregate", len(steps), run_dir / "progress.json", quiet=quiet)
+    progress = Progress("aggregate", len(steps), run_dir / "progress.json", quiet=quiet, unit="steps")
     stats.mkdir()
     result: dict = {"rows": n}
     timings: dict[str, float] = {}

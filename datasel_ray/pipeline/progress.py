@@ -25,7 +25,7 @@ class Progress:
     """Counts rows of one phase. ``already_done`` rows (resumed) count toward done but not toward speed."""
 
     def __init__(self, phase: str, total: int, progress_file: Location | None = None, already_done: int = 0,
-                 interval: float = 2.0, stream=None, quiet: bool = False):
+                 interval: float = 2.0, stream=None, quiet: bool = False, unit: str = "rows"):
         self.phase = phase
         self.total = total
         self.done = already_done
@@ -34,18 +34,19 @@ class Progress:
         self.interval = interval
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.unit = unit
         self.start = time.monotonic()
         self._last = 0.0
         self._write(force=True)
 
     @property
-    def rows_per_second(self) -> float:
+    def per_second(self) -> float:
         elapsed = time.monotonic() - self.start
         return (self.done - self.resumed) / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta_seconds(self) -> float | None:
-        rate = self.rows_per_second
+        rate = self.per_second
         return (self.total - self.done) / rate if rate > 0 else None
 
     def update(self, rows: int) -> None:
@@ -61,7 +62,8 @@ class Progress:
             "done": self.done,
             "total": self.total,
             "resumed": self.resumed,
-            "rows_per_second": round(self.rows_per_second, 3),
+            "unit": self.unit,
+            "rows_per_second": round(self.per_second, 3),
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "elapsed_seconds": round(time.monotonic() - self.start, 3),
             "finished": finished,
@@ -70,8 +72,8 @@ class Progress:
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"[{self.phase}] {self.done}/{self.total} rows ({pct:5.1f}%) "
-                f"{self.rows_per_second:8.1f} rows/s  ETA {format_eta(self.eta_seconds)}")
+        return (f"[{self.phase}] {self.done}/{self.total} {self.unit} ({pct:5.1f}%) "
+                f"{self.per_second:8.1f} {self.unit}/s  ETA {format_eta(self.eta_seconds)}")
 
     def _write(self, force: bool = False, finished: bool = False) -> None:
         now = time.monotonic()

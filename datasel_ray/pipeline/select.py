@@ -187,7 +187,7 @@ def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     columns = sorted({c for m in methods for c in get_method(m).columns} | {schema.TASK, schema.LAST_TOKEN})
     feats = load_features(run_dir, columns)
     budget = cfg.select.budget_rows(len(feats[schema.ROW_ID]))
-    progress = Progress("select", len(methods), run_dir / "progress.json", quiet=quiet)
+    progress = Progress("select", len(methods), run_dir / "progress.json", quiet=quiet, unit="methods")
     results = {}
     for method in methods:
         summary = select_method(cfg, run_dir, method, feats, budget)
