@@ -17,6 +17,13 @@ METHODS = ("coincide", "datatailor", "tive", "random", "random_per_task", "answe
 TINY_MODEL = "tiny"
 
 
+def _check_choices(values: list[str], choices: tuple[str, ...], what: str) -> list[str]:
+    for name in values:
+        if name not in choices:
+            raise ValueError(f"Unknown {what} '{name}'. Choose from: {', '.join(choices)}")
+    return values
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -136,15 +143,13 @@ class SelectConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in METHODS:
-                raise ValueError(f"Unknown method '{name}'. Choose from: {', '.join(METHODS)}")
-        return value
+        return _check_choices(value, METHODS, "method")
 
     def budget_rows(self, pool_rows: int) -> int:
-        """Return the budget as a row count for a pool of ``pool_rows`` rows."""
-        rows = round(self.budget * pool_rows) if self.budget < 1 else int(self.budget)
-        return max(0, min(rows, pool_rows))
+        """Return the budget as a row count for a pool of ``pool_rows`` rows (fraction < 1, else a count)."""
+        from datasel_ray.methods.budget import resolve_budget
+
+        return resolve_budget(self.budget, pool_rows)
 
 
 class RayConfig(_Section):
@@ -170,10 +175,7 @@ class RunConfig(_Section):
     @field_validator("phases")
     @classmethod
     def _known_phases(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in PHASES:
-                raise ValueError(f"Unknown phase '{name}'. Choose from: {', '.join(PHASES)}")
-        return value
+        return _check_choices(value, PHASES, "phase")
 
 
 class ConfigError(ValueError):

@@ -22,7 +22,7 @@ def resolve_budget(budget: float | int, n: int) -> int:
     """Return ``budget`` as a row count for a pool of ``n`` rows.
 
     ``budget < 1`` is a fraction of the pool (``round(budget * n)``, Python rounding); ``budget >= 1`` is a row
-    count. The result is clipped to ``[0, n]``. Mirrors ``SelectConfig.budget_rows``.
+    count. The result is clipped to ``[0, n]``. ``SelectConfig.budget_rows`` calls this.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
         raise ValueError(f"budget must be a number (fraction < 1 or row count >= 1), got {budget!r}")
