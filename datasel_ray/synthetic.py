@@ -10,20 +10,33 @@ rules work; pass ``TASK_FOLDERS`` as the ingest ``task_map`` to recover the synt
 =============  ==============  ========================================================================
 task           folder          content
 =============  ==============  ========================================================================
-caption        ``coco/``       1-3 shapes in distinct columns; answer a template caption listing them
-                               left to right: "a red circle and a blue square on a white background"
-color_qa       ``gqa/``        1-3 shapes of distinct kinds; "What colour is the square?" -> "red"
-counting       ``vg/``         1-4 shapes of one kind plus 0-2 distractors; "How many circles ..." -> "3"
-ocr            ``ocr_vqa/``    a word from ``OCR_WORDS`` drawn with PIL's default font -> the word
-position       ``textvqa/``    "Is the circle on the left or the right?" -> "left" (or top / bottom)
-multi_turn     ``multiturn/``  2-3 human/gpt pairs about one scene (count, colour, leftmost, background)
-text_chat      (no image)      arithmetic, word reversal, upper-casing, successor -> exact answer
+caption        ``coco/``       1-4 shapes in distinct cells of a 3x3 grid; the answer lists every shape
+                               in reading order with size, colour, kind and cell, then the background:
+                               "a small red circle at the top-left and a large blue diamond in the
+                               centre on a striped mint background"
+color_qa       ``gqa/``        2-5 shapes; "What colour is the large square at the bottom-right?" -> "red"
+counting       ``vg/``         3-8 shapes, some matching a filter (any non-empty subset of size, colour,
+                               kind); "How many small red circles are there?" -> "2"
+ocr            ``ocr_vqa/``    a noun or "<adjective> <noun>" (``OCR_ADJECTIVES`` x ``OCR_NOUNS``, one
+                               word a line) in PIL's default font, several sizes and inks -> the text
+position       ``textvqa/``    1-4 shapes; "Where is the small green triangle?" -> "top-left" (the cell)
+multi_turn     ``multiturn/``  2-3 human/gpt pairs about one scene (shape count, colour of a located
+                               shape, what is in a cell, background, where a named shape is)
+text_chat      (no image)      arithmetic (operands up to 999), word reversal, upper-casing -> exact answer
 =============  ==============  ========================================================================
 
 Images are ``image_size`` x ``image_size`` RGB PNGs named ``<folder>/<row index:06d>.png``; row ids are
 ``sample-<row index:06d>``. Image paths in rows are relative to ``out_dir``, which is the image root.
-Shapes are drawn without anti-aliasing in exact ``COLOURS`` values. Only the first human turn of an image
-row holds ``"<image>\\n"``; text-only rows have no ``image`` key.
+Shapes (``SHAPES`` x ``SIZES`` x ``COLOURS``) are drawn without anti-aliasing in exact ``COLOURS`` values,
+at most one per grid cell (``POSITIONS`` names the cells), on a ``BACKGROUNDS`` colour that is plain or
+has horizontal / vertical / diagonal stripes (per-sample period, width and offset) in
+:func:`stripe_colour`; the top-left pixel is always the plain background colour. Only the first human turn
+of an image row holds ``"<image>\\n"``; text-only rows have no ``image`` key.
+
+Ordinary rows are genuinely distinct, as in real pools: when base samples are planned, one whose (task,
+conversation text) was already used is redrawn (up to ``UNIQUE_TRIES`` times), so outside near-duplicate
+groups no two clean rows share conversation text, and their images differ in layout, attributes and
+background. Near-duplicate group members are then the only rows that are much more alike than chance.
 
 Injections (all chosen by one seeded ``numpy.random.Generator``; rows are shuffled into pool order):
 
@@ -83,18 +96,50 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 170),
     "orange": (245, 130, 20),
     "black": (10, 10, 10),
+    "pink": (235, 80, 165),
+    "brown": (125, 75, 30),
+    "cyan": (20, 185, 205),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
     "gray": (190, 190, 190),
     "beige": (240, 225, 190),
+    "mint": (205, 240, 215),
+    "lavender": (225, 212, 245),
+    "sky": (205, 225, 250),
+    "cream": (250, 246, 220),
+    "peach": (250, 218, 200),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-OCR_WORDS: tuple[str, ...] = (
-    "cat", "dog", "tree", "moon", "star", "book", "fish", "lamp", "rain", "door", "milk", "cake",
-    "boat", "king", "gold", "wolf", "sun", "leaf", "ship", "road", "hat", "pen", "bird", "rose",
+PATTERNS: tuple[str, ...] = ("plain", "striped")  # striped: stripes a shade darker than the background
+STRIPE_SHADE = 22  # stripe colour = background colour minus this, per channel (never a palette colour)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SIZES: tuple[str, ...] = ("small", "large")
+# POSITIONS[row][col]: the name of a grid cell
+POSITIONS: tuple[tuple[str, ...], ...] = (
+    ("top-left", "top", "top-right"),
+    ("left", "centre", "right"),
+    ("bottom-left", "bottom", "bottom-right"),
 )
-OCR_INK: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "navy": (20, 20, 110), "maroon": (110, 20, 20)}
+OCR_ADJECTIVES: tuple[str, ...] = (
+    "quiet", "brave", "happy", "lucky", "sleepy", "windy", "sunny", "rapid", "gentle", "silent", "hidden",
+    "frozen", "golden", "silver", "wild", "calm", "early", "late", "tiny", "giant", "old", "young", "soft",
+    "sharp", "warm", "cold", "bright", "dark", "lazy", "busy", "proud", "noble", "rusty", "shiny", "sweet",
+    "salty", "fuzzy", "dusty", "misty", "royal",
+)
+OCR_NOUNS: tuple[str, ...] = (
+    "cat", "dog", "tree", "moon", "book", "fish", "lamp", "rain", "door", "milk", "cake", "boat", "king",
+    "wolf", "sun", "leaf", "ship", "road", "hat", "pen", "bird", "rose", "apple", "bread", "chair", "cloud",
+    "river", "stone", "tiger", "horse", "piano", "clock", "train", "house", "bridge", "garden", "island",
+    "candle", "forest", "window", "rabbit", "castle", "turtle", "button", "dragon", "pepper", "anchor",
+    "lemon", "tulip", "comet", "falcon", "kettle", "pillow", "ladder", "mirror", "basket", "violin",
+    "lantern", "robot", "cactus",
+)
+OCR_WORDS: tuple[str, ...] = OCR_ADJECTIVES + OCR_NOUNS  # an ocr answer is "<adjective> <noun>" or "<noun>"
+OCR_INK: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0), "navy": (20, 20, 110), "maroon": (110, 20, 20), "pine": (20, 90, 30),
+    "plum": (90, 30, 90), "slate": (50, 60, 70),
+}
+OCR_FONT_SIZES: tuple[int, ...] = (9, 10, 11, 12)
 
 IMAGE_TOKEN = "<image>"
 GRID = 3  # scenes are laid out on a GRID x GRID grid of cells, one shape per cell
@@ -166,17 +211,49 @@ class Shape:
     row: int  # grid cell
     col: int
     jitter: tuple[float, float, float]  # (dx, dy, size) fractions in [0, 1) placing the shape in its cell
+    size: str = "large"  # one of SIZES
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.row][self.col]
+
+    @property
+    def name(self) -> str:
+        return f"{self.size} {self.colour} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Stripes:
+    """Background stripes: ``width`` of every ``period`` pixels, starting ``offset`` pixels in.
+
+    ``offset`` is in ``[1, period - width]``, so the top-left pixel is always plain background.
+    """
+
+    direction: str  # "horizontal", "vertical" or "diagonal"
+    period: int
+    width: int
+    offset: int
+
+    def mask(self, size: int) -> np.ndarray:
+        ys, xs = np.mgrid[0:size, 0:size]
+        along = {"horizontal": ys, "vertical": xs, "diagonal": xs + ys}[self.direction]
+        return (along - self.offset) % self.period < self.width
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Coloured shapes on a plain background."""
+    """Coloured shapes on a plain or striped background."""
 
     background: str
     shapes: tuple[Shape, ...]
+    stripes: Stripes | None = None
+
+    @property
+    def pattern(self) -> str:
+        return "plain" if self.stripes is None else "striped"
 
     def render(self, size: int) -> Image.Image:
-        image = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
+        image = _background_image(self.background, self.stripes, size)
         draw = ImageDraw.Draw(image)
         for shape in self.shapes:
             _draw_shape(draw, shape, size)
@@ -185,23 +262,26 @@ class Scene:
 
 @dataclass(frozen=True)
 class Word:
-    """A word written with PIL's default font."""
+    """A word (or a two-word phrase, one word a line) written with PIL's default font."""
 
     text: str
     background: str
     ink: str
     offset: tuple[float, float]  # fractions of the free space left of / above the text
+    font_size: int = 10
+    stripes: Stripes | None = None
 
     def render(self, size: int) -> Image.Image:
-        image = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
+        image = _background_image(self.background, self.stripes, size)
         draw = ImageDraw.Draw(image)
-        font = _default_font()
-        left, top, right, bottom = draw.textbbox((0, 0), self.text, font=font)
+        font = _default_font(self.font_size)
+        text = self.text.replace(" ", "\n")
+        left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
         free_x = max(0, size - (right - left) - 4)
         free_y = max(0, size - (bottom - top) - 4)
         x = 2 - left + int(self.offset[0] * free_x)
         y = 2 - top + int(self.offset[1] * free_y)
-        draw.text((x, y), self.text, fill=OCR_INK[self.ink], font=font)
+        draw.multiline_text((x, y), text, fill=OCR_INK[self.ink], font=font)
         return image
 
 
@@ -224,20 +304,39 @@ class Perturbation:
         return Image.fromarray(pixels, mode="RGB")
 
 
-_FONT: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
+_FONTS: dict[int, ImageFont.ImageFont | ImageFont.FreeTypeFont] = {}
 
 
-def _default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    global _FONT
-    if _FONT is None:
-        _FONT = ImageFont.load_default()
-    return _FONT
+def _default_font(size: int = 10) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except (TypeError, ImportError, OSError):  # old Pillow or no FreeType: one bitmap size
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
+
+
+def stripe_colour(background: str) -> tuple[int, int, int]:
+    """The colour of the stripes on a striped ``background``."""
+    return tuple(max(0, c - STRIPE_SHADE) for c in BACKGROUNDS[background])  # type: ignore[return-value]
+
+
+def _background_image(background: str, stripes: Stripes | None, size: int) -> Image.Image:
+    pixels = np.empty((size, size, 3), dtype=np.uint8)
+    pixels[...] = BACKGROUNDS[background]
+    if stripes is not None:
+        pixels[stripes.mask(size)] = stripe_colour(background)
+    return Image.fromarray(pixels, mode="RGB")
 
 
 def shape_box(shape: Shape, size: int) -> tuple[int, int, int, int]:
-    """Pixel box ``(x0, y0, x1, y1)`` (inclusive) of ``shape`` in a ``size`` x ``size`` image."""
+    """Pixel box ``(x0, y0, x1, y1)`` (inclusive) of ``shape`` in a ``size`` x ``size`` image.
+
+    Small shapes span 40-52% of a cell, large ones 76-90%; boxes stay at least one pixel inside their cell.
+    """
     cell = size // GRID
-    side = int(cell * (0.55 + 0.25 * shape.jitter[2]))
+    low, span = (0.40, 0.12) if shape.size == "small" else (0.76, 0.14)
+    side = min(cell - 2, int(cell * (low + span * shape.jitter[2])))
     slack = cell - side - 2
     x0 = shape.col * cell + 1 + int(shape.jitter[0] * slack)
     y0 = shape.row * cell + 1 + int(shape.jitter[1] * slack)
@@ -251,8 +350,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, size: int) -> None:
         draw.ellipse((x0, y0, x1, y1), fill=fill)
     elif shape.kind == "square":
         draw.rectangle((x0, y0, x1, y1), fill=fill)
-    else:
+    elif shape.kind == "triangle":
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # diamond
+        mx, my = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.polygon([(mx, y0), (x1, my), (mx, y1), (x0, my)], fill=fill)
 
 
 # --------------------------------------------------------------------------- samples
@@ -290,6 +392,10 @@ class Sample:
             messages.append({"from": "gpt", "value": turn.answer})
         return messages
 
+    def text_key(self) -> str:
+        """The task and conversation text; no two base samples of a pool share it."""
+        return json.dumps([self.task, self.conversations()])
+
     def render(self, size: int) -> Image.Image:
         assert self.picture is not None
         image = self.picture.render(size)
@@ -309,27 +415,53 @@ def _jitter(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _random_cells(rng: np.random.Generator, count: int) -> list[tuple[int, int]]:
-    flat = rng.permutation(GRID * GRID)[:count]
-    return [(int(c) // GRID, int(c) % GRID) for c in flat]
+    flat = sorted(int(c) for c in rng.permutation(GRID * GRID)[:count])  # reading order
+    return [(c // GRID, c % GRID) for c in flat]
 
 
-def _scene_in_columns(rng: np.random.Generator, count: int, distinct_kinds: bool) -> Scene:
-    """``count`` shapes, one per column, so "left to right" is well defined."""
-    columns = sorted(int(c) for c in rng.permutation(GRID)[:count])
-    if distinct_kinds:
-        kinds = [SHAPES[int(k)] for k in rng.permutation(len(SHAPES))[:count]]
-    else:
-        kinds = [_pick(rng, SHAPES) for _ in range(count)]
-    shapes = tuple(
-        Shape(kind, _pick(rng, tuple(COLOURS)), int(rng.integers(GRID)), col, _jitter(rng))
-        for kind, col in zip(kinds, columns)
-    )
-    return Scene(_pick(rng, tuple(BACKGROUNDS)), shapes)
+def _stripes(rng: np.random.Generator) -> Stripes | None:
+    if rng.random() < 0.5:
+        return None
+    period = int(rng.integers(5, 13))
+    width = int(rng.integers(1, period // 2 + 1))
+    return Stripes(_pick(rng, ("horizontal", "vertical", "diagonal")), period, width,
+                   int(rng.integers(1, period - width + 1)))
+
+
+def _random_shape(rng: np.random.Generator, row: int, col: int) -> Shape:
+    return Shape(_pick(rng, SHAPES), _pick(rng, tuple(COLOURS)), row, col, _jitter(rng), _pick(rng, SIZES))
+
+
+def _random_scene(rng: np.random.Generator, count: int) -> Scene:
+    """``count`` random shapes in distinct cells (reading order) on a random background."""
+    shapes = tuple(_random_shape(rng, row, col) for row, col in _random_cells(rng, count))
+    return Scene(_pick(rng, tuple(BACKGROUNDS)), shapes, _stripes(rng))
+
+
+def _where(position: str) -> str:
+    """``"top-left"`` -> ``"at the top-left"``; ``"left"`` -> ``"on the left"``; ``"centre"`` -> ``"in the centre"``."""
+    if position == "centre":
+        return "in the centre"
+    if position in ("left", "right"):
+        return f"on the {position}"
+    return f"at the {position}"
+
+
+def _background_phrase(scene: Scene) -> str:
+    return f"a {scene.background} background" if scene.stripes is None else f"a striped {scene.background} background"
 
 
 def _describe(shapes) -> str:
-    names = [f"a {s.colour} {s.kind}" for s in sorted(shapes, key=lambda s: s.col)]
+    """Every shape in reading order: ``"a small red circle at the top-left and a large blue square in the centre"``."""
+    names = [f"a {s.name} {_where(s.position)}" for s in sorted(shapes, key=lambda s: (s.row, s.col))]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _unique_by(shapes, key) -> list[Shape]:
+    counts: dict = {}
+    for shape in shapes:
+        counts[key(shape)] = counts.get(key(shape), 0) + 1
+    return [shape for shape in shapes if counts[key(shape)] == 1]
 
 
 CAPTION_TEMPLATES = (
@@ -339,107 +471,109 @@ CAPTION_TEMPLATES = (
     "Write a one-line description of the image.",
 )
 COLOUR_TEMPLATES = (
-    "What colour is the {shape}?",
-    "Which colour does the {shape} have?",
-    "Tell me the colour of the {shape}.",
+    "What colour is the {shape} {where}?",
+    "Which colour does the {shape} {where} have?",
+    "Tell me the colour of the {shape} {where}.",
 )
 COUNT_TEMPLATES = (
-    "How many {shape}s are there?",
-    "Count the {shape}s in the image.",
-    "What is the number of {shape}s in the picture?",
+    "How many {what} are there?",
+    "Count the {what} in the image.",
+    "What is the number of {what} in the picture?",
 )
 OCR_TEMPLATES = (
     "What word is written in the image?",
     "Read the text in the picture.",
     "Which word does the image show?",
+    "Transcribe the text in the image.",
 )
-HORIZONTAL_TEMPLATES = (
-    "Is the {shape} on the left or the right?",
-    "On which side is the {shape}, left or right?",
-    "Is the {shape} in the left or the right part of the image?",
-)
-VERTICAL_TEMPLATES = (
-    "Is the {shape} at the top or the bottom?",
-    "Is the {shape} in the upper or the lower part of the image? Answer top or bottom.",
-    "Where is the {shape}, top or bottom?",
+POSITION_TEMPLATES = (
+    "Where is the {shape}? Answer with a grid position such as top-left or centre.",
+    "In which part of the image is the {shape}?",
+    "Which grid cell holds the {shape}?",
 )
 SHAPE_COUNT_TEMPLATES = ("How many shapes are in the image?", "How many shapes can you see?")
-LEFTMOST_TEMPLATES = ("Which shape is furthest to the left?", "What is the leftmost shape?")
+CELL_TEMPLATES = ("What is {where}?", "Which shape is {where}? Give its size, colour and kind.")
 BACKGROUND_TEMPLATES = ("What colour is the background?", "Which colour is the background?")
 
 
 def make_caption(rng: np.random.Generator) -> Sample:
-    scene = _scene_in_columns(rng, int(rng.integers(1, 4)), distinct_kinds=False)
-    answer = f"{_describe(scene.shapes)} on a {scene.background} background"
+    scene = _random_scene(rng, int(rng.integers(1, 5)))
+    answer = f"{_describe(scene.shapes)} on {_background_phrase(scene)}"
     return Sample("caption", (_turn(rng, CAPTION_TEMPLATES, answer),), scene)
 
 
 def make_color_qa(rng: np.random.Generator) -> Sample:
-    count = int(rng.integers(1, 4))
-    kinds = [SHAPES[int(k)] for k in rng.permutation(len(SHAPES))[:count]]
-    shapes = tuple(
-        Shape(kind, _pick(rng, tuple(COLOURS)), row, col, _jitter(rng))
-        for kind, (row, col) in zip(kinds, _random_cells(rng, count))
-    )
-    target = shapes[int(rng.integers(count))]
-    scene = Scene(_pick(rng, tuple(BACKGROUNDS)), shapes)
-    return Sample("color_qa", (_turn(rng, COLOUR_TEMPLATES, target.colour, shape=target.kind),), scene)
+    scene = _random_scene(rng, int(rng.integers(2, 6)))
+    target = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    turn = _turn(rng, COLOUR_TEMPLATES, target.colour, shape=f"{target.size} {target.kind}",
+                 where=_where(target.position))
+    return Sample("color_qa", (turn,), scene)
+
+
+def _count_phrase(size: str | None, colour: str | None, kind: str | None) -> str:
+    words = [w for w in (size, colour) if w] + [f"{kind}s" if kind else "shapes"]
+    return " ".join(words)
 
 
 def make_counting(rng: np.random.Generator) -> Sample:
-    target, distractor = (SHAPES[int(k)] for k in rng.permutation(len(SHAPES))[:2])
-    count, extra = int(rng.integers(1, 5)), int(rng.integers(0, 3))
-    kinds = [target] * count + [distractor] * extra
-    shapes = tuple(
-        Shape(kind, _pick(rng, tuple(COLOURS)), row, col, _jitter(rng))
-        for kind, (row, col) in zip(kinds, _random_cells(rng, len(kinds)))
-    )
-    scene = Scene(_pick(rng, tuple(BACKGROUNDS)), shapes)
-    return Sample("counting", (_turn(rng, COUNT_TEMPLATES, str(count), shape=target),), scene)
+    """Some shapes matching a filter (any non-empty subset of size, colour, kind), the rest random."""
+    cells = _random_cells(rng, int(rng.integers(3, 9)))
+    attributes = [a for a in ("size", "colour", "kind") if rng.random() < 0.6] or ["colour", "kind"]
+    wanted = {"size": _pick(rng, SIZES), "colour": _pick(rng, tuple(COLOURS)), "kind": _pick(rng, SHAPES)}
+    count = int(rng.integers(1, min(6, len(cells)) + 1))
+    matching = set(int(i) for i in rng.permutation(len(cells))[:count])
+    shapes = []
+    for i, (row, col) in enumerate(cells):
+        shape = _random_shape(rng, row, col)
+        if i in matching:
+            shape = replace(shape, **{a: wanted[a] for a in attributes})
+        shapes.append(shape)
+    filter_ = {a: wanted[a] for a in attributes}
+    answer = sum(all(getattr(s, a) == v for a, v in filter_.items()) for s in shapes)
+    scene = Scene(_pick(rng, tuple(BACKGROUNDS)), tuple(shapes), _stripes(rng))
+    what = _count_phrase(filter_.get("size"), filter_.get("colour"), filter_.get("kind"))
+    return Sample("counting", (_turn(rng, COUNT_TEMPLATES, str(answer), what=what),), scene)
 
 
 def make_ocr(rng: np.random.Generator) -> Sample:
-    word = Word(_pick(rng, OCR_WORDS), _pick(rng, tuple(BACKGROUNDS)), _pick(rng, tuple(OCR_INK)),
-                (float(rng.random()), float(rng.random())))
+    noun = _pick(rng, OCR_NOUNS)
+    text = noun if rng.random() < 0.25 else f"{_pick(rng, OCR_ADJECTIVES)} {noun}"
+    background = _pick(rng, tuple(BACKGROUNDS))
+    word = Word(text, background, _pick(rng, tuple(OCR_INK)), (float(rng.random()), float(rng.random())),
+                int(_pick(rng, OCR_FONT_SIZES)), _stripes(rng))
     return Sample("ocr", (_turn(rng, OCR_TEMPLATES, word.text),), word)
 
 
 def make_position(rng: np.random.Generator) -> Sample:
-    target_kind, other_kind = (SHAPES[int(k)] for k in rng.permutation(len(SHAPES))[:2])
-    horizontal = bool(rng.integers(2))
-    first_half = bool(rng.integers(2))  # left / top
-    edge = 0 if first_half else GRID - 1
-    across = int(rng.integers(GRID))
-    row, col = (across, edge) if horizontal else (edge, across)
-    target = Shape(target_kind, _pick(rng, tuple(COLOURS)), row, col, _jitter(rng))
-    shapes = [target]
-    if rng.integers(2):
-        other_row, other_col = (across, GRID - 1 - edge) if horizontal else (GRID - 1 - edge, across)
-        shapes.append(Shape(other_kind, _pick(rng, tuple(COLOURS)), other_row, other_col, _jitter(rng)))
-    if horizontal:
-        turn = _turn(rng, HORIZONTAL_TEMPLATES, "left" if first_half else "right", shape=target_kind)
-    else:
-        turn = _turn(rng, VERTICAL_TEMPLATES, "top" if first_half else "bottom", shape=target_kind)
-    return Sample("position", (turn,), Scene(_pick(rng, tuple(BACKGROUNDS)), tuple(shapes)))
+    candidates: list[Shape] = []
+    while not candidates:  # the asked shape must be the only one with its name
+        scene = _random_scene(rng, int(rng.integers(1, 5)))
+        candidates = _unique_by(scene.shapes, lambda s: s.name)
+    target = candidates[int(rng.integers(len(candidates)))]
+    return Sample("position", (_turn(rng, POSITION_TEMPLATES, target.position, shape=target.name),), scene)
 
 
 def make_multi_turn(rng: np.random.Generator) -> Sample:
-    scene = _scene_in_columns(rng, int(rng.integers(2, 4)), distinct_kinds=True)
+    scene = _random_scene(rng, int(rng.integers(2, 6)))
     asked = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    leftmost = min(scene.shapes, key=lambda s: s.col)
+    cell = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    named = _unique_by(scene.shapes, lambda s: s.name)
+    located = named[int(rng.integers(len(named)))] if named else None
     candidates = [
         _turn(rng, SHAPE_COUNT_TEMPLATES, str(len(scene.shapes))),
-        _turn(rng, COLOUR_TEMPLATES, asked.colour, shape=asked.kind),
-        _turn(rng, LEFTMOST_TEMPLATES, leftmost.kind),
+        _turn(rng, COLOUR_TEMPLATES, asked.colour, shape=f"{asked.size} {asked.kind}", where=_where(asked.position)),
+        _turn(rng, CELL_TEMPLATES, f"a {cell.name}", where=_where(cell.position)),
         _turn(rng, BACKGROUND_TEMPLATES, scene.background),
     ]
+    if located is not None:
+        candidates.append(_turn(rng, POSITION_TEMPLATES, located.position, shape=located.name))
     chosen = rng.permutation(len(candidates))[: int(rng.integers(2, 4))]
     return Sample("multi_turn", tuple(candidates[int(i)] for i in chosen), scene)
 
 
 def make_text_chat(rng: np.random.Generator) -> Sample:
     kind = int(rng.integers(5))
-    a, b = int(rng.integers(0, 20)), int(rng.integers(0, 20))
+    a, b = int(rng.integers(0, 1000)), int(rng.integers(0, 1000))
     word = _pick(rng, OCR_WORDS)
     if kind == 0:
         turn = _turn(rng, ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}."), str(a + b),
@@ -449,7 +583,7 @@ def make_text_chat(rng: np.random.Generator) -> Sample:
         turn = _turn(rng, ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."),
                      str(a - b), a=str(a), b=str(b))
     elif kind == 2:
-        a, b = a % 10, b % 10
+        a, b = a % 100, b % 20
         turn = _turn(rng, ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."),
                      str(a * b), a=str(a), b=str(b))
     elif kind == 3:
@@ -469,6 +603,7 @@ SAMPLE_MAKERS = {
     "multi_turn": make_multi_turn,
     TEXT_TASK: make_text_chat,
 }
+UNIQUE_TRIES = 200  # attempts at a base sample with unused conversation text before a repeat is accepted
 
 
 # --------------------------------------------------------------------------- plan
@@ -514,13 +649,31 @@ def _perturbation(rng: np.random.Generator) -> Perturbation:
     return Perturbation(shift, int(rng.integers(3, 11)), int(rng.integers(2**31)))
 
 
-def _duplicate_group(rng: np.random.Generator, task: str, size: int, group: int) -> list[PlannedRow]:
-    base = SAMPLE_MAKERS[task](rng)
+def _paraphrases(base: Sample, size: int) -> list[Sample]:
+    return [replace(base, turns=tuple(turn.paraphrased(member) for turn in base.turns)) for member in range(size)]
+
+
+def _unique_sample(rng: np.random.Generator, task: str, used: set[str], size: int = 1) -> Sample:
+    """A base sample of ``task`` none of whose ``size`` paraphrases has conversation text in ``used``.
+
+    Marks the texts as used. After ``UNIQUE_TRIES`` misses (a task's text space nearly exhausted) the last
+    candidate is taken anyway.
+    """
+    for _ in range(UNIQUE_TRIES):
+        base = SAMPLE_MAKERS[task](rng)
+        keys = {member.text_key() for member in _paraphrases(base, size)}
+        if not keys & used:
+            break
+    used.update(keys)
+    return base
+
+
+def _duplicate_group(rng: np.random.Generator, task: str, size: int, group: int, used: set[str]) -> list[PlannedRow]:
+    base = _unique_sample(rng, task, used, size)
     members = []
-    for member in range(size):
-        turns = tuple(turn.paraphrased(member) for turn in base.turns)
+    for member, sample in enumerate(_paraphrases(base, size)):
         perturbation = None if member == 0 else _perturbation(rng)
-        members.append(PlannedRow(replace(base, turns=turns, perturbation=perturbation), dup_group=group))
+        members.append(PlannedRow(replace(sample, perturbation=perturbation), dup_group=group))
     return members
 
 
@@ -540,19 +693,25 @@ def _fallback_answers(rng: np.random.Generator) -> dict[str, list[str]]:
 
 
 def plan_rows(config: SynthConfig) -> list[PlannedRow]:
-    """All rows in pool order, with their injections decided. Deterministic in ``config``."""
+    """All rows in pool order, with their injections decided. Deterministic in ``config``.
+
+    Outside near-duplicate groups no two good rows share (task, conversation text) while the task's text space
+    allows it (see :func:`_unique_sample`); group members share everything but the question template and the
+    image perturbation.
+    """
     rng = np.random.default_rng(config.seed)
     kinds = BAD_KINDS + (JSONL_ONLY_BAD_KINDS if config.format == "jsonl" else ())
     num_bad = _bad_row_count(config, kinds)
     num_good = config.num_samples - num_bad
 
+    used: set[str] = set()
     low, high = config.duplicate_group_size
     sizes = _group_sizes(rng, int(round(config.duplicate_rate * num_good)), low, high)
     rows: list[PlannedRow] = []
     for group, size in enumerate(sizes):
-        rows.extend(_duplicate_group(rng, IMAGE_TASKS[group % len(IMAGE_TASKS)], size, group))
+        rows.extend(_duplicate_group(rng, IMAGE_TASKS[group % len(IMAGE_TASKS)], size, group, used))
 
-    singles = [PlannedRow(SAMPLE_MAKERS[TASKS[i % len(TASKS)]](rng)) for i in range(num_good - len(rows))]
+    singles = [PlannedRow(_unique_sample(rng, TASKS[i % len(TASKS)], used)) for i in range(num_good - len(rows))]
     answers_by_task: dict[str, list[str]] = {}
     for row in rows + singles:
         answers_by_task.setdefault(row.sample.task, []).extend(t.answer for t in row.sample.turns)

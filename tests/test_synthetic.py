@@ -19,8 +19,9 @@ from PIL import Image
 
 from datasel_ray.schema import Reason
 from datasel_ray.synthetic import (
-    BACKGROUNDS, BAD_KINDS, COLOURS, IMAGE_TASKS, OCR_WORDS, SHAPES, TASK_FOLDERS, TASKS, TEXT_TASK,
-    SynthConfig, generate_pool, load_ground_truth, read_pool,
+    BACKGROUNDS, BAD_KINDS, COLOURS, GRID, IMAGE_TASKS, OCR_ADJECTIVES, OCR_NOUNS, POSITIONS, SHAPES, SIZES,
+    TASK_FOLDERS, TASKS, TEXT_TASK, SynthConfig, generate_pool, load_ground_truth, plan_rows, read_pool,
+    stripe_colour,
 )
 
 N = 200
@@ -52,9 +53,10 @@ def _questions(record: dict) -> list[str]:
 # --------------------------------------------------------------------------- pixel oracle
 
 
-def _blobs(image: Image.Image) -> list[tuple[str, str, float, float]]:
-    """(colour, kind, centre x, centre y) of every palette-coloured connected component."""
+def _blobs(image: Image.Image) -> list[dict]:
+    """Every palette-coloured connected component: colour, kind, size, centre and grid position."""
     pixels = np.asarray(image.convert("RGB"))
+    cell = image.size[0] // GRID
     blobs = []
     for name, rgb in COLOURS.items():
         mask = np.all(pixels == rgb, axis=-1)
@@ -72,9 +74,18 @@ def _blobs(image: Image.Image) -> list[tuple[str, str, float, float]]:
                         seen[ny, nx] = True
                         stack.append((ny, nx))
             ys, xs = np.array(cells).T
-            fill = len(cells) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-            kind = "square" if fill > 0.93 else "circle" if fill > 0.65 else "triangle"
-            blobs.append((name, kind, (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2))
+            width, height = np.ptp(xs) + 1, np.ptp(ys) + 1
+            fill = len(cells) / (width * height)
+            if fill > 0.93:
+                kind = "square"
+            elif fill > 0.65:
+                kind = "circle"
+            else:  # a triangle's bottom row spans its box; a diamond's is a point
+                kind = "triangle" if np.sum(ys == ys.max()) >= width - 1 else "diamond"
+            cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+            row, col = min(GRID - 1, int(cy // cell)), min(GRID - 1, int(cx // cell))
+            blobs.append({"colour": name, "kind": kind, "size": "small" if width < 0.64 * cell else "large",
+                          "x": cx, "y": cy, "row": row, "col": col, "position": POSITIONS[row][col]})
     return blobs
 
 
@@ -83,34 +94,62 @@ def _background(image: Image.Image) -> str:
     return next(name for name, rgb in BACKGROUNDS.items() if rgb == corner)
 
 
-def _shape_in(question: str) -> str:
-    return next(kind for kind in SHAPES if kind in question)
+def _striped(image: Image.Image) -> bool:
+    pixels = np.asarray(image.convert("RGB"))
+    return bool(np.all(pixels == stripe_colour(_background(image)), axis=-1).any())
+
+
+def _where(position: str) -> str:
+    return "in the centre" if position == "centre" else (
+        f"on the {position}" if position in ("left", "right") else f"at the {position}")
+
+
+def _name(blob: dict) -> str:
+    return f"{blob['size']} {blob['colour']} {blob['kind']}"
+
+
+def _words(question: str) -> list[str]:
+    return re.findall(r"[a-z-]+", question.lower())
+
+
+def _asked_position(question: str) -> str:
+    return re.search(r"(?:at|on|in) the ([a-z-]+)", question).group(1)
+
+
+def _matching(blobs: list[dict], question: str, with_position: bool) -> list[dict]:
+    """The blobs fitting the size / colour / kind (and, with_position, the grid position) the question names."""
+    words = _words(question)
+    wanted = {"size": [w for w in words if w in SIZES], "colour": [w for w in words if w in COLOURS],
+              "kind": [w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES]}
+    if with_position:
+        wanted["position"] = [_asked_position(question)]
+    return [b for b in blobs if all(b[key] == values[0] for key, values in wanted.items() if values)]
 
 
 def _oracle(question: str, image: Image.Image) -> str:
     """The answer to one synthetic image question, computed from pixels only."""
-    blobs, size = _blobs(image), image.size[0]
+    blobs = _blobs(image)
     if "background" in question:
         return _background(image)
-    if "How many shapes" in question:
+    if question.startswith("How many shapes are in") or question.startswith("How many shapes can"):
         return str(len(blobs))
-    if "left" in question and ("leftmost" in question or "furthest" in question):
-        return min(blobs, key=lambda b: b[2])[1]
     if any(word in question for word in ("caption", "Describe", "shown", "description")):
-        names = [f"a {c} {k}" for c, k, _, _ in sorted(blobs, key=lambda b: b[2])]
+        ordered = sorted(blobs, key=lambda b: (b["row"], b["col"]))
+        names = [f"a {_name(b)} {_where(b['position'])}" for b in ordered]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return f"{listed} on a {_background(image)} background"
-    kind = _shape_in(question)
-    matching = [b for b in blobs if b[1] == kind]
+        pattern = "striped " if _striped(image) else ""
+        return f"{listed} on a {pattern}{_background(image)} background"
+    if question.startswith(("Where is", "In which part", "Which grid cell")):
+        (blob,) = _matching(blobs, question.split("?")[0], with_position=False)
+        return blob["position"]
+    if question.startswith(("What is at", "What is on", "What is in", "Which shape is")):
+        (blob,) = [b for b in blobs if b["position"] == _asked_position(question)]
+        return f"a {_name(blob)}"
     if "colour" in question:
-        (blob,) = matching
-        return blob[0]
-    if "How many" in question or "Count" in question or "number of" in question:
-        return str(len(matching))
-    (blob,) = matching
-    if "top" in question:
-        return "top" if blob[3] < size / 2 else "bottom"
-    return "left" if blob[2] < size / 2 else "right"
+        (blob,) = _matching(blobs, question, with_position=True)
+        return blob["colour"]
+    assert "How many" in question or "Count" in question or "number of" in question, question
+    return str(len(_matching(blobs, question, with_position=False)))
 
 
 def _text_oracle(question: str) -> str:
@@ -127,6 +166,12 @@ def _text_oracle(question: str) -> str:
     if "times" in question or "Multiply" in question or "*" in question:
         return str(numbers[0] * numbers[1])
     return str(numbers[0] + numbers[1])
+
+
+def _is_ocr_text(answer: str) -> bool:
+    words = answer.split(" ")
+    return (len(words) == 1 and words[0] in OCR_NOUNS) or (
+        len(words) == 2 and words[0] in OCR_ADJECTIVES and words[1] in OCR_NOUNS)
 
 
 def _expected_answers(record: dict, task: str, root: Path) -> list[str] | None:
@@ -253,7 +298,7 @@ def test_clean_answers_are_a_function_of_the_content_and_noisy_ones_are_not(pool
             continue
         expected = _expected_answers(record, t["task"], info.image_root)
         if expected is None:
-            assert (_answers(record)[0] in OCR_WORDS) != t["noisy"]
+            assert _is_ocr_text(_answers(record)[0]) != t["noisy"]
             continue
         if t["noisy"]:
             assert all(a != e for a, e in zip(_answers(record), expected)), record
@@ -261,6 +306,52 @@ def test_clean_answers_are_a_function_of_the_content_and_noisy_ones_are_not(pool
             assert _answers(record) == expected, record
         checked[t["task"]] += 1
     assert set(checked) == set(TASKS) - {"ocr"}
+
+
+def test_answers_match_the_pixel_oracle_on_a_larger_pool(tmp_path):
+    """Every question form, size, kind, stripe pattern and grid cell is exercised a few hundred times."""
+    info = generate_pool(tmp_path, SynthConfig(num_samples=700, seed=5, bad_rate=0, noise_rate=0))
+    checked = collections.Counter()
+    for record, t in zip(read_pool(info.pool_path), load_ground_truth(info.ground_truth_path)):
+        if t["dup_group"] != -1:
+            continue
+        expected = _expected_answers(record, t["task"], info.image_root)
+        if expected is None:
+            assert _is_ocr_text(_answers(record)[0])
+        else:
+            assert _answers(record) == expected, record
+        checked[t["task"]] += 1
+    assert set(checked) == set(TASKS) and min(checked.values()) >= 80
+
+
+def test_no_two_rows_outside_duplicate_groups_share_conversation_text():
+    """Ordinary rows are genuinely distinct, so injected near-duplicates stand out (as in real pools)."""
+    rows = plan_rows(SynthConfig(num_samples=2000, seed=1, noise_rate=0))
+    keys = collections.Counter(row.sample.text_key() for row in rows if row.bad_kind is None and row.dup_group == -1)
+    assert sum(keys.values()) > 1500
+    assert max(keys.values()) == 1
+    group_keys = {row.sample.text_key() for row in rows if row.dup_group != -1}
+    assert not group_keys & set(keys)
+    by_group = collections.defaultdict(set)
+    for row in rows:
+        if row.dup_group != -1:
+            by_group[row.dup_group].add(json.dumps([t.answer for t in row.sample.turns]))
+    assert by_group and all(len(answers) == 1 for answers in by_group.values())
+
+
+def test_images_outside_duplicate_groups_are_distinct(pools):
+    info, records, truth = pools["json"]
+    hashes = collections.Counter(
+        hashlib.sha256((info.image_root / r["image"]).read_bytes()).hexdigest()
+        for r, t in zip(records, truth) if t["bad_kind"] is None and t["dup_group"] == -1 and "image" in r)
+    assert max(hashes.values()) == 1
+
+
+def test_ocr_vocabulary_is_not_confusable_with_other_answers():
+    vocabulary = set(OCR_ADJECTIVES) | set(OCR_NOUNS)
+    assert not {w[::-1] for w in vocabulary} & vocabulary
+    others = set(COLOURS) | set(BACKGROUNDS) | set(SHAPES) | set(SIZES) | {p for row in POSITIONS for p in row}
+    assert not others & vocabulary
 
 
 def test_ocr_image_contains_ink(pools):
