@@ -3,10 +3,13 @@
 Reference facts (G-JWLee/COINCIDE_code, ``extract_embed.py``): the hooked activation ``A_l`` is the output of
 ``layers[l].self_attn.o_proj`` (MSA output before the residual add); per layer
 ``v_l = normalize(tanh(mean(A_l[image tokens])))`` and ``t_l = normalize(tanh(mean(A_l[text after the image])))``;
-``u = concat_l [v_l, t_l] / sqrt(2 |L|)`` (unit norm when no span is empty), stored fp16 with NaN set to 0.
+``u = concat_l [v_l, t_l] / sqrt(2 |L|)`` (unit norm), stored fp16 with NaN set to 0.
 
 Deviation from the reference code (METHODS.md Sec. 6): text-only samples get zero visual halves and use every
-token as text, instead of slicing fixed offsets that fall on the wrong tokens.
+token as text, instead of slicing fixed offsets that fall on the wrong tokens. Their vector is divided by
+``sqrt(|L|)`` (the number of non-empty halves) instead of ``sqrt(2 |L|)`` so that every ``u`` keeps unit norm:
+the density kernel (σ = 1, ``exp(cos - 1)`` for unit vectors) and the MMD prototypes assume unit-norm inputs,
+and a 1/√2-norm text-only vector would look artificially dense and lose its cluster's budget.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def coincide_vector(layer_outputs: list[torch.Tensor], image_mask: torch.Tensor,
 
     layer_outputs: one float Tensor [L, d] per hooked layer (layer order), non-pad tokens only;
     image_mask / text_mask: bool [L]. Returns float32 [2 * n_layers * d] laid out ``[v_0, t_0, v_1, t_1, ...]``,
-    divided by sqrt(2 * n_layers); NaN entries are set to 0.
+    divided by sqrt(n_layers * number of non-empty spans) (unit norm; zeros when both spans are empty); NaN
+    entries are set to 0.
     """
     if not layer_outputs:
         raise ValueError("coincide_vector needs at least one layer output")
@@ -44,5 +48,6 @@ def coincide_vector(layer_outputs: list[torch.Tensor], image_mask: torch.Tensor,
                              f"{image_mask.shape[0]} / {text_mask.shape[0]}")
         parts.append(_span_feature(activations, image_mask.to(activations.device)))
         parts.append(_span_feature(activations, text_mask.to(activations.device)))
-    u = torch.cat(parts) / math.sqrt(2 * len(layer_outputs))
+    nonempty_spans = max(1, int(bool(image_mask.any())) + int(bool(text_mask.any())))
+    u = torch.cat(parts) / math.sqrt(nonempty_spans * len(layer_outputs))
     return torch.nan_to_num(u, nan=0.0)

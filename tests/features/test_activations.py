@@ -41,7 +41,9 @@ def test_text_only_has_zero_visual_halves():
     a = torch.randn(5, 4)
     u = coincide_vector([a, a * 2], torch.zeros(5, dtype=torch.bool), torch.ones(5, dtype=torch.bool))
     assert torch.equal(u[0:4], torch.zeros(4)) and torch.equal(u[8:12], torch.zeros(4))
-    assert float(u.norm()) == pytest.approx(1 / np.sqrt(2), abs=1e-6)
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-6)  # unit norm like image-text vectors
+    t0 = np.tanh(a.numpy().mean(0))
+    np.testing.assert_allclose(u[4:8].numpy() * np.sqrt(2), t0 / np.linalg.norm(t0), atol=1e-6)
 
 
 def test_nan_becomes_zero_and_empty_spans_give_zeros():

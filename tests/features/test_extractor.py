@@ -117,7 +117,7 @@ def test_feature_columns(feats, extractor):
     ok = feats[schema.ERROR_REASON] == ""
     assert ok.tolist() == [True, True, False, False, False, True]
     norms = np.linalg.norm(feats[schema.COINCIDE_VECTOR].astype(np.float32), axis=1)
-    np.testing.assert_allclose(norms, [1, 1 / math.sqrt(2), 0, 0, 0, 1], atol=2e-3)
+    np.testing.assert_allclose(norms, [1, 1, 0, 0, 0, 1], atol=2e-3)
     assert not feats[schema.LAST_TOKEN][~ok].any() and np.isnan(feats[schema.TAU][~ok]).all()
     assert feats[schema.N_IMAGE_TOKENS].tolist() == [16, 0, 0, 0, 0, 16]
     assert (feats[schema.N_ANSWER_TOKENS][ok] > 0).all() and np.isfinite(feats[schema.ANSWER_LOSS][ok]).all()
@@ -152,7 +152,8 @@ def independent_features(model, ids: np.ndarray, pixels: np.ndarray | None, laye
                 parts.append(v / torch.sqrt((v * v).sum()))
             else:
                 parts.append(torch.zeros(a.shape[1]))
-    u = torch.cat(parts) / math.sqrt(2 * len(layers))
+    spans = int(image.any()) + int(text.any())  # a text-only vector is scaled to unit norm too
+    u = torch.cat(parts) / math.sqrt(spans * len(layers))
     s = torch.linalg.svd(captured["pre"].double(), full_matrices=False).S
     p = s / s.sum()
     return u, float(-(p * p.log()).sum()), float(p.max()), captured["pre"][-1], out.hidden_states[-1][0]

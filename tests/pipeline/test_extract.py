@@ -33,8 +33,11 @@ def test_every_good_row_has_one_feature_row(demo_run):
     vec = column_to_numpy(features.column(schema.COINCIDE_VECTOR)).astype(np.float32)
     norms = np.linalg.norm(vec, axis=1)
     has_image = column_to_numpy(features.column(schema.N_IMAGE_TOKENS)) > 0
-    np.testing.assert_allclose(norms[has_image], 1.0, atol=2e-3)  # unit norm (fp16 storage)
-    np.testing.assert_allclose(norms[~has_image], 2 ** -0.5, atol=2e-3)  # text-only: zero visual halves
+    assert has_image.any() and (~has_image).any()
+    np.testing.assert_allclose(norms, 1.0, atol=2e-3)  # unit norm (fp16 storage), text-only rows included
+    dim = vec.shape[1]
+    visual = np.concatenate([vec[:, i:i + 128] for i in range(0, dim, 256)], axis=1)
+    assert not visual[~has_image].any()  # text-only: zero visual halves
     tau = column_to_numpy(features.column(schema.TAU))
     assert np.all((tau > 0) & (tau <= 1))
     assert np.all(column_to_numpy(features.column(schema.N_ANSWER_TOKENS)) > 0)
