@@ -120,6 +120,8 @@ def test_served_scores_equal_batch_scores(server, records, options):
             for key, value in b[method].items():
                 if isinstance(value, float):
                     assert a[method][key] == pytest.approx(value, rel=1e-4, abs=1e-4), (method, key)
+                elif key == "centrality_rank":  # a rank among near-equal distances may move by one
+                    assert abs(a[method][key] - value) <= 1, (method, key)
                 else:
                     assert a[method][key] == value, (method, key)
 
