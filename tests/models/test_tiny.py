@@ -17,8 +17,12 @@ from datasel_ray.models.vlm import ReferenceVLM
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory):
+    """Two builds with a shortened pretraining (same code path, a fraction of the steps) to compare bytes."""
     root = tmp_path_factory.mktemp("tiny")
-    return build_tiny_model(root / "a", seed=0), build_tiny_model(root / "b", seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "PRETRAIN_STEPS", 6)
+        builds = build_tiny_model(root / "a", seed=0), build_tiny_model(root / "b", seed=0)
+    return builds
 
 
 def test_same_seed_gives_identical_weights_and_tokenizer(two_builds):
@@ -30,7 +34,8 @@ def test_same_seed_gives_identical_weights_and_tokenizer(two_builds):
     assert (a / "processor_config.json").read_bytes() == (b / "processor_config.json").read_bytes()
 
 
-def test_build_is_idempotent_and_rebuilds_stale(two_builds, tmp_path):
+def test_build_is_idempotent_and_rebuilds_stale(two_builds, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)
     a, _ = two_builds
     stamp = (a / "model.safetensors").stat().st_mtime_ns
     assert build_tiny_model(a, seed=0) == a
@@ -75,13 +80,13 @@ def test_loads_through_generic_path(two_builds):
     assert vlm.decoder_layers is vlm.model.model.language_model.layers
 
 
-def test_reference_model_is_pretrained_on_the_synthetic_tasks(two_builds):
+def test_reference_model_is_pretrained_on_the_synthetic_tasks(tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.training.finetune import evaluate_answers
 
-    path = two_builds[0]
+    path = tiny_model_dir
     meta = json.loads((path / tiny.MARKER_FILE).read_text())
     assert meta["pretrain"]["steps"] == tiny.PRETRAIN_STEPS
     assert meta["pretrain"]["last10_loss"] < meta["pretrain"]["first_loss"] / 3
