@@ -13,7 +13,6 @@ from PIL import Image
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.features.extractor import FeatureExtractor, Preprocessor, object_column, sample_from_row
-from datasel_ray.models.tiny import build_tiny_model
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat colour is the square?"},
@@ -25,8 +24,8 @@ TEXT_CONV = [{"from": "human", "value": "Count from one to five."}, {"from": "gp
 
 
 @pytest.fixture(scope="module")
-def model_cfg(tmp_path_factory):
-    return ModelConfig(name_or_path=str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "m")))
+def model_cfg(tiny_model_dir):
+    return ModelConfig(name_or_path=str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

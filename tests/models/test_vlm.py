@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models.tiny import build_tiny_model
 from datasel_ray.models.vlm import (
     ChatTemplateError,
     ContextTooShortError,
@@ -30,9 +29,8 @@ TWO_TURNS = [
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m")
-    return ReferenceVLM.load(ModelConfig(name_or_path=str(path)), device="cpu")
+def vlm(tiny_model_dir):
+    return ReferenceVLM.load(ModelConfig(name_or_path=str(tiny_model_dir)), device="cpu")
 
 
 @pytest.fixture(scope="module")
