@@ -22,8 +22,8 @@ TIVE task_values + task_mean_gradients + tive.select (instance values, budgets, 
 The oracle formulations (``tests/methods/oracles.py``, dense N x N transcriptions of the reference code; TIVE's
 N x N Gram mean transcribed here) are timed at small sizes next to the same steps of the implementation.
 
-Prints one JSON record ``{"params": ..., "metrics": ...}`` and appends it with an ISO ``date`` to
-``benchmarks/results/bench_select.jsonl``.
+Prints one JSON record ``{"params": ..., "metrics": ...}`` (with ``benchmark``, ISO ``date`` and ``machine``, strict
+JSON as ``benchmarks/record.py``) and appends it to ``benchmarks/results/bench_select.jsonl``.
 
     python benchmarks/bench_select.py [--sizes 10000,100000,1000000] [--methods coincide,datatailor,tive,random]
                                       [--oracle-sizes 1000,2000,4000] [--quick] [--no-record]
@@ -588,15 +588,24 @@ def main(argv=None) -> dict:
               "datatailor": "defaults (dense Ward <= 4000 rows/task, else 2000 k-means pre-clusters)",
               "cpus": os.cpu_count(), "machine": platform.machine(), "timeout_s": args.timeout,
               "columns_loaded": {m: ["row_id", "task", *METHOD_COLUMNS[m]] for m in methods}}
-    record = {"params": params, "metrics": metrics}
-    print(json.dumps(record))
-    if not args.no_record:
-        path = Path(args.results)
+    return write_record(params, metrics, None if args.no_record else Path(args.results))
+
+
+def write_record(params: dict, metrics: dict, path: Path | None) -> dict:
+    """Print one strict-JSON record (``benchmarks/record.py`` layout: NaN/inf as null) and append it to ``path``."""
+    from record import _cpus, _finite
+
+    import platform
+
+    record = {"benchmark": "bench_select", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"python": platform.python_version(), "cpus": _cpus()}, "params": params, "metrics": metrics}
+    line = json.dumps(_finite(record), sort_keys=True, allow_nan=False)
+    print(line, flush=True)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as fh:
-            fh.write(json.dumps({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record})
-                     + "\n")
-    return record
+            fh.write(line + "\n")
+    return json.loads(line)
 
 
 if __name__ == "__main__":

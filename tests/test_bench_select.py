@@ -73,7 +73,7 @@ def test_bench_record_structure(tmp_path, monkeypatch, capsys):
     lines = results.read_text().splitlines()
     assert len(lines) == 1
     stored = json.loads(lines[0])
-    assert "date" in stored and stored["params"] == record["params"]
+    assert "date" in stored and stored["benchmark"] == "bench_select" and stored["params"] == record["params"]
     assert record["params"]["sizes"] == [600, 1200]
     m = record["metrics"]
     for method in ("tive", "random"):
