@@ -1,0 +1,115 @@
+"""Markdown tables of the latest record of each benchmark (the README's "Benchmarks" section is pasted from this).
+
+Usage: ``python benchmarks/summarize.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def latest(name: str) -> dict | None:
+    path = RESULTS / f"{name}.jsonl"
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def extract_table(rec: dict) -> str:
+    m = rec["metrics"]
+    rate = m["samples_per_second"]
+    return "\n".join([
+        f"`bench_extract` ({rec['date'][:10]}, {m['rows']} rows, tiny model, batch {rec['params']['batch_size']})",
+        "",
+        "| arm | samples/s | vs bare loop |",
+        "|---|---|---|",
+        f"| bare single-process loop (1 torch thread) | {rate['bare_loop']} | 1.00 |",
+        f"| Ray pipeline, 1 actor | {rate['ray_1_actor']} | **{m['ratio_1_actor']}** (target ≥ 0.9) |",
+        f"| Ray pipeline, 2 actors (0.5 CPU each) | {rate['ray_2_actors']} | {m['ratio_2_actors']} |",
+    ])
+
+
+def gradients_table(rec: dict) -> str:
+    m = rec["metrics"]
+    return "\n".join([
+        f"`bench_gradients` ({rec['date'][:10]})",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| per-sample LoRA gradients, loop | {m['loop_samples_per_s']} samples/s |",
+        f"| per-sample LoRA gradients, torch.func vmap | {m['vmap_samples_per_s']} samples/s ({m['vmap_over_loop']}×) |",
+        f"| dense Rademacher projector peak, 134M-param LoRA → 8192 | {m['dense_peak_mb']} MB (target ≤ 2048) |",
+        f"| sparse JL projector peak | {m['sparse_peak_mb']} MB |",
+        f"| sparse vs dense projection speed-up (same input) | {m['sparse_speedup']}× |",
+    ])
+
+
+def select_table(rec: dict) -> str:
+    table = rec["metrics"]["table"]
+    summary = rec["metrics"]["summary"]
+    sizes = [str(s) for s in rec["params"]["sizes"]]
+    lines = [f"`bench_select` ({rec['date'][:10]}; aggregate + select on generated feature stores, 20 tasks, "
+             f"tiny-model dims)", "",
+             "| method | " + " | ".join(f"{int(s):,} rows: s / peak MB" for s in sizes) +
+             " | post-clustering exponent (target ≤ 1.2) |",
+             "|---|" + "---|" * (len(sizes) + 1)]
+    for method, by_size in table.items():
+        cells = []
+        for size in sizes:
+            r = by_size.get(size, {})
+            ok = r.get("status") == "ok"
+            cells.append(f"{r['seconds']:.1f} / {r['peak_rss_mb']:,.0f}" if ok else r.get("status", "-"))
+        exponent = summary.get(method, {}).get("post_clustering_exponent")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if exponent is None else f'{exponent:.2f}'} |")
+    return "\n".join(lines)
+
+
+def serve_table(rec: dict) -> str:
+    m = rec["metrics"]
+    rows = ["`bench_serve` ({}; tiny model, one sample per request, 12 s per cell)".format(rec["date"][:10]), "",
+            "| setting | throughput (req/s) | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for key, label in (("batched_c1", "@serve.batch 16, concurrency 1"), ("batched_c16", "@serve.batch 16, concurrency 16"),
+                       ("batch_size_1_c1", "batch size 1, concurrency 1"),
+                       ("batch_size_1_c16", "batch size 1, concurrency 16")):
+        c = m[key]
+        rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} |")
+    rows += ["", f"Batching vs batch size 1 at concurrency 16: **{m['batched_over_batch1_throughput_c16']}×** "
+                 f"(target ≥ 3×); HTTP overhead over a direct Scorer call (p50): **{m['http_overhead_p50_ms']} ms** "
+                 f"(target ≤ 15 ms)."]
+    return "\n".join(rows)
+
+
+def quality_table(rec: dict) -> str:
+    m = rec["metrics"]
+    p = rec["params"]
+    rows = [f"`quality` ({rec['date'][:10]}; {p['num_samples']} rows, seeds {p['seeds']}, {p['train']['steps']} "
+            f"training steps{' — quick smoke size' if p.get('quick') else ''})", "",
+            "| subset | rows | dup rate | noise rate | task coverage | held-out loss | Rel (loss) |", "|---|---|---|---|---|---|---|"]
+    for key, val in m.items():
+        if not isinstance(val, dict) or "loss" not in val:
+            continue
+        def cell(name):
+            v = val.get(name)
+            return "-" if v is None or v.get("mean") is None else f"{v['mean']:.3f}"
+        rows.append(f"| {key} | {cell('rows')} | {cell('dup')} | {cell('noise')} | {cell('coverage')} | "
+                    f"{cell('loss')} | {cell('rel_loss')} |")
+    skipped = p.get("skipped")
+    if skipped:
+        rows += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    for name, fmt in (("bench_extract", extract_table), ("bench_gradients", gradients_table),
+                      ("bench_select", select_table), ("bench_serve", serve_table), ("quality", quality_table)):
+        rec = latest(name)
+        print(fmt(rec) if rec else f"`{name}`: no record yet")
+        print()
+
+
+if __name__ == "__main__":
+    main()
