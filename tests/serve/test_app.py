@@ -46,16 +46,12 @@ def runs(demo_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def records(demo_pool):
-    """Six valid pool records (well-formed turns, image present on disk or text-only), as a client sends them."""
-    pool_dir = Path(demo_pool.pool_path).parent
+    """Six good pool records (no injected defect, by the pool's ground truth), as a client sends them."""
+    from datasel_ray.synthetic import load_ground_truth
 
-    def valid(r) -> bool:
-        convs = r.get("conversations") if isinstance(r, dict) else None
-        return (isinstance(convs, list) and all(isinstance(t, dict) and str(t.get("value", "")).strip() for t in convs)
-                and any(t.get("from") == "gpt" for t in convs)
-                and (not r.get("image") or (pool_dir / r["image"]).is_file()))
-
-    return [r for r in json.loads(Path(demo_pool.pool_path).read_text()) if valid(r)][:6]
+    truth = load_ground_truth(demo_pool.ground_truth_path)
+    pool = json.loads(Path(demo_pool.pool_path).read_text())
+    return [r for r, t in zip(pool, truth) if not t["bad_kind"]][:6]
 
 
 @pytest.fixture(scope="module")
