@@ -88,15 +88,18 @@ def quality_table(rec: dict) -> str:
     p = rec["params"]
     rows = [f"`quality` ({rec['date'][:10]}; {p['num_samples']} rows, seeds {p['seeds']}, {p['train']['steps']} "
             f"training steps{' — quick smoke size' if p.get('quick') else ''})", "",
-            "| subset | rows | dup rate | noise rate | task coverage | held-out loss | Rel (loss) |", "|---|---|---|---|---|---|---|"]
+            "| subset | rows | dup rate | noise rate | task coverage | held-out acc | Rel (acc) | held-out loss | "
+            "Rel (loss) |", "|---|---|---|---|---|---|---|---|---|"]
     for key, val in m.items():
         if not isinstance(val, dict) or "loss" not in val:
             continue
         def cell(name):
             v = val.get(name)
-            return "-" if v is None or v.get("mean") is None else f"{v['mean']:.3f}"
+            if v is None or v.get("mean") is None:
+                return "-"
+            return f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("std") else f"{v['mean']:.3f}"
         rows.append(f"| {key} | {cell('rows')} | {cell('dup')} | {cell('noise')} | {cell('coverage')} | "
-                    f"{cell('loss')} | {cell('rel_loss')} |")
+                    f"{cell('acc')} | {cell('rel_acc')} | {cell('loss')} | {cell('rel_loss')} |")
     skipped = p.get("skipped")
     if skipped:
         rows += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]

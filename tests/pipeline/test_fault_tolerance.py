@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -27,9 +28,13 @@ def _config(tmp_path, name, pool_path) -> RunConfig:
 
 
 def _extract_workers() -> list[psutil.Process]:
+    """Extraction actor processes of this test session's Ray (descendants of this process), never another's."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if "ShardExtractStage" in cmd and "ray::" in cmd:
             found.append(proc)
     return found
