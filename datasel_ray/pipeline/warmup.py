@@ -38,7 +38,6 @@ from datasel_ray.io.storage import Location
 from datasel_ray.seeds import derive_seed
 from datasel_ray.training.lora import (
     ADAPTER_DIR,
-    OPTIMIZER_FILE,
     TRAINING_LOG_FILE,
     WARMUP_IDS_FILE,
     files_sha256,
