@@ -342,3 +342,11 @@ def cluster_means(x: np.ndarray, labels: np.ndarray, k: int, block: int = 65536)
         np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
     counts = np.bincount(labels, minlength=k)
     return sums / np.maximum(counts, 1)[:, None]
+
+
+def cluster_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows grouped by cluster: ``order`` (int64[N], stable) and ``starts`` (int64[k+1]); cluster c's rows are
+    ``order[starts[c]:starts[c + 1]]``."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
+    return order, starts

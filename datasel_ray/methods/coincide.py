@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from datasel_ray.clustering import cluster_order
 from datasel_ray.methods.budget import resolve_budget
 
 __all__ = [
@@ -110,12 +111,6 @@ def transferability(centroids: np.ndarray, n_layers: int | None = None, mode: st
 # ------------------------------------------------------------------------------------------- Eq. 6
 
 
-def _cluster_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
-    return order, starts
-
-
 def _kernel_block(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarray, sigma: float) -> np.ndarray:
     """exp(-(|a|² + |b|² - 2 a·b) / (2σ²)) — the reference's expansion form (float64)."""
     return np.exp(-(a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)) / (2.0 * sigma * sigma))
@@ -149,7 +144,7 @@ def density(x: np.ndarray, labels: np.ndarray, k: int, sigma: float = 1.0) -> np
     lab = _check_labels(labels, x.shape[0], int(k))
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    order, starts = _cluster_order(lab, int(k))
+    order, starts = cluster_order(lab, int(k))
     out = np.full(int(k), np.nan)
     for c in range(int(k)):
         idx = order[starts[c]:starts[c + 1]]
@@ -263,7 +258,7 @@ def allocate_and_select(x: np.ndarray, labels: np.ndarray, S: np.ndarray, D: np.
         raise ValueError(f"budget must be an integer >= 0, got {budget!r}")
     if not temperature > 0 or not sigma > 0:
         raise ValueError(f"temperature and sigma must be > 0, got {temperature}, {sigma}")
-    order_rows, starts = _cluster_order(lab, K)
+    order_rows, starts = cluster_order(lab, K)
     valid = np.flatnonzero(np.isfinite(D))
     score = S[valid] / D[valid]
     proc = valid[np.lexsort((valid, -score))]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from datasel_ray.clustering import cluster_order
 from datasel_ray.methods.budget import allocate_proportional, resolve_budget
 
 __all__ = [
@@ -42,12 +43,6 @@ def percentile_rank(x: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     return np.argsort(np.argsort(x, kind="stable"), kind="stable") / n
-
-
-def _cluster_order(labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(labels, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=k))])
-    return order, starts
 
 
 def _uniqueness_cluster(hc: np.ndarray, v: np.ndarray, mode: str) -> np.ndarray:
@@ -90,7 +85,7 @@ def uniqueness(h: np.ndarray, informativeness: np.ndarray, labels: np.ndarray, m
     if v.shape != (n,) or lab.shape != (n,):
         raise ValueError(f"informativeness and labels must have shape ({n},)")
     k = int(lab.max()) + 1 if n else 0
-    order, starts = _cluster_order(lab, k)
+    order, starts = cluster_order(lab, k)
     out = np.zeros(n)
     for c in range(k):
         idx = order[starts[c]:starts[c + 1]]
