@@ -26,7 +26,7 @@ from datasel_ray.config import RunConfig
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.pipeline import ray_adapter
-from datasel_ray.pipeline.feature_store import feature_columns, load_features
+from datasel_ray.pipeline.feature_store import feature_columns, load_features, vector_column
 from datasel_ray.pipeline.progress import Progress
 from datasel_ray.seeds import derive_seed
 
@@ -46,11 +46,6 @@ def coincide_layer_count(vector_dim: int, hidden: int) -> int:
     if vector_dim % (2 * hidden):
         raise ValueError(f"coincide_vector width {vector_dim} is not a multiple of 2 x hidden ({hidden})")
     return vector_dim // (2 * hidden)
-
-
-def vectors_table(key: str, values: np.ndarray) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
 def write_faiss_index(loc: Location, vectors: np.ndarray) -> None:
@@ -101,7 +96,7 @@ def aggregate_coincide(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Loca
     stats.mkdir()
     (stats / "coincide_clusters.parquet").write_parquet(pa.table({
         "cluster": np.arange(k, dtype=np.int64), "size": size.astype(np.int64), "density": D,
-        "transferability": S, "probability": P, "centroid": vectors_table("centroid", centroids)}))
+        "transferability": S, "probability": P, "centroid": vector_column(centroids)}))
     (stats / "coincide_centroids.npy").write_npy(centroids.astype(np.float32))
     write_faiss_index(stats / "coincide_centroids.faiss", centroids)
     (stats / "coincide_assignments.parquet").write_parquet(pa.table({
@@ -123,7 +118,7 @@ def aggregate_datatailor(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Lo
     A = datatailor.association(means, cluster_task)
     (stats / "datatailor_clusters.parquet").write_parquet(pa.table({
         "cluster": np.arange(k, dtype=np.int64), schema.TASK: pa.array(names[cluster_task].astype(str)),
-        "size": size.astype(np.int64), "association": A, "mean": vectors_table("mean", means.astype(np.float32))}))
+        "size": size.astype(np.int64), "association": A, "mean": vector_column(means.astype(np.float32))}))
     (stats / "datatailor_means.npy").write_npy(means.astype(np.float32))
     (stats / "datatailor_assignments.parquet").write_parquet(pa.table({
         schema.ROW_ID: feats[schema.ROW_ID], "cluster": labels.astype(np.int64)}))

@@ -30,6 +30,7 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.io.validation import quarantine_row
 from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.feature_store import vector_column
 from datasel_ray.pipeline.ingest import QUARANTINE_SCHEMA
 from datasel_ray.pipeline.progress import Progress
 
@@ -139,8 +140,7 @@ def features_table(features: dict, samples: dict, keep: np.ndarray) -> pa.Table:
             continue
         values = values[keep]
         if values.ndim == 2:
-            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-            columns[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+            columns[name] = vector_column(values)
         else:
             columns[name] = pa.array(values)
     ordered = {schema.ROW_ID: columns.pop(schema.ROW_ID)}

@@ -28,6 +28,12 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+def vector_column(values: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D array [N, width] as a fixed-size-list column (the inverse of :func:`column_to_numpy`)."""
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+
+
 def load_table(run_dir: RunDir, sub: str, columns: list[str] | None = None) -> pa.Table:
     table = read_parquet_dir(run_dir / sub, columns)
     if table is None:
