@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import sys
 import time
@@ -29,12 +28,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 APP = "datasel-bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def build_run(workdir: Path, num_samples: int) -> tuple[str, Path]:
@@ -133,9 +126,8 @@ def main() -> None:
     scorer.score_records(samples[:16])  # warm-up
     direct = direct_latency(scorer, samples, 30 if args.quick else 100)
 
-    port = free_port()
+    port = start_http("127.0.0.1")
     url = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     cells: dict[str, dict] = {}
     try:
         for label, batch_size in (("batched", 16), ("batch_size_1", 1)):

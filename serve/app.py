@@ -255,13 +255,34 @@ def load_options(run_dir: str, config_path: str | None) -> dict:
     return options
 
 
+def start_http(host: str = "127.0.0.1", port: int | None = None, attempts: int = 5) -> int:
+    """Start Ray Serve's HTTP proxy on ``host:port`` and return the port.
+
+    ``port=None`` picks a free port and retries with another one if the proxy loses the race for it; a given
+    port is tried once and a bind failure is raised as ``RuntimeError`` naming the address.
+    """
+    from datasel_ray.ports import pick_unbound_ports
+
+    for attempt in range(1 if port is not None else attempts):
+        chosen = port if port is not None else pick_unbound_ports(1, host)[0]
+        try:
+            serve.start(http_options={"host": host, "port": chosen})
+            return chosen
+        except Exception as exc:  # noqa: BLE001 - the proxy's bind error arrives wrapped in a RayTaskError
+            serve.shutdown()
+            if port is not None or attempt == attempts - 1:
+                raise RuntimeError(f"Ray Serve could not listen on {host}:{chosen}: {exc}") from exc
+            log.warning("Serve proxy could not bind %s:%d; trying another port", host, chosen)
+    raise AssertionError("unreachable")
+
+
 def serve_locally(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config_path: str | None = None) -> None:
     """Start Ray Serve on ``host:port`` with the scoring app for ``run_dir`` and block until Ctrl-C."""
     from datasel_ray.pipeline import ray_adapter
 
     app = build_app(load_options(run_dir, config_path))
     ray_adapter.ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
+    start_http(host, port)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     print(f"datasel serve: POST http://{host}:{port}/score  (run {run_dir}); Ctrl-C to stop", flush=True)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import shutil
 import subprocess
 import sys
@@ -17,24 +16,19 @@ import pytest
 import yaml
 
 from datasel_ray.io.rundir import RunDir
+from datasel_ray.ports import pick_unbound_ports
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def ray_head():
     """A separate single-node Ray cluster with a dashboard (Jobs API); stopped (its process group) afterwards."""
-    gcs_port, dash_port = _free_port(), _free_port()
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port")
     # every port explicit: another Ray on this machine (the session's) holds the defaults
-    ports = {flag: str(_free_port()) for flag in (
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port")}
+    gcs_port, dash_port, *others = pick_unbound_ports(2 + len(flags))
+    ports = {flag: str(port) for flag, port in zip(flags, others)}
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Unix socket paths under it must stay short
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

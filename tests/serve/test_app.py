@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -18,12 +17,6 @@ from PIL import Image
 TOKEN = "test-token-123"
 LIMITS = {"max_samples": 8, "max_image_bytes": 200_000, "max_image_pixels": 256 * 256, "max_body_bytes": 1_000_000}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_base64(size: tuple[int, int]) -> str:
@@ -63,10 +56,9 @@ def options(runs):
 def server(ray_local, options):
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, start_http
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_http("127.0.0.1")
     serve.run(build_app(options), name="datasel-test", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     yield client
