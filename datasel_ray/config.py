@@ -55,6 +55,9 @@ class ModelConfig(_Section):
         None, description="0-based decoder layers hooked for COINCIDE; default: ~5 evenly spaced layers.")
     image_size: int | None = Field(None, ge=8, description="Resize images to this square size before the processor.")
     trust_remote_code: bool = False
+    max_padding: float | None = Field(
+        0.25, ge=0, description="Split each model batch into passes of similar length so that pad tokens stay "
+        "below this share of real tokens; null: one padded pass per batch.")
 
 
 class ExtractConfig(_Section):

@@ -1,8 +1,9 @@
 """Ray Serve app: ``POST /score``, ``GET /info``, ``GET /healthz`` over a :class:`datasel_ray.scoring.Scorer`.
 
 This module only speaks HTTP: it reads and bounds the body, checks the bearer token, hands the JSON to
-``Scorer.parse`` (validation + tokenisation, per request) and the validated samples to a ``@serve.batch``
-method that runs ``Scorer.score_samples`` on the samples of many requests at once. Every scoring rule lives in
+``Scorer.parse`` (validation + tokenisation, per request, in a worker thread so that it overlaps the model pass)
+and the validated samples to a ``@serve.batch`` method that runs ``Scorer.score_samples`` on the samples of many
+requests at once. With ``max_batch_size: 1`` a request is parsed and scored in one thread hop instead. Every scoring rule lives in
 the scorer, shared with the batch path (:func:`datasel_ray.scoring.score_pool_samples`).
 
 Entry points:
@@ -89,6 +90,12 @@ def score_in_groups(items: list[tuple[Scorer, ValidatedSample]]) -> list:
     return results
 
 
+def parse_and_score(scorer: Scorer, payload: Any) -> tuple[list[ValidatedSample], list]:
+    """Unbatched path: validate the request body, then one model pass over its samples."""
+    samples = scorer.parse(payload)
+    return samples, scorer.score_samples(samples)
+
+
 api = FastAPI(title="datasel-ray scoring", description="Scores visual-instruction samples against a finished run.")
 
 
@@ -153,17 +160,21 @@ class ScoringService:
             "reconfigure_error": self.reconfigure_error}}
 
     @api.post("/score")
-    async def score(self, request: Request) -> dict:
+    async def score(self, request: Request) -> JSONResponse:
         self._authorize(request)
         payload = await self._read_json(request)
         scorer = self.scorer  # one scorer per request, even if a reconfigure swaps it meanwhile
-        samples = await asyncio.to_thread(scorer.parse, payload)
-        results = await asyncio.gather(*[self.score_batch((scorer, s)) for s in samples])
+        if self.options.max_batch_size == 1:  # no batching: parse and score in one worker-thread hop
+            samples, results = await asyncio.to_thread(parse_and_score, scorer, payload)
+        else:  # parsing overlaps the model pass of earlier requests (torch releases the GIL)
+            samples = await asyncio.to_thread(scorer.parse, payload)
+            results = await asyncio.gather(*[self.score_batch((scorer, s)) for s in samples])
         prefix_list = isinstance(payload, dict) and "samples" in payload
         for sample, result in zip(samples, results):
             if isinstance(result, SampleError):
                 raise result.within(f"samples[{sample.index}]" if prefix_list else "")
-        return {"run_id": scorer.stats.run_id, "results": results}
+        # results hold only JSON types: skip FastAPI's jsonable_encoder walk of the nested dicts
+        return JSONResponse({"run_id": scorer.stats.run_id, "results": results})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score_batch(self, items: list[tuple[Scorer, ValidatedSample]]) -> list[dict | SampleError]:

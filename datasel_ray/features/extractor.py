@@ -25,6 +25,7 @@ from datasel_ray.models.vlm import (
     ReferenceVLM,
     SampleActivations,
     VLMProcessor,
+    length_groups,
     load_conversations,
 )
 
@@ -234,9 +235,15 @@ class FeatureExtractor:
         }
 
     def _forward(self, samples: dict[int, PreparedSample]) -> dict[int, SampleActivations | Exception]:
-        """Batched pass; when it fails, each row alone so one bad row only fails itself."""
-        if not samples:
-            return {}
+        """Padded passes over groups of similar length (``model.max_padding``, see :func:`length_groups`);
+        when a pass fails, each of its rows alone so one bad row only fails itself."""
+        keys = list(samples)
+        results: dict[int, SampleActivations | Exception] = {}
+        for group in length_groups([samples[i].length for i in keys], self.model_cfg.max_padding):
+            results.update(self._forward_group({keys[g]: samples[keys[g]] for g in group}))
+        return results
+
+    def _forward_group(self, samples: dict[int, PreparedSample]) -> dict[int, SampleActivations | Exception]:
         keys = list(samples)
         try:
             return dict(zip(keys, self.vlm.forward_features([samples[i] for i in keys]), strict=True))

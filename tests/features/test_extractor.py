@@ -186,6 +186,20 @@ def test_batch_composition_does_not_change_features(pre, feats, extractor):
                                    feats[schema.COINCIDE_VECTOR][i].astype(np.float32), atol=1e-3)
 
 
+def test_length_grouped_passes_match_one_padded_pass(model_cfg, pre, feats, extractor):
+    one_pass = FeatureExtractor(model_cfg.model_copy(update={"max_padding": None}), device="cpu")
+    one_pass.vlm = extractor.vlm
+    grouped = FeatureExtractor(model_cfg.model_copy(update={"max_padding": 0.0}), device="cpu")
+    grouped.vlm = extractor.vlm
+    a, b = one_pass(pre), grouped(pre)
+    np.testing.assert_array_equal(a[schema.ERROR_REASON], b[schema.ERROR_REASON])
+    for col in (schema.INFORMATIVENESS, schema.TAU, schema.ANSWER_LOSS):
+        np.testing.assert_allclose(a[col], b[col], atol=1e-4, equal_nan=True)
+    for col in (schema.COINCIDE_VECTOR, schema.LAST_TOKEN):
+        np.testing.assert_allclose(a[col].astype(np.float32), b[col].astype(np.float32), atol=2e-3)
+    assert len(set(sample_from_row(pre, i).length for i in (0, 1, 5))) > 1  # the batch really mixes lengths
+
+
 def test_ray_block_round_trip(pre, feats, extractor):
     from ray.data.block import BlockAccessor
 

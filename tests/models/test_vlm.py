@@ -18,6 +18,7 @@ from datasel_ray.models.vlm import (
     capture_outputs,
     default_coincide_layers,
     find_decoder_layers,
+    length_groups,
 )
 
 TWO_TURNS = [
@@ -161,3 +162,24 @@ def test_answer_loss_nan_without_answer_tokens(vlm, proc):
     s = proc.prepare(TWO_TURNS, image())
     s.answer_mask[:] = False
     assert np.isnan(vlm.forward_features([s])[0].answer_loss)
+
+
+@pytest.mark.parametrize("lengths,max_padding,expected", [
+    ([10, 40, 11, 39], 0.25, [[0, 2], [3, 1]]),  # sorted by length; 10+40 would pad 30 tokens
+    ([10, 40, 11, 39], None, [[0, 1, 2, 3]]),  # off: one pass in input order
+    ([10, 40, 11, 39], 10.0, [[0, 2, 3, 1]]),  # loose budget: one pass, sorted
+    ([5, 5, 5], 0.0, [[0, 1, 2]]),  # equal lengths never pad
+    ([7], 0.0, [[0]]),
+    ([], 0.25, []),
+])
+def test_length_groups(lengths, max_padding, expected):
+    groups = length_groups(lengths, max_padding)
+    assert groups == expected
+    for group in groups:
+        padded = max(lengths[i] for i in group) * len(group)
+        assert max_padding is None or padded <= (1 + max_padding) * sum(lengths[i] for i in group)
+
+
+def test_length_groups_rejects_negative_padding():
+    with pytest.raises(ValueError, match="max_padding"):
+        length_groups([3, 4], -0.1)

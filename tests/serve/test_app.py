@@ -214,3 +214,25 @@ def test_reconfigure_swaps_run_without_dropping_requests(server, runs, options, 
     assert statuses and set(statuses) == {200}
     r = server.post("/score", json={"samples": records[:1]}, headers=AUTH)
     assert r.status_code == 200 and r.json()["run_id"] == "second-run"
+
+
+def test_unbatched_replica_scores_and_refuses_like_the_batched_one(server, runs, options, records):
+    """max_batch_size=1 takes the one-hop path (parse + score in one thread): same scores, same 4xx."""
+    from ray import serve
+
+    from datasel_ray.scoring import Scorer, ScoringLimits
+    from serve.app import build_app
+
+    serve.run(build_app({**options, "max_batch_size": 1}), name="datasel-test", route_prefix="/", blocking=False)
+    assert server.get("/info", headers=AUTH).json()["serving"]["max_batch_size"] == 1
+    limits = ScoringLimits(**{k: v for k, v in LIMITS.items() if k != "max_body_bytes"})
+    direct = Scorer(options["run_dir"], limits=limits).score_records(records[:3])
+    r = server.post("/score", json={"samples": records[:3]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    for a, b in zip(r.json()["results"], direct):
+        assert a["id"] == b["id"] and a["coincide"]["cluster"] == b["coincide"]["cluster"]
+        assert a["datatailor"]["score"] == pytest.approx(b["datatailor"]["score"], rel=1e-4, abs=1e-4)
+    for name, body, status, field in _bad_requests(records):
+        if name in ("second_sample_bad", "unknown_task", "path_outside_roots"):
+            bad = server.post("/score", json=body, headers=AUTH)
+            assert bad.status_code == status and bad.json()["error"]["field"] == field, (name, bad.text)
