@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from datasel_ray import schema
 from datasel_ray.config import RunConfig
-from datasel_ray.evaluation import pool_quality, selection_quality
+from datasel_ray.evaluation import pool_quality, random_expectation, selection_quality
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.tasks import TEXT_ONLY_KEY
+from datasel_ray.pipeline.feature_store import load_features
+from datasel_ray.seeds import derive_seed
 from datasel_ray.synthetic import TASK_FOLDERS, TEXT_TASK, SynthConfig, generate_pool, load_ground_truth
 
 DEMO_METHODS = ["coincide", "datatailor", "random"]
@@ -67,6 +70,9 @@ def summarize(cfg: RunConfig, results: dict, ground_truth_path: Path) -> dict:
         ids_path = run_dir / "selections" / method / "selected_ids.npy"
         if ids_path.exists():
             summary["selections"][method] = selection_quality(ids_path.read_npy(), ground_truth, pool_tasks)
+    row_ids = load_features(run_dir, [])[schema.ROW_ID]
+    summary["random_expectation"] = random_expectation(
+        row_ids, cfg.select.budget_rows(len(row_ids)), ground_truth, pool_tasks, seed=derive_seed(cfg.seed, "demo"))
     return summary
 
 
@@ -86,4 +92,9 @@ def render_summary(summary: dict) -> str:
     for method, q in summary["selections"].items():
         lines.append(f"{method:<14}{q['selected']:>6}{q['duplicate_rate']:>10.3f}{q['noise_rate']:>8.3f}"
                      f"{q['task_coverage']:>10.2f}")
+    expected = summary.get("random_expectation")
+    if expected:
+        lines.append(f"random, mean +- std of {expected['draws']} draws: dup rate "
+                     f"{expected['duplicate_rate']['mean']:.3f} +- {expected['duplicate_rate']['std']:.3f}, noise "
+                     f"{expected['noise_rate']['mean']:.3f} +- {expected['noise_rate']['std']:.3f}")
     return "\n".join(lines)
