@@ -165,7 +165,8 @@ class RunConfig(_Section):
 
     run_dir: str = "runs/demo"
     seed: int = 0
-    phases: list[str] = Field(default_factory=lambda: ["ingest", "extract", "aggregate", "select"])
+    phases: list[str] = Field(default_factory=lambda: list(PHASES),
+                              description="Phases to run; warmup is skipped while tive.enabled is false.")
     pool: PoolConfig = PoolConfig()
     model: ModelConfig = ModelConfig()
     extract: ExtractConfig = ExtractConfig()

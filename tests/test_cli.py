@@ -37,6 +37,23 @@ def test_impossible_gpu_request_is_refused_before_work(tmp_path, capsys, ray_loc
     assert not (tmp_path / "run" / "samples").exists()
 
 
+@pytest.mark.parametrize("setting,message", [("tive.use_gpu=true", "tive.use_gpu"),
+                                             ("tive.num_workers=64", "tive.num_workers=64")])
+def test_impossible_warmup_is_refused_before_work(tmp_path, capsys, ray_local, demo_pool, setting, message):
+    code = main(["run", "--run-dir", str(tmp_path / "run"), "--set", f"pool.path={demo_pool.pool_path}",
+                 "--set", "tive.enabled=true", "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "run" / "samples").exists()
+
+
+def test_tive_without_warmup_phase_is_refused(tmp_path, capsys, ray_local, demo_pool):
+    code = main(["run", "--run-dir", str(tmp_path / "run"), "--set", f"pool.path={demo_pool.pool_path}",
+                 "--set", "tive.enabled=true", "--set", "phases=[ingest,extract]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "phases" in err and "warmup" in err, err
+
+
 def test_tive_method_without_tive_is_refused(tmp_path, capsys, ray_local, demo_pool):
     code = main(["run", "--run-dir", str(tmp_path / "run"), "--set", f"pool.path={demo_pool.pool_path}",
                  "--set", "select.methods=[tive]"])

@@ -77,6 +77,14 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
                          "gradients) or remove 'tive' from select.methods")
     if "extract" in phases:
         validate_resources(cfg, resolve_num_gpus(cfg))
+    if "warmup" in phases and cfg.tive.enabled:
+        from datasel_ray.pipeline.warmup import validate_warmup_resources
+
+        validate_warmup_resources(cfg.tive)
+    if "extract" in phases and cfg.tive.enabled and "warmup" not in phases \
+            and not (RunDir(cfg.run_dir) / "lora" / "adapter").exists():
+        raise ValueError("tive.enabled is true but phases has no 'warmup' and the run has no warm-up adapter yet: "
+                         "add 'warmup' to phases (before 'extract') or set tive.enabled=false")
 
 
 def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | None = None,

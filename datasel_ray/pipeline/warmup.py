@@ -119,6 +119,25 @@ def resolve_use_gpu(tive: TiveConfig) -> bool:
     return any(n.get("GPU", 0) >= 1 for n in ray_adapter.cluster_nodes())
 
 
+def validate_warmup_resources(tive: TiveConfig) -> None:
+    """Refuse a warm-up the cluster cannot place (Ray Train would wait for it forever): each of
+    ``tive.num_workers`` workers takes 1 CPU, plus 1 GPU when ``use_gpu``. Skipped when the cluster autoscales."""
+    from datasel_ray.pipeline import ray_adapter
+
+    if ray_adapter.has_autoscaler():
+        return
+    nodes = ray_adapter.cluster_nodes()
+    gpus = sum(int(n.get("GPU", 0.0)) for n in nodes)
+    cpus = sum(int(n.get("CPU", 0.0)) for n in nodes)
+    if resolve_use_gpu(tive) and tive.num_workers > gpus:
+        raise ValueError(f"tive.use_gpu with tive.num_workers={tive.num_workers} needs {tive.num_workers} GPUs but "
+                         f"the cluster has {gpus}: set tive.use_gpu=false, lower tive.num_workers, or add GPU nodes "
+                         f"(set DATASEL_ASSUME_AUTOSCALER=1 when the cluster autoscales GPU workers)")
+    if tive.num_workers > cpus:
+        raise ValueError(f"tive.num_workers={tive.num_workers} needs {tive.num_workers} CPUs but the cluster has "
+                         f"{cpus}: lower tive.num_workers")
+
+
 def completed_log(lora: Location) -> dict | None:
     """The training log of a complete warm-up in ``lora``, or None."""
     path = lora / TRAINING_LOG_FILE
