@@ -77,9 +77,19 @@ def serve_table(rec: dict) -> str:
                        ("batch_size_1_c16", "batch size 1, concurrency 16")):
         c = m[key]
         rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} |")
+    for key, label in (("noop_floor_c1", "no-op Serve app (floor), concurrency 1"),
+                       ("noop_floor_c16", "no-op Serve app (floor), concurrency 16")):
+        if key in m:
+            c = m[key]
+            rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} |")
     rows += ["", f"Batching vs batch size 1 at concurrency 16: **{m['batched_over_batch1_throughput_c16']}×** "
                  f"(target ≥ 3×); HTTP overhead over a direct Scorer call (p50): **{m['http_overhead_p50_ms']} ms** "
-                 f"(target ≤ 15 ms)."]
+                 f"(target ≤ 15 ms; direct call {m['direct_scorer_p50_ms']} ms)."]
+    amortisation = m.get("model_amortisation")
+    if amortisation:
+        rows += ["", f"In-process, one model pass costs {amortisation['ms_per_sample_batch_1']} ms per sample at "
+                     f"batch 1 and {amortisation['ms_per_sample_batch_16']} ms at batch 16 "
+                     f"({amortisation['model_speedup']}×): the most batching can gain on this model and CPU."]
     return "\n".join(rows)
 
 

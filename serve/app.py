@@ -1,10 +1,10 @@
 """Ray Serve app: ``POST /score``, ``GET /info``, ``GET /healthz`` over a :class:`datasel_ray.scoring.Scorer`.
 
 This module only speaks HTTP: it reads and bounds the body, checks the bearer token, hands the JSON to
-``Scorer.parse`` (validation + tokenisation, per request, in a worker thread so that it overlaps the model pass)
-and the validated samples to a ``@serve.batch`` method that runs ``Scorer.score_samples`` on the samples of many
-requests at once. With ``max_batch_size: 1`` a request is parsed and scored in one thread hop instead. Every scoring rule lives in
-the scorer, shared with the batch path (:func:`datasel_ray.scoring.score_pool_samples`).
+``Scorer.parse`` (validation + tokenisation, per request) and the validated samples to a ``@serve.batch`` method
+that runs ``Scorer.score_samples`` on the samples of many requests at once; with ``max_batch_size: 1`` a request is
+parsed and scored in one hop. Parsing and scoring run on one worker thread per replica, off the event loop. Every
+scoring rule lives in the scorer, shared with the batch path (:func:`datasel_ray.scoring.score_pool_samples`).
 
 Entry points:
 
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -120,6 +121,9 @@ class ScoringService:
         self.options = ServeOptions.model_validate(options)
         self.scorer = self._load(self.options.run_dir, reuse=None)
         self.reconfigure_error: str | None = None
+        # One thread runs all parsing and scoring: parse threads competing with the model thread for the GIL
+        # stall every torch op's re-acquire (convoy), which costs more than it overlaps on a 1-CPU replica.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self.score_batch.set_max_batch_size(self.options.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
 
@@ -165,9 +169,9 @@ class ScoringService:
         payload = await self._read_json(request)
         scorer = self.scorer  # one scorer per request, even if a reconfigure swaps it meanwhile
         if self.options.max_batch_size == 1:  # no batching: parse and score in one worker-thread hop
-            samples, results = await asyncio.to_thread(parse_and_score, scorer, payload)
-        else:  # parsing overlaps the model pass of earlier requests (torch releases the GIL)
-            samples = await asyncio.to_thread(scorer.parse, payload)
+            samples, results = await self._in_worker(parse_and_score, scorer, payload)
+        else:
+            samples = await self._in_worker(scorer.parse, payload)
             results = await asyncio.gather(*[self.score_batch((scorer, s)) for s in samples])
         prefix_list = isinstance(payload, dict) and "samples" in payload
         for sample, result in zip(samples, results):
@@ -179,7 +183,10 @@ class ScoringService:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score_batch(self, items: list[tuple[Scorer, ValidatedSample]]) -> list[dict | SampleError]:
         """Dynamic batch across requests: one model pass per scorer; the event loop keeps admitting requests."""
-        return await asyncio.to_thread(score_in_groups, items)
+        return await self._in_worker(score_in_groups, items)
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     # ---- request plumbing
     def _authorize(self, request: Request) -> None:
