@@ -121,8 +121,8 @@ class ScoringService:
         self.options = ServeOptions.model_validate(options)
         self.scorer = self._load(self.options.run_dir, reuse=None)
         self.reconfigure_error: str | None = None
-        # One thread runs all parsing and scoring: parse threads competing with the model thread for the GIL
-        # stall every torch op's re-acquire (convoy), which costs more than it overlaps on a 1-CPU replica.
+        # One thread runs all parsing and scoring: a 1-CPU replica gains nothing from several Python threads, and
+        # threads competing with the model thread for the GIL delay each torch op's re-acquire.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         self.score_batch.set_max_batch_size(self.options.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
