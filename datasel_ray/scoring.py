@@ -580,6 +580,24 @@ class Scorer:
             self._model_lock = reuse._model_lock
         else:
             self._load_model(device)
+        self._check_projector()
+
+    def _check_projector(self) -> None:
+        """TIVE instance values compare this scorer's projected gradients with the run's: the projection must be
+        the one extraction used (CPU and CUDA generators give different matrices and default dimensions)."""
+        if self.gradients is None:
+            return
+        recorded = self.stats.manifest.get("phases", {}).get("extract", {}).get("result", {}).get("projector")
+        if recorded is None:
+            return  # a run extracted before projections were recorded
+        self.gradients.setup()
+        mine = self.gradients.projector_fingerprint()
+        if mine != recorded:
+            diff = {k: (recorded.get(k), mine.get(k)) for k in sorted(set(recorded) | set(mine))
+                    if recorded.get(k) != mine.get(k)}
+            raise ValueError(f"tive: this scorer's gradient projection differs from the one {self.run_dir} was "
+                             f"extracted with ((run, scorer) per field: {diff}); score on the same device kind "
+                             f"as extraction (replica num_gpus) or re-extract")
 
     def _lora_dir(self) -> str | None:
         if self.stats.tive is None:

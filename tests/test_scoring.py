@@ -168,3 +168,31 @@ def test_info_lists_methods_and_budgets(scorer, stats):
     info = scorer.info()
     assert info["methods"] == ["coincide", "datatailor"] and info["run_id"] == stats.run_id
     assert set(info["budgets"]) == {"coincide", "datatailor"} and info["tasks"] == stats.tasks
+
+
+def test_scorer_refuses_a_projection_other_than_the_runs():
+    from types import SimpleNamespace
+
+    from datasel_ray.scoring import Scorer
+
+    class Stage:
+        def __init__(self, fingerprint):
+            self.fingerprint = fingerprint
+
+        def setup(self):
+            pass
+
+        def projector_fingerprint(self):
+            return self.fingerprint
+
+    recorded = {"kind": "rademacher", "proj_dim": 512, "generator": "torch-cpu", "seed": 7}
+    scorer = Scorer.__new__(Scorer)
+    scorer.run_dir = "runs/x"
+    scorer.stats = SimpleNamespace(manifest={"phases": {"extract": {"result": {"projector": recorded}}}})
+    scorer.gradients = Stage(dict(recorded))
+    scorer._check_projector()  # same projection: accepted
+    scorer.gradients = Stage({**recorded, "proj_dim": 8192, "generator": "torch-cuda"})
+    with pytest.raises(ValueError, match=r"tive: .*projection.*'generator': \('torch-cpu', 'torch-cuda'\)"):
+        scorer._check_projector()
+    scorer.stats = SimpleNamespace(manifest={"phases": {"extract": {"result": {}}}})
+    scorer._check_projector()  # a run from before projections were recorded

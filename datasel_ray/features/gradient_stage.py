@@ -8,7 +8,9 @@ answer-token CE w.r.t. the LoRA A/B matrices of the language model's attention, 
 The projection matrix must be the same on every actor, on every re-run and in the HTTP scorer, or the
 projected vectors cannot be compared. It is fully determined by
 ``(projection kind, grad_dim, proj_dim, seed = derive_seed(run seed, "tive", "projector"), model_id = 0,
-device kind)``; nothing is shipped between processes (:meth:`GradientStage.projector_fingerprint` records it).
+device kind)``; nothing is shipped between processes. :meth:`GradientStage.projector_fingerprint` is written
+into every feature shard's parquet metadata and the extract phase's manifest entry; extraction refuses shards that
+disagree and :class:`~datasel_ray.scoring.Scorer` refuses to score with a different projection.
 ``model_id = 0`` as in LESS (one matrix for every checkpoint). ⚠ CUDA and CPU generators give different
 matrices, and ``proj_dim`` defaults by device (8192 on CUDA, 512 on CPU): a run must not mix devices for
 extraction (the fingerprint says which one was used).

@@ -17,6 +17,7 @@ feature file exists (so a killed job, worker or driver loses at most the shards 
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 
@@ -120,8 +121,31 @@ class ShardExtractStage:
                for i in np.flatnonzero(~ok)]
         (self.run_dir / "quarantine" / "extract" / f"{shard_id}.parquet").write_parquet(
             pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA))
+        if self.gradients is not None:
+            fingerprint = json.dumps(self.gradients.projector_fingerprint(), sort_keys=True)
+            table = table.replace_schema_metadata({PROJECTOR_METADATA_KEY: fingerprint})
         (self.run_dir / "features" / f"{shard_id}.parquet").write_parquet(table)
         return int(ok.sum()), int((~ok).sum())
+
+
+PROJECTOR_METADATA_KEY = "datasel.projector"
+
+
+def projector_fingerprint(run_dir: RunDir) -> dict | None:
+    """The TIVE projection every ``features/`` shard was written with (parquet schema metadata), None without
+    TIVE. Raises RuntimeError when shards disagree (e.g. a resumed run moved between CPU and GPU actors, whose
+    generators give different matrices), since their projected gradients cannot be compared."""
+    seen: dict[str, list[str]] = {}
+    for f in (run_dir / "features").list(".parquet"):
+        metadata = pq.read_schema(f.path, filesystem=f.fs).metadata or {}
+        value = metadata.get(PROJECTOR_METADATA_KEY.encode())
+        if value is not None:
+            seen.setdefault(value.decode(), []).append(f.name)
+    if len(seen) > 1:
+        detail = "; ".join(f"{len(names)} shard(s) like {names[0]}: {fp}" for fp, names in seen.items())
+        raise RuntimeError(f"features/ in {run_dir} mixes TIVE projections ({detail}): re-run extract with "
+                           f"--force on one device kind")
+    return json.loads(next(iter(seen))) if seen else None
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -202,4 +226,5 @@ def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, qu
     failed = sum(pq.ParquetFile(f.open_input()).metadata.num_rows
                  for f in (run_dir / "quarantine" / "extract").list(".parquet"))
     return {"rows": total, "features": n_features, "failed": failed, "shards": len(shards),
-            "num_gpus_per_actor": num_gpus, "seconds": round(time.monotonic() - started, 3)}
+            "num_gpus_per_actor": num_gpus, "projector": projector_fingerprint(run_dir),
+            "seconds": round(time.monotonic() - started, 3)}

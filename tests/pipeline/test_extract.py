@@ -86,3 +86,31 @@ def test_killed_driver_resumes_to_identical_features(tmp_path, ray_local):
     for method in clean.select.methods:
         ids = [(RunDir(c.run_dir) / "selections" / method / "selected_ids.npy").read_bytes() for c in (clean, killed)]
         assert ids[0] == ids[1], f"{method}: selection after the resumed run differs"
+
+
+def _write_shard(rd: RunDir, name: str, fingerprint: dict | None) -> None:
+    import json
+
+    from datasel_ray.pipeline.extract import PROJECTOR_METADATA_KEY
+
+    table = pa.table({schema.ROW_ID: pa.array([1, 2], type=pa.int64())})
+    if fingerprint is not None:
+        table = table.replace_schema_metadata({PROJECTOR_METADATA_KEY: json.dumps(fingerprint, sort_keys=True)})
+    (rd / "features" / f"{name}.parquet").write_parquet(table)
+
+
+def test_projector_fingerprint_is_shared_by_every_shard_or_refused(tmp_path):
+    import pytest
+
+    from datasel_ray.pipeline.extract import projector_fingerprint
+
+    rd = RunDir(str(tmp_path / "run"))
+    _write_shard(rd, "a-00000", None)
+    assert projector_fingerprint(rd) is None  # no TIVE
+    cpu = {"kind": "rademacher", "proj_dim": 512, "generator": "torch-cpu", "seed": 7}
+    _write_shard(rd, "a-00001", cpu)
+    _write_shard(rd, "a-00002", cpu)
+    assert projector_fingerprint(rd) == cpu
+    _write_shard(rd, "a-00003", {**cpu, "proj_dim": 8192, "generator": "torch-cuda"})
+    with pytest.raises(RuntimeError, match="mixes TIVE projections.*--force"):
+        projector_fingerprint(rd)

@@ -98,4 +98,5 @@ def test_extract_after_warmup_adds_gradients(warm_run):
     grad = column_to_numpy(features.column(schema.GRAD_PROJ))
     norm = column_to_numpy(features.column(schema.GRAD_NORM))
     assert grad.shape == (len(row_ids), PROJ_DIM) and grad.dtype == np.float32
+    assert extract["projector"]["proj_dim"] == PROJ_DIM and extract["projector"]["generator"] == "torch-cpu"
     assert np.all(norm > 0) and np.all(np.isfinite(grad)) and np.all(np.abs(grad).sum(axis=1) > 0)
