@@ -71,8 +71,12 @@ def summarize(cfg: RunConfig, results: dict, ground_truth_path: Path) -> dict:
         if ids_path.exists():
             summary["selections"][method] = selection_quality(ids_path.read_npy(), ground_truth, pool_tasks)
     row_ids = load_features(run_dir, [])[schema.ROW_ID]
-    summary["random_expectation"] = random_expectation(
-        row_ids, cfg.select.budget_rows(len(row_ids)), ground_truth, pool_tasks, seed=derive_seed(cfg.seed, "demo"))
+    budget = cfg.select.budget_rows(len(row_ids))
+    seed = derive_seed(cfg.seed, "demo")
+    summary["random_expectation"] = random_expectation(row_ids, budget, ground_truth, pool_tasks, seed=seed)
+    for method, quality in summary["selections"].items():
+        quality["random_same_task_mix"] = random_expectation(
+            row_ids, budget, ground_truth, pool_tasks, seed=seed, task_counts=quality["task_counts"])
     return summary
 
 
@@ -86,12 +90,16 @@ def render_summary(summary: dict) -> str:
     lines.append("seconds per phase: " + ", ".join(f"{p} {s:.1f}" for p, s in summary["seconds_per_phase"].items()
                                                  if s is not None))
     pool = summary["pool_quality"]
-    header = f"{'selection':<14}{'rows':>6}{'dup rate':>10}{'noise':>8}{'coverage':>10}"
+    header = (f"{'selection':<14}{'rows':>6}{'dup rate':>10}{'noise':>8}{'coverage':>10}"
+              f"   random with the same task mix: dup rate")
     lines += [header, f"{'(pool)':<14}{pool['selected']:>6}{pool['duplicate_rate']:>10.3f}{pool['noise_rate']:>8.3f}"
                       f"{pool['task_coverage']:>10.2f}"]
     for method, q in summary["selections"].items():
+        matched = q.get("random_same_task_mix")
+        tail = (f"   {matched['duplicate_rate']['mean']:.3f} +- {matched['duplicate_rate']['std']:.3f}"
+                if matched else "")
         lines.append(f"{method:<14}{q['selected']:>6}{q['duplicate_rate']:>10.3f}{q['noise_rate']:>8.3f}"
-                     f"{q['task_coverage']:>10.2f}")
+                     f"{q['task_coverage']:>10.2f}{tail}")
     expected = summary.get("random_expectation")
     if expected:
         lines.append(f"random, mean +- std of {expected['draws']} draws: dup rate "

@@ -6,7 +6,8 @@
 * ``task_coverage``: share of the pool's tasks with at least one selected row; ``task_counts`` per task.
 
 A single random selection is a noisy baseline (at 20% of 2,000 rows its duplicate rate varies by about +-0.01
-from seed to seed); :func:`random_expectation` gives the mean and spread over many seeded draws instead.
+from seed to seed); :func:`random_expectation` gives the mean and spread over many seeded draws instead, globally
+or with a method's own task mix.
 """
 
 from __future__ import annotations
@@ -48,13 +49,27 @@ def pool_quality(ground_truth: list[dict]) -> dict:
 
 
 def random_expectation(row_ids: np.ndarray, budget: int, ground_truth: list[dict], pool_tasks: set[str],
-                       draws: int = 100, seed: int = 0) -> dict:
+                       draws: int = 100, seed: int = 0, task_counts: dict[str, int] | None = None) -> dict:
     """Mean and std of duplicate rate, noise rate and coverage over ``draws`` uniform random selections of
-    ``budget`` rows from ``row_ids`` (int64), drawn from one seeded generator."""
+    ``budget`` rows from ``row_ids`` (int64), drawn from one seeded generator.
+
+    ``task_counts`` (task -> rows, e.g. a method's selection): draw that many rows of each task instead, the
+    random baseline with the method's task mix (duplicates may sit in some tasks only).
+    """
     rng = np.random.default_rng(seed)
     ids = np.asarray(row_ids, dtype=np.int64)
-    stats = [selection_quality(rng.choice(ids, size=min(budget, len(ids)), replace=False), ground_truth, pool_tasks)
-             for _ in range(draws)]
-    return {"draws": draws, "selected": min(budget, len(ids)),
+    if task_counts is None:
+        def draw() -> np.ndarray:
+            return rng.choice(ids, size=min(budget, len(ids)), replace=False)
+    else:
+        mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
+        tasks = np.array([ground_truth[int(r) & mask]["task"] for r in ids])
+        by_task = {t: ids[tasks == t] for t in task_counts}
+
+        def draw() -> np.ndarray:
+            return np.concatenate([rng.choice(by_task[t], size=min(n, len(by_task[t])), replace=False)
+                                   for t, n in sorted(task_counts.items())])
+    stats = [selection_quality(draw(), ground_truth, pool_tasks) for _ in range(draws)]
+    return {"draws": draws, "selected": int(np.mean([q["selected"] for q in stats])),
             **{key: {"mean": float(np.mean([q[key] for q in stats])), "std": float(np.std([q[key] for q in stats]))}
                for key in ("duplicate_rate", "noise_rate", "task_coverage")}}

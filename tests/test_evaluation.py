@@ -33,3 +33,12 @@ def test_random_expectation_matches_the_exact_hypergeometric_mean():
     assert e["duplicate_rate"]["std"] > 0
     again = random_expectation(np.arange(5), 2, TRUTH, {"a", "b"}, draws=4000, seed=1)
     assert again == e
+
+
+def test_random_expectation_with_a_task_mix_draws_per_task():
+    # task a holds the whole duplicate group 0; two rows of a + one of b: E[dup] = P(2 of group 0 among a) * 1/3
+    e = random_expectation(np.arange(5), 3, TRUTH, {"a", "b"}, draws=2000, seed=3, task_counts={"a": 2, "b": 1})
+    assert e["selected"] == 3
+    assert e["duplicate_rate"]["mean"] == pytest.approx(1 / 3, abs=1e-9)  # a has only group-0 rows
+    assert e["task_coverage"]["mean"] == 1.0 and e["task_coverage"]["std"] == 0.0
+    assert e["noise_rate"]["mean"] == pytest.approx(0.5 / 3, abs=0.02)  # row 3 is one of b's two rows
