@@ -119,14 +119,31 @@ class Location:
     def read_json(self):
         return json.loads(self.read_text())
 
-    def write_parquet(self, table: pa.Table) -> None:
-        """Write a parquet file atomically."""
+    def write_parquet(self, table: pa.Table, row_group_rows: int | None = None) -> None:
+        """Write a parquet file atomically; ``row_group_rows`` bounds the rows per row group (readers of a row
+        range decode only the groups it touches, see :meth:`read_parquet_rows`)."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows)
         self.write_bytes(sink.getvalue())
 
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path, columns=columns, filesystem=self.fs)
+
+    def read_parquet_rows(self, offset: int, count: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``[offset, offset + count)`` of a parquet file, reading only the row groups they fall in."""
+        with self.open_input() as handle:
+            reader = pq.ParquetFile(handle)
+            groups, first, start = [], None, 0
+            for g in range(reader.metadata.num_row_groups):
+                rows = reader.metadata.row_group(g).num_rows
+                if start + rows > offset and start < offset + count:
+                    groups.append(g)
+                    first = start if first is None else first
+                start += rows
+            if not groups:
+                return reader.schema_arrow.empty_table().select(columns or reader.schema_arrow.names)
+            table = reader.read_row_groups(groups, columns=columns)
+        return table.slice(offset - first, count)
 
     def write_npy(self, array) -> None:
         import numpy as np

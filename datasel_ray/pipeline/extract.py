@@ -68,8 +68,8 @@ class ShardPreprocessStage:
     def __call__(self, batch: dict) -> dict:
         payloads = []
         for i in range(len(batch["shard_id"])):
-            rows = Location.parse(str(batch["samples_file"][i])).read_parquet(SAMPLE_COLUMNS).slice(
-                int(batch["offset"][i]), int(batch["count"][i]))
+            rows = Location.parse(str(batch["samples_file"][i])).read_parquet_rows(
+                int(batch["offset"][i]), int(batch["count"][i]), SAMPLE_COLUMNS)
             columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in SAMPLE_COLUMNS}
             prepared = self.preprocessor({k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS,
                                                                    schema.IMAGE_PATH)})

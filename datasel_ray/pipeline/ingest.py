@@ -55,11 +55,12 @@ def resolve_image_root(pool: PoolConfig) -> str:
 class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
-    def __init__(self, pool: dict, image_root: str, run_dir: str):
+    def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None):
         cfg = PoolConfig.model_validate(pool)
         resolver = TaskResolver(cfg.task_map, cfg.default_task, cfg.task_field)
         self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images))
         self.run_dir = RunDir(run_dir)
+        self.row_group_rows = row_group_rows
 
     def __call__(self, batch: dict) -> dict:
         names, good, bad = [], [], []
@@ -77,15 +78,19 @@ class IngestBlockStage:
             row_id = schema.make_row_id(spec.file_index, raw.record_index)
             sample, bad = self.validator.validate(raw, row_id, spec.uri)
             (samples if sample else quarantined).append(sample or bad)
-        write_block_outputs(self.run_dir, spec.name, samples, quarantined)
+        write_block_outputs(self.run_dir, spec.name, samples, quarantined, self.row_group_rows)
         return len(samples), len(quarantined)
 
 
-def write_block_outputs(run_dir: RunDir, name: str, samples: list[dict], quarantined: list[dict]) -> None:
+def write_block_outputs(run_dir: RunDir, name: str, samples: list[dict], quarantined: list[dict],
+                        row_group_rows: int | None = None) -> None:
+    """``row_group_rows``: rows per parquet row group of the samples file (``extract.shard_rows``, so that an
+    extraction shard decodes only its own rows)."""
     # The quarantine shard is written first: a block counts as done only once its samples shard exists.
     (run_dir / "quarantine" / "ingest" / f"{name}.parquet").write_parquet(
         pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA))
-    (run_dir / "samples" / f"{name}.parquet").write_parquet(pa.Table.from_pylist(samples, schema=SAMPLES_SCHEMA))
+    (run_dir / "samples" / f"{name}.parquet").write_parquet(
+        pa.Table.from_pylist(samples, schema=SAMPLES_SCHEMA), row_group_rows=row_group_rows)
 
 
 def _py(value):
@@ -109,7 +114,8 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     if pending:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
-            "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir)})
+            "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
+            "row_group_rows": cfg.extract.shard_rows})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
     progress.finish()

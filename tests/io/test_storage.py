@@ -47,3 +47,17 @@ def test_uri_text_round_trip():
     assert str(Location.parse("/tmp/x") / "samples") == "/tmp/x/samples"
     with pytest.raises(ValueError, match="must not be empty"):
         Location.parse("")
+
+
+def test_row_range_reads_only_its_row_groups(root):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"row_id": pa.array(np.arange(10, dtype=np.int64)), "text": [f"t{i}" for i in range(10)]})
+    loc = root / "samples" / "s.parquet"
+    loc.write_parquet(table, row_group_rows=3)
+    with loc.open_input() as handle:
+        assert pq.ParquetFile(handle).metadata.num_row_groups == 4
+    for offset, count in [(0, 3), (3, 3), (4, 5), (9, 1), (0, 10), (8, 5)]:
+        assert loc.read_parquet_rows(offset, count).equals(table.slice(offset, count)), (offset, count)
+    assert loc.read_parquet_rows(2, 4, ["text"]).column("text").to_pylist() == ["t2", "t3", "t4", "t5"]
+    assert loc.read_parquet_rows(10, 3).num_rows == 0

@@ -114,3 +114,16 @@ def test_projector_fingerprint_is_shared_by_every_shard_or_refused(tmp_path):
     _write_shard(rd, "a-00003", {**cpu, "proj_dim": 8192, "generator": "torch-cuda"})
     with pytest.raises(RuntimeError, match="mixes TIVE projections.*--force"):
         projector_fingerprint(rd)
+
+
+def test_samples_row_groups_follow_the_shard_size(demo_run):
+    import pyarrow.parquet as pq
+
+    cfg, _ = demo_run
+    files = (RunDir(cfg.run_dir) / "samples").list(".parquet")
+    assert files
+    for f in files:
+        with f.open_input() as handle:
+            meta = pq.ParquetFile(handle).metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        assert max(sizes) <= cfg.extract.shard_rows and sum(sizes) == meta.num_rows
