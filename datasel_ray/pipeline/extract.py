@@ -93,6 +93,10 @@ class ShardExtractStage:
 
             self.gradients = GradientStage(ModelConfig.model_validate(model), TiveConfig.model_validate(tive),
                                            lora_dir, seed)
+        # load in the constructor: an actor then loads while the first shards are still being preprocessed
+        self.extractor.setup()
+        if self.gradients is not None:
+            self.gradients.setup()
 
     def __call__(self, batch: dict) -> dict:
         rows, failed = [], []
