@@ -21,8 +21,7 @@ from datasel_ray import schema
 
 def selection_quality(selected_row_ids: np.ndarray, ground_truth: list[dict], pool_tasks: set[str]) -> dict:
     """Quality of a selection of ``selected_row_ids`` (int64 row ids of a one-file pool)."""
-    mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
-    rows = [ground_truth[int(r) & mask] for r in np.asarray(selected_row_ids, dtype=np.int64)]
+    rows = [ground_truth[schema.record_index(r)] for r in np.asarray(selected_row_ids, dtype=np.int64)]
     n = len(rows)
     seen: set[int] = set()
     repeats = 0
@@ -62,8 +61,7 @@ def random_expectation(row_ids: np.ndarray, budget: int, ground_truth: list[dict
         def draw() -> np.ndarray:
             return rng.choice(ids, size=min(budget, len(ids)), replace=False)
     else:
-        mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
-        tasks = np.array([ground_truth[int(r) & mask]["task"] for r in ids])
+        tasks = np.array([ground_truth[schema.record_index(r)]["task"] for r in ids])
         by_task = {t: ids[tasks == t] for t in task_counts}
 
         def draw() -> np.ndarray:

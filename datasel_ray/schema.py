@@ -49,6 +49,11 @@ def make_row_id(file_index: int, record_index: int) -> int:
     return (file_index << ROW_ID_FILE_SHIFT) | record_index
 
 
+def record_index(row_id: int) -> int:
+    """The record index within its pool file of ``row_id`` (inverse of :func:`make_row_id`'s low bits)."""
+    return int(row_id) & ((1 << ROW_ID_FILE_SHIFT) - 1)
+
+
 class Reason:
     """Quarantine reason codes. Every quarantined row carries exactly one of these."""
 

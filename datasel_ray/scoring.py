@@ -602,7 +602,9 @@ class Scorer:
     def _lora_dir(self) -> str | None:
         if self.stats.tive is None:
             return None
-        adapter = RunDir(self.run_dir) / "lora" / "adapter"
+        from datasel_ray.pipeline.warmup import adapter_location
+
+        adapter = adapter_location(RunDir(self.run_dir))
         if not adapter.exists():
             raise FileNotFoundError(f"{adapter} is missing: the run used TIVE but has no warm-up adapter")
         return str(adapter)

@@ -135,21 +135,25 @@ class ShardExtractStage:
 PROJECTOR_METADATA_KEY = "datasel.projector"
 
 
-def projector_fingerprint(run_dir: RunDir) -> dict | None:
-    """The TIVE projection every ``features/`` shard was written with (parquet schema metadata), None without
-    TIVE. Raises RuntimeError when shards disagree (e.g. a resumed run moved between CPU and GPU actors, whose
-    generators give different matrices), since their projected gradients cannot be compared."""
+def feature_shards_summary(run_dir: RunDir) -> tuple[int, dict | None]:
+    """(rows in ``features/``, the TIVE projection every shard was written with or None without TIVE), from one
+    read of each shard's footer. Raises RuntimeError when shards disagree on the projection (e.g. a resumed run
+    moved between CPU and GPU actors, whose generators give different matrices): their gradients cannot be
+    compared."""
+    rows = 0
     seen: dict[str, list[str]] = {}
     for f in (run_dir / "features").list(".parquet"):
-        metadata = pq.read_schema(f.path, filesystem=f.fs).metadata or {}
-        value = metadata.get(PROJECTOR_METADATA_KEY.encode())
+        with f.open_input() as handle:
+            footer = pq.ParquetFile(handle).metadata
+        rows += footer.num_rows
+        value = (footer.metadata or {}).get(PROJECTOR_METADATA_KEY.encode())
         if value is not None:
             seen.setdefault(value.decode(), []).append(f.name)
     if len(seen) > 1:
         detail = "; ".join(f"{len(names)} shard(s) like {names[0]}: {fp}" for fp, names in seen.items())
         raise RuntimeError(f"features/ in {run_dir} mixes TIVE projections ({detail}): re-run extract with "
                            f"--force on one device kind")
-    return json.loads(next(iter(seen))) if seen else None
+    return rows, json.loads(next(iter(seen))) if seen else None
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -226,9 +230,9 @@ def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, qu
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["rows"]))
     progress.finish()
-    n_features = sum(pq.ParquetFile(f.open_input()).metadata.num_rows for f in (run_dir / "features").list(".parquet"))
+    n_features, projector = feature_shards_summary(run_dir)
     failed = sum(pq.ParquetFile(f.open_input()).metadata.num_rows
                  for f in (run_dir / "quarantine" / "extract").list(".parquet"))
     return {"rows": total, "features": n_features, "failed": failed, "shards": len(shards),
-            "num_gpus_per_actor": num_gpus, "projector": projector_fingerprint(run_dir),
+            "num_gpus_per_actor": num_gpus, "projector": projector,
             "seconds": round(time.monotonic() - started, 3)}

@@ -77,12 +77,12 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
                          "gradients) or remove 'tive' from select.methods")
     if "extract" in phases:
         validate_resources(cfg, resolve_num_gpus(cfg))
-    if "warmup" in phases and cfg.tive.enabled:
-        from datasel_ray.pipeline.warmup import validate_warmup_resources
+    from datasel_ray.pipeline.warmup import adapter_location, validate_warmup_resources
 
+    if "warmup" in phases and cfg.tive.enabled:
         validate_warmup_resources(cfg.tive)
     if "extract" in phases and cfg.tive.enabled and "warmup" not in phases \
-            and not (RunDir(cfg.run_dir) / "lora" / "adapter").exists():
+            and not adapter_location(RunDir(cfg.run_dir)).exists():
         raise ValueError("tive.enabled is true but phases has no 'warmup' and the run has no warm-up adapter yet: "
                          "add 'warmup' to phases (before 'extract') or set tive.enabled=false")
 

@@ -50,11 +50,16 @@ RAY_TRAIN_DIR = "_ray_train"
 _PREPROCESS_CHUNK = 32
 
 
+def adapter_location(run_dir: RunDir) -> Location:
+    """Where the warm-up writes the LoRA adapter that extraction and the scorer load."""
+    return run_dir / "lora" / ADAPTER_DIR
+
+
 def adapter_dir_for_extract(cfg: RunConfig, run_dir: RunDir) -> str | None:
     """The warm-up adapter that extraction loads for TIVE gradients, or None when TIVE is off."""
     if not cfg.tive.enabled:
         return None
-    adapter = run_dir / "lora" / "adapter"
+    adapter = adapter_location(run_dir)
     if not adapter.exists():
         raise RuntimeError(f"TIVE is enabled but {adapter} does not exist: run the warmup phase first")
     return str(adapter)

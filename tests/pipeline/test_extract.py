@@ -102,18 +102,18 @@ def _write_shard(rd: RunDir, name: str, fingerprint: dict | None) -> None:
 def test_projector_fingerprint_is_shared_by_every_shard_or_refused(tmp_path):
     import pytest
 
-    from datasel_ray.pipeline.extract import projector_fingerprint
+    from datasel_ray.pipeline.extract import feature_shards_summary
 
     rd = RunDir(str(tmp_path / "run"))
     _write_shard(rd, "a-00000", None)
-    assert projector_fingerprint(rd) is None  # no TIVE
+    assert feature_shards_summary(rd) == (2, None)  # no TIVE
     cpu = {"kind": "rademacher", "proj_dim": 512, "generator": "torch-cpu", "seed": 7}
     _write_shard(rd, "a-00001", cpu)
     _write_shard(rd, "a-00002", cpu)
-    assert projector_fingerprint(rd) == cpu
+    assert feature_shards_summary(rd) == (6, cpu)
     _write_shard(rd, "a-00003", {**cpu, "proj_dim": 8192, "generator": "torch-cuda"})
     with pytest.raises(RuntimeError, match="mixes TIVE projections.*--force"):
-        projector_fingerprint(rd)
+        feature_shards_summary(rd)
 
 
 def test_samples_row_groups_follow_the_shard_size(demo_run):
