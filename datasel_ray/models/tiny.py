@@ -23,6 +23,9 @@ is still tiny and only roughly fitted to the tasks; it exists so that every phas
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +49,10 @@ IMAGE_SIZE = 32
 PATCH_SIZE = 8
 IMAGE_SEQ_LENGTH = (IMAGE_SIZE // PATCH_SIZE) ** 2
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+VISION_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 64}
+TEXT_CONFIG = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "max_position_embeddings": 512}
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -122,10 +129,15 @@ def pretrain_config(seed: int):
         num_threads=1)
 
 
-def pretrain_samples(num_samples: int = PRETRAIN_SAMPLES, seed: int = PRETRAIN_DATA_SEED) -> list[dict]:
-    """Clean synthetic samples (all tasks, round robin; no duplicates, noise or bad rows), images in memory."""
+def pretrain_samples(num_samples: int | None = None, seed: int | None = None) -> list[dict]:
+    """Clean synthetic samples (all tasks, round robin; no duplicates, noise or bad rows), images in memory.
+
+    Defaults: :data:`PRETRAIN_SAMPLES` samples from generator seed :data:`PRETRAIN_DATA_SEED` (read at call time).
+    """
     from datasel_ray.synthetic import SynthConfig, plan_rows
 
+    num_samples = PRETRAIN_SAMPLES if num_samples is None else num_samples
+    seed = PRETRAIN_DATA_SEED if seed is None else seed
     config = SynthConfig(num_samples=num_samples, seed=seed, duplicate_rate=0.0, noise_rate=0.0, bad_rate=0.0)
     out = []
     for row in plan_rows(config):
@@ -145,13 +157,42 @@ def _pretrain(model, processor, seed: int) -> dict:
             "last10_loss": round(sum(tail) / len(tail), 4), "seconds": round(log.seconds, 1)}
 
 
+@functools.lru_cache(maxsize=4)
+def _pretrain_data_digest(num_samples: int, data_seed: int) -> str:
+    digest = hashlib.sha256()
+    for sample in pretrain_samples(num_samples, data_seed):
+        digest.update(json.dumps([sample["task"], sample["conversations"]], sort_keys=True).encode())
+        if sample["image"] is not None:
+            digest.update(sample["image"].tobytes())
+    return digest.hexdigest()
+
+
+def recipe_fingerprint(seed: int) -> str:
+    """sha256 (hex) of everything a build depends on: tokenizer corpus and special tokens, chat template,
+    architecture, pretraining settings and the pretraining data itself (conversations and rendered images).
+
+    A cached model is reused only when its marker carries this fingerprint, so a change to the synthetic
+    generator, the pretraining recipe or the architecture rebuilds it; :data:`TINY_MODEL_VERSION` alone is a
+    manual stamp that is easy to forget (a model built before a generator change was once silently reused).
+    """
+    recipe = {
+        "version": TINY_MODEL_VERSION, "seed": seed, "vocab_size": VOCAB_SIZE, "special_tokens": SPECIAL_TOKENS,
+        "corpus": _corpus(), "chat_template": CHAT_TEMPLATE, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+        "vision": VISION_CONFIG, "text": TEXT_CONFIG,
+        "pretrain": dataclasses.asdict(pretrain_config(seed)), "pretrain_samples": PRETRAIN_SAMPLES,
+        "pretrain_data": _pretrain_data_digest(PRETRAIN_SAMPLES, PRETRAIN_DATA_SEED),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _marker_ok(out_dir: Path, seed: int) -> bool:
     marker = out_dir / MARKER_FILE
     try:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == TINY_MODEL_VERSION and meta.get("seed") == seed
+    return (meta.get("version") == TINY_MODEL_VERSION and meta.get("seed") == seed
+            and meta.get("recipe") == recipe_fingerprint(seed))
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
@@ -169,7 +210,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     try:
         pretrain = _write_tiny_model(tmp, seed)
         (tmp / MARKER_FILE).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed,
-                                                   "pretrain": pretrain}))
+                                                   "recipe": recipe_fingerprint(seed), "pretrain": pretrain}))
         if out_dir.exists() and not _marker_ok(out_dir, seed):
             shutil.rmtree(out_dir, ignore_errors=True)
         try:
@@ -222,14 +263,9 @@ def _build_model(tokenizer, seed: int):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
-    )
+    vision = CLIPVisionConfig(**VISION_CONFIG)
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), **TEXT_CONFIG, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     config = LlavaConfig(

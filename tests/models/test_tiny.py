@@ -51,7 +51,23 @@ def test_build_is_idempotent_and_rebuilds_stale(two_builds, tmp_path, monkeypatc
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_changed_recipe_rebuilds(two_builds, tmp_path, monkeypatch):
+    """A cached model built from other pretraining data (e.g. before a generator change) is not reused."""
+    monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)
+    a, _ = two_builds
+    old = json.loads((a / tiny.MARKER_FILE).read_text())
+    assert old["recipe"] == tiny.recipe_fingerprint(0)
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy)
+    monkeypatch.setattr(tiny, "PRETRAIN_SAMPLES", tiny.PRETRAIN_SAMPLES - 16)
+    assert tiny.recipe_fingerprint(0) != old["recipe"]
+    build_tiny_model(copy, seed=0)
+    assert json.loads((copy / tiny.MARKER_FILE).read_text())["recipe"] == tiny.recipe_fingerprint(0)
+    assert (copy / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+
+
 def test_resolve_model_path(two_builds, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)  # the recipe of two_builds
     monkeypatch.setenv("DATASEL_HOME", str(tmp_path))
     assert default_tiny_model_dir() == tmp_path / tiny.TINY_SUBDIR
     shutil.copytree(two_builds[0], tmp_path / tiny.TINY_SUBDIR)  # already built: resolve must not rebuild
