@@ -110,3 +110,16 @@ def test_reference_model_is_pretrained_on_the_synthetic_tasks(tiny_model_dir):
     held_out = tiny.pretrain_samples(14, seed=31_337)  # not the pretraining seed
     result = evaluate_answers(model, VLMProcessor.load(ModelConfig(name_or_path=str(path))), held_out)
     assert result["loss_mean"] < 2.0  # random init: ~6.8
+
+
+def test_pretraining_keeps_the_vision_tower_at_its_initialisation(tiny_model_dir):
+    """LLaVA-style: the vision tower is frozen (trained from scratch here it collapsed to a constant output)."""
+    from transformers import AutoModelForImageTextToText
+
+    init = tiny._build_model(tiny._build_tokenizer(), seed=0).state_dict()
+    trained = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, local_files_only=True).state_dict()
+    vision = [k for k in init if "vision_tower" in k]
+    rest = [k for k in init if "vision_tower" not in k and k in trained]
+    assert vision and all(torch.equal(init[k], trained[k]) for k in vision)
+    assert any(not torch.equal(init[k], trained[k]) for k in rest if "multi_modal_projector" in k)
+    assert any(not torch.equal(init[k], trained[k]) for k in rest if "language_model" in k)
