@@ -17,6 +17,7 @@ from typing import Any
 from datasel_ray import __version__, schema
 from datasel_ray.config import RunConfig
 from datasel_ray.io.storage import Location
+from datasel_ray.models.identity import model_identity
 
 PHASE_DIRS = {
     "ingest": ("samples", "quarantine/ingest"),
@@ -40,11 +41,11 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
     if phase == "ingest":
         parts["pool"] = cfg.pool.model_dump(exclude={"records_per_block"})
     elif phase == "warmup":
-        parts["model"] = cfg.model.model_dump()
+        parts["model"] = _model_parts(cfg)
         parts["tive"] = cfg.tive.model_dump(include={"warmup_fraction", "lora", "learning_rate", "epochs",
                                                      "warmup_batch_size"})
     elif phase == "extract":
-        parts["model"] = cfg.model.model_dump()
+        parts["model"] = _model_parts(cfg)
         parts["extract"] = cfg.extract.model_dump(include={"batch_size", "shard_rows"})
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "proj_dim", "projection", "gradient_type"})
         parts["feature_schema_version"] = schema.FEATURE_SCHEMA_VERSION
@@ -53,6 +54,11 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
         parts["datatailor"] = cfg.datatailor.model_dump()
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "task_value"})
     return _flatten(parts)
+
+
+def _model_parts(cfg: RunConfig) -> dict[str, Any]:
+    """The model config plus the identity of the weights it names (see :mod:`datasel_ray.models.identity`)."""
+    return {**cfg.model.model_dump(), "weights": model_identity(cfg.model.name_or_path, cfg.model.revision)}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
