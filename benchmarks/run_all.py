@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_extract.py", "bench_gradients.py", "bench_select.py", "bench_serve.py", "quality.py"]
+SCRIPTS = ["bench_extract.py", "bench_gradients.py", "bench_select.py", "bench_serve.py", "quality.py",
+           "duplicate_sensitivity.py"]
 
 
 def main() -> int:

@@ -116,9 +116,27 @@ def quality_table(rec: dict) -> str:
     return "\n".join(rows)
 
 
+def duplicate_table(rec: dict) -> str:
+    p = rec["params"]
+    per_seed = rec["metrics"]["per_seed"]
+    seeds = list(per_seed)
+    random = " / ".join(f"{per_seed[s]['random']['mean']:.3f}" for s in seeds)
+    rows = [f"`duplicate_sensitivity` ({rec['date'][:10]}; {p['num_samples']} rows, seeds {p['seeds']}, budget "
+            f"{p['budget']}, noise {p['noise']}; random's expected dup rate per seed: {random})", "",
+            "| features / method | dup rate per seed | random with the same task mix | below random's expectation | "
+            "below same-task-mix random |", "|---|---|---|---|---|"]
+    for key, val in rec["metrics"]["summary"].items():
+        dups = " / ".join(f"{per_seed[s][key]['dup']:.3f}" for s in seeds)
+        matched = " / ".join(f"{per_seed[s][key]['random_same_task_mix']:.3f}" for s in seeds)
+        rows.append(f"| {key} | {dups} | {matched} | {val['below_random_expectation']} of {len(seeds)} | "
+                    f"{val['below_same_task_mix']} of {len(seeds)} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     for name, fmt in (("bench_extract", extract_table), ("bench_gradients", gradients_table),
-                      ("bench_select", select_table), ("bench_serve", serve_table), ("quality", quality_table)):
+                      ("bench_select", select_table), ("bench_serve", serve_table), ("quality", quality_table),
+                      ("duplicate_sensitivity", duplicate_table)):
         rec = latest(name)
         print(fmt(rec) if rec else f"`{name}`: no record yet")
         print()

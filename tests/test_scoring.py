@@ -136,7 +136,10 @@ def test_rescoring_pool_records_matches_their_features(scorer, run_dir, pool_rec
         assert result["task"] == str(pool_features[schema.TASK][p])
         assert result["datatailor"]["informativeness"] == pytest.approx(
             float(pool_features[schema.INFORMATIVENESS][p]), abs=1e-3)
-    assert score_pool_samples(run_dir, records[:2])[0]["coincide"] == results[0]["coincide"]
+    # another batch composition pads differently: equal up to float rounding, same cluster
+    alone = score_pool_samples(run_dir, records[:2])[0]["coincide"]
+    assert alone["cluster"] == results[0]["coincide"]["cluster"]
+    assert alone == pytest.approx(results[0]["coincide"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("record, field, reason, status", [
