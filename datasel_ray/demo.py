@@ -8,7 +8,7 @@ from pathlib import Path
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
 from datasel_ray.evaluation import pool_quality, random_expectation, selection_quality
-from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.rundir import PHASE_ORDER, ManifestMismatch, RunDir
 from datasel_ray.io.tasks import TEXT_ONLY_KEY
 from datasel_ray.pipeline.feature_store import load_features
 from datasel_ray.seeds import derive_seed
@@ -34,6 +34,22 @@ def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0) -> Ru
     })
 
 
+def reset_stale_run(cfg: RunConfig) -> str | None:
+    """Delete ``cfg.run_dir`` when any recorded phase was made with another config or model (e.g. after an
+    upgrade); return the mismatch message, or None when the run can be resumed as is.
+
+    The demo owns its run directory, so it starts again instead of asking for ``--force`` like ``datasel run``.
+    """
+    run_dir = RunDir(cfg.run_dir)
+    for phase in PHASE_ORDER:
+        try:
+            run_dir.check_phase(cfg, phase)
+        except ManifestMismatch as err:
+            run_dir.root.delete()
+            return str(err).split(". Use a new run directory")[0]
+    return None
+
+
 def run_demo(workdir: Path, num_samples: int = 600, seed: int = 0, tive: bool = True) -> dict:
     from datasel_ray.pipeline.runner import run_phases
 
@@ -41,6 +57,9 @@ def run_demo(workdir: Path, num_samples: int = 600, seed: int = 0, tive: bool = 
     pool_dir = workdir / "pool"
     info = generate_pool(pool_dir, SynthConfig(num_samples=num_samples, seed=seed))
     cfg = demo_config(workdir, info.pool_path, tive, seed)
+    stale = reset_stale_run(cfg)
+    if stale:
+        print(f"demo: starting the run afresh; the previous one no longer matches ({stale})")
     results = run_phases(cfg)
     summary = summarize(cfg, results, info.ground_truth_path)
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
