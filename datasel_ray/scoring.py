@@ -621,7 +621,8 @@ class Scorer:
             from datasel_ray.features.gradient_stage import GradientStage
 
             cfg = self.stats.config
-            self.gradients = GradientStage(self.model_cfg, cfg.tive, self.lora_dir, cfg.seed)
+            self.gradients = GradientStage(self.model_cfg, cfg.tive, self.lora_dir, cfg.seed,
+                                           base=self.extractor.vlm)
         self._model_lock = threading.Lock()  # torch modules with hooks are not re-entrant
 
     # ---- info

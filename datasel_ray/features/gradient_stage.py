@@ -15,8 +15,10 @@ disagree and :class:`~datasel_ray.scoring.Scorer` refuses to score with a differ
 matrices, and ``proj_dim`` defaults by device (8192 on CUDA, 512 on CPU): a run must not mix devices for
 extraction (the fingerprint says which one was used).
 
-The stage holds its own copy of the reference model with the adapter injected (peft modifies the model in
-place, while the feature extractor needs the base model), so an actor holds the weights twice.
+Given the feature extractor's :class:`~datasel_ray.models.vlm.ReferenceVLM` (``base``), the stage injects the
+adapter into that same model (peft modifies it in place) and makes every feature pass run inside the adapter's
+``disable_adapter()``, whose LoRA layers then compute exactly the base layer: one copy of the weights per actor
+(a 7B reference model in fp16 is ~14 GB). Without ``base`` it loads its own copy.
 """
 
 from __future__ import annotations
@@ -70,12 +72,15 @@ class GradientStage:
             warm-up moments from ``<lora>/optimizer.pt``, never modified), ``per_sample`` method.
         lora_dir: the warm-up adapter directory (``<run>/lora/adapter``; any filesystem).
         seed: the run seed (the projection seed derives from it).
-        device: default cuda when available, else cpu.
+        device: default cuda when available, else cpu (ignored with ``base``: its device is used).
+        base: the feature extractor's loaded model to share (see the module docstring); None loads a copy.
 
     Weights load lazily on first use (:meth:`setup`).
     """
 
-    def __init__(self, model_cfg: ModelConfig, tive_cfg: TiveConfig, lora_dir: str, seed: int, device=None):
+    def __init__(self, model_cfg: ModelConfig, tive_cfg: TiveConfig, lora_dir: str, seed: int, device=None,
+                 base=None):
+        self.base = base
         self.model_cfg = model_cfg
         self.tive_cfg = tive_cfg
         self.lora_dir = str(lora_dir)
@@ -95,13 +100,14 @@ class GradientStage:
         from datasel_ray.features.projector import make_projector
         from datasel_ray.models.vlm import ReferenceVLM
 
-        vlm = ReferenceVLM.load(self.model_cfg, device=self.device)
+        vlm = self.base if self.base is not None else ReferenceVLM.load(self.model_cfg, device=self.device)
         adapter, handle = local_directory(self.lora_dir)
         try:
             model = PeftModel.from_pretrained(vlm.model, adapter, is_trainable=False).to(vlm.device).eval()
         finally:
             if handle is not None:
                 handle.cleanup()
+        vlm.feature_context = model.disable_adapter
         names = [n for n, _ in model.named_parameters() if tive_param_filter(n)]
         if not names:
             raise ValueError(f"the adapter in {self.lora_dir} has no LoRA weights on attention ('self_attn') "

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,9 @@ class ReferenceVLM:
         if bad or not layers:
             raise ValueError(f"model.coincide_layers: layers {bad or layers} out of range for a {n}-layer model")
         self.coincide_layers = layers
+        # entered around every feature pass; a GradientStage sharing this model sets it to the adapter's
+        # disable_adapter() so that features always come from the base weights
+        self.feature_context: Callable[[], AbstractContextManager] = nullcontext
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, device=None) -> ReferenceVLM:
@@ -440,7 +443,7 @@ class ReferenceVLM:
         dtype = next(self.model.parameters()).dtype
         pixels = None if batch.pixel_values is None else batch.pixel_values.to(self.device, dtype=dtype)
         ids = batch.input_ids.to(self.device)
-        with torch.inference_mode(), capture_outputs(modules) as store:
+        with self.feature_context(), torch.inference_mode(), capture_outputs(modules) as store:
             out = self.model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
                              pixel_values=pixels, use_cache=False)
             losses = answer_losses(out.logits, ids, batch.labels.to(self.device))

@@ -87,15 +87,14 @@ class ShardExtractStage:
         self.extractor = FeatureExtractor(ModelConfig.model_validate(model))
         self.run_dir = RunDir(run_dir)
         self.batch_size = batch_size
+        # load in the constructor: an actor then loads while the first shards are still being preprocessed
+        self.extractor.setup()
         self.gradients = None
         if tive is not None and lora_dir:
             from datasel_ray.features.gradient_stage import GradientStage
 
             self.gradients = GradientStage(ModelConfig.model_validate(model), TiveConfig.model_validate(tive),
-                                           lora_dir, seed)
-        # load in the constructor: an actor then loads while the first shards are still being preprocessed
-        self.extractor.setup()
-        if self.gradients is not None:
+                                           lora_dir, seed, base=self.extractor.vlm)
             self.gradients.setup()
 
     def __call__(self, batch: dict) -> dict:

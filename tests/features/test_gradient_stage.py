@@ -162,3 +162,25 @@ def test_two_ray_actors_share_the_projection(ray_local, adapter_dir):
     np.testing.assert_array_equal(ma, local.projector.block_matrix(0).numpy())
     for actor in actors:
         ray.kill(actor)
+
+
+def test_sharing_the_extractors_model_keeps_features_and_gradients(adapter_dir, prepared):
+    """One copy of the weights: the adapter goes into the extractor's model, whose feature passes run with the
+    adapter disabled, so features equal a plain extractor's bit for bit and gradients equal a separate stage's."""
+    from datasel_ray.features.extractor import FeatureExtractor
+
+    rows, out = prepared
+    plain = FeatureExtractor(ModelConfig())
+    before = plain(rows)
+    shared = FeatureExtractor(ModelConfig())
+    shared.setup()
+    stage = GradientStage(ModelConfig(), TiveConfig(proj_dim=PROJ_DIM), str(adapter_dir), seed=5, base=shared.vlm)
+    grads = stage.add_gradients(rows, out)
+    assert stage.featurizer.model.base_model.model is shared.vlm.model  # no second copy
+    after = shared(rows)
+    for column in (schema.COINCIDE_VECTOR, schema.LAST_TOKEN, schema.INFORMATIVENESS, schema.TAU, schema.ANSWER_LOSS):
+        np.testing.assert_array_equal(np.stack(after[column][:3]), np.stack(before[column][:3]), err_msg=column)
+    separate = _stage(adapter_dir).add_gradients(rows, out)
+    np.testing.assert_array_equal(grads[schema.GRAD_PROJ], separate[schema.GRAD_PROJ])
+    again = stage.add_gradients(rows, out)  # after a feature pass the adapter is active again
+    np.testing.assert_array_equal(again[schema.GRAD_PROJ], separate[schema.GRAD_PROJ])
