@@ -32,6 +32,7 @@ from datasel_ray.models.vlm import (
 INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"
 TEXT_MASK = "text_mask"
+IMAGE_INPUTS = "image_inputs"
 ANSWER_MASK = "answer_mask"
 PIXEL_VALUES = "pixel_values"
 HAS_IMAGE = "has_image"
@@ -87,8 +88,11 @@ class Preprocessor:
     Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only).
     Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64 [L_i];
     ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
-    [B, C, H, W] (zeros where ``has_image`` is False); ``has_image`` bool [B]; ``truncated`` bool [B];
-    ``error_reason`` / ``error_message`` str [B] ("" when fine). Failed rows get length-1 dummy token arrays.
+    [B, C, H, W] (zeros where ``has_image`` is False), or object [B] of per-image arrays when the processor's
+    pixel shapes vary by image (LLaVA-NeXT, Qwen2-VL); ``image_inputs`` object [B] of dict | None, only when the
+    processor returns other image inputs (``image_sizes``, ``image_grid_thw``); ``has_image`` bool [B];
+    ``truncated`` bool [B]; ``error_reason`` / ``error_message`` str [B] ("" when fine). Failed rows get length-1
+    dummy token arrays.
     """
 
     def __init__(self, model_cfg: ModelConfig):
@@ -142,10 +146,17 @@ class Preprocessor:
 
     def columns(self, row_ids, samples, reasons, messages) -> dict[str, np.ndarray]:
         """Batch columns (see the class docstring) from prepared samples and their per-row errors."""
-        pixels = np.zeros((len(samples), *self.pixel_shape), dtype=np.float32)
-        for i, sample in enumerate(samples):
-            if sample.has_image:
-                pixels[i] = sample.pixel_values
+        shapes = {s.pixel_values.shape for s in samples if s.has_image}
+        if shapes <= {self.pixel_shape}:
+            pixels = np.zeros((len(samples), *self.pixel_shape), dtype=np.float32)
+            for i, sample in enumerate(samples):
+                if sample.has_image:
+                    pixels[i] = sample.pixel_values
+        else:  # per-image shapes differ (LLaVA-NeXT tiles, Qwen2-VL patches)
+            pixels = object_column([s.pixel_values if s.has_image else np.zeros(0, np.float32) for s in samples])
+        extra = {}
+        if any(s.image_inputs for s in samples):
+            extra[IMAGE_INPUTS] = object_column([s.image_inputs for s in samples])
         return {
             schema.ROW_ID: row_ids,
             INPUT_IDS: object_column([s.input_ids for s in samples]),
@@ -157,6 +168,7 @@ class Preprocessor:
             schema.TRUNCATED: np.array([s.truncated for s in samples], dtype=bool),
             schema.ERROR_REASON: np.array(reasons, dtype=object),
             schema.ERROR_MESSAGE: np.array(messages, dtype=object),
+            **extra,
         }
 
 
@@ -170,6 +182,7 @@ def sample_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedSample:
         text_mask=np.asarray(batch[TEXT_MASK][i], dtype=bool),
         answer_mask=np.asarray(batch[ANSWER_MASK][i], dtype=bool),
         truncated=bool(batch[schema.TRUNCATED][i]),
+        image_inputs=batch[IMAGE_INPUTS][i] if IMAGE_INPUTS in batch and has_image else None,
     )
 
 

@@ -252,6 +252,10 @@ class LoraGradientFeaturizer:
             value = batch[key] if isinstance(batch, Mapping) else getattr(batch, key)
             return None if value is None else torch.as_tensor(value).to(self.device)
 
+        extra = batch.get("image_inputs") if isinstance(batch, Mapping) else getattr(batch, "image_inputs", None)
+        if extra:
+            raise ValueError(f"TIVE gradients support models whose images are pixel_values only (LLaVA-1.5 style); "
+                             f"this model's processor also returns {sorted(extra)} (e.g. LLaVA-NeXT, Qwen2-VL)")
         ids, mask, labels, pixels = (get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
         if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != ids.shape:
             raise ValueError(f"input_ids/attention_mask/labels must be [B, T] alike, got {tuple(ids.shape)}, "

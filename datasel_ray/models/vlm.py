@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ from datasel_ray.models.tiny import resolve_model_path
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+# processor outputs that describe the text, not the image
+_TEXT_OUTPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+# present when a processor returns all images' patches concatenated instead of one array per image (Qwen2-VL)
+CONCATENATED_PATCHES_KEY = "image_grid_thw"
 
 
 class ContextTooShortError(ValueError):
@@ -43,10 +47,14 @@ class ChatTemplateError(ValueError):
 class PreparedSample:
     """One tokenised sample. All arrays have the same length L (no padding).
 
-    input_ids: int64 [L]; pixel_values: float32 [C, H, W] or None (text-only);
+    input_ids: int64 [L]; pixel_values: float32, the processor's pixels of this one image or None (text-only):
+    [C, H, W] for LLaVA-1.5-style processors, [patches, C, H, W] for LLaVA-NeXT (any-resolution tiles), or
+    [patches, patch_dim] for processors that concatenate patches (Qwen2-VL, marked by ``image_grid_thw``);
     image_mask: bool [L] (input_ids == image token id); text_mask: bool [L] (COINCIDE text span: every token after
     the image span, every token for text-only samples); answer_mask: bool [L] (assistant answer tokens plus the
-    end-of-turn token the template emits after each); truncated: cut to the model context.
+    end-of-turn token the template emits after each); truncated: cut to the model context;
+    image_inputs: the processor's other per-image model inputs, each with a leading dimension of 1 (e.g.
+    ``image_sizes`` int64 [1, 2] for LLaVA-NeXT, ``image_grid_thw`` int64 [1, 3] for Qwen2-VL), or None.
     """
 
     input_ids: np.ndarray
@@ -55,6 +63,7 @@ class PreparedSample:
     text_mask: np.ndarray
     answer_mask: np.ndarray
     truncated: bool = False
+    image_inputs: dict[str, np.ndarray] | None = None
 
     @property
     def length(self) -> int:
@@ -70,8 +79,10 @@ class PaddedBatch:
     """Right-padded batch of :class:`PreparedSample`.
 
     input_ids int64 [B, T]; attention_mask int64 [B, T]; labels int64 [B, T] (input id on answer tokens, -100
-    elsewhere, unshifted as HF causal-LM losses expect); pixel_values float32 [n_images, C, H, W] for the rows
-    with an image, in row order, or None; lengths int64 [B] (non-pad tokens per row).
+    elsewhere, unshifted as HF causal-LM losses expect); pixel_values float32 for the rows with an image, in row
+    order, or None: [n_images, C, H, W] (LLaVA-1.5), [n_images, max patches, C, H, W] zero-padded (LLaVA-NeXT, as
+    its processor batches), or all images' patches concatenated (``image_grid_thw`` models); lengths int64 [B]
+    (non-pad tokens per row); image_inputs: the samples' ``image_inputs`` concatenated per key ([n_images, ...]).
     """
 
     input_ids: Any
@@ -79,6 +90,13 @@ class PaddedBatch:
     labels: Any
     pixel_values: Any
     lengths: Any
+    image_inputs: dict = field(default_factory=dict)
+
+    def image_kwargs(self, device, dtype) -> dict:
+        """Model keyword arguments for the images: ``pixel_values`` cast to ``dtype`` plus ``image_inputs``
+        (integer tensors, not cast), all on ``device``; ``pixel_values=None`` for a text-only batch."""
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device, dtype=dtype)
+        return {"pixel_values": pixels, **{k: v.to(device) for k, v in self.image_inputs.items()}}
 
 
 @dataclass
@@ -177,17 +195,28 @@ class VLMProcessor:
         # the chat template renders BOS/EOS itself
         return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
-    def _encode(self, text: str, image) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode(self, text: str, image) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
         out = self.processor(text=[text], images=[image] if image is not None else None,
                              add_special_tokens=False, return_tensors="np")
         ids = np.asarray(out["input_ids"][0], dtype=np.int64)
-        pixels = None
-        if image is not None:
-            pixels = np.asarray(out["pixel_values"], dtype=np.float32)[0]
-        return ids, pixels
+        if image is None:
+            return ids, None, None
+        extra = {k: np.asarray(v) for k, v in out.items() if k not in _TEXT_OUTPUTS and k != "pixel_values"}
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        if CONCATENATED_PATCHES_KEY not in extra:
+            pixels = pixels[0]  # [1, ...] -> this image's pixels
+        return ids, pixels, extra or None
+
+    def extra_image_inputs(self, size: int = 64) -> list[str]:
+        """Names of the model inputs besides ``pixel_values`` the processor makes of an image (probed with a grey
+        ``size`` x ``size`` image): [] for LLaVA-1.5, ``['image_sizes']`` for LLaVA-NeXT, ..."""
+        from PIL import Image
+
+        probe = Image.new("RGB", (size, size), (127, 127, 127))
+        return sorted(self._encode(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER), probe)[2] or {})
 
     def pixel_values(self, image) -> np.ndarray:
-        """float32 [C, H, W] pixel values the processor makes of ``image`` (a PIL image)."""
+        """float32 pixel values the processor makes of ``image`` (a PIL image); see :class:`PreparedSample`."""
         return self._encode(getattr(self.processor, "image_token", IMAGE_PLACEHOLDER), image)[1]
 
     def prepare(self, conversations: list[dict], image=None, max_length: int | None = None) -> PreparedSample:
@@ -199,7 +228,7 @@ class VLMProcessor:
         """
         messages = conversation_to_messages(conversations, with_image=image is not None)
         full_text = self.render(messages)
-        ids, pixels = self._encode(full_text, image)
+        ids, pixels, image_inputs = self._encode(full_text, image)
         to_full = self._prefix_mapper(self._text_ids(full_text), ids)
         answer = np.zeros(ids.shape[0], dtype=bool)
         for k, message in enumerate(messages):
@@ -214,7 +243,7 @@ class VLMProcessor:
         text_mask = np.ones_like(image_mask)
         if image_mask.any():
             text_mask[: int(np.flatnonzero(image_mask)[-1]) + 1] = False
-        sample = PreparedSample(ids, pixels, image_mask, text_mask, answer)
+        sample = PreparedSample(ids, pixels, image_mask, text_mask, answer, image_inputs=image_inputs)
         return truncate(sample, max_length or self.max_length)
 
     def _prefix_mapper(self, text_ids: np.ndarray, full_ids: np.ndarray):
@@ -253,7 +282,8 @@ def truncate(sample: PreparedSample, max_length: int | None) -> PreparedSample:
             f"is {max_length} tokens")
     cut = slice(0, max_length)
     return PreparedSample(sample.input_ids[cut], sample.pixel_values, sample.image_mask[cut],
-                          sample.text_mask[cut], sample.answer_mask[cut], truncated=True)
+                          sample.text_mask[cut], sample.answer_mask[cut], truncated=True,
+                          image_inputs=sample.image_inputs)
 
 
 def collate(samples: Sequence[PreparedSample], pad_token_id: int) -> PaddedBatch:
@@ -273,10 +303,37 @@ def collate(samples: Sequence[PreparedSample], pad_token_id: int) -> PaddedBatch
         attention[b, : s.length] = 1
         answer = torch.from_numpy(np.ascontiguousarray(s.answer_mask, dtype=bool))
         labels[b, : s.length] = torch.where(answer, row, torch.full_like(row, -100))
-    images = [torch.from_numpy(np.ascontiguousarray(s.pixel_values, dtype=np.float32))
-              for s in samples if s.has_image]
-    pixels = torch.stack(images) if images else None
-    return PaddedBatch(ids, attention, labels, pixels, lengths)
+    with_image = [s for s in samples if s.has_image]
+    keys = sorted(with_image[0].image_inputs or {}) if with_image else []
+    if any(sorted(s.image_inputs or {}) != keys for s in with_image):
+        raise ValueError("collate: samples with images carry different image inputs "
+                         f"({sorted({tuple(sorted(s.image_inputs or {})) for s in with_image})})")
+    images = [torch.from_numpy(np.ascontiguousarray(s.pixel_values, dtype=np.float32)) for s in with_image]
+    if not images:
+        pixels = None
+    elif CONCATENATED_PATCHES_KEY in keys:
+        pixels = torch.cat(images)
+    else:
+        pixels = torch.stack(_pad_to_common_shape(images))
+    extra = {k: torch.from_numpy(np.concatenate([s.image_inputs[k] for s in with_image])) for k in keys}
+    return PaddedBatch(ids, attention, labels, pixels, lengths, extra)
+
+
+def _pad_to_common_shape(tensors: list) -> list:
+    """Zero-pad tensors of the same rank to their elementwise largest shape (LLaVA-NeXT images with different
+    tile counts, padded as its own processor pads a batch; the model reads the real count from image_sizes)."""
+    import torch
+
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    out = []
+    for t in tensors:
+        if list(t.shape) == shape:
+            out.append(t)
+            continue
+        padded = torch.zeros(shape, dtype=t.dtype)
+        padded[tuple(slice(0, n) for n in t.shape)] = t
+        out.append(padded)
+    return out
 
 
 def length_groups(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:
@@ -441,11 +498,10 @@ class ReferenceVLM:
                    for layer in self.coincide_layers}
         modules["last"] = self.decoder_layers[-1]
         dtype = next(self.model.parameters()).dtype
-        pixels = None if batch.pixel_values is None else batch.pixel_values.to(self.device, dtype=dtype)
         ids = batch.input_ids.to(self.device)
         with self.feature_context(), torch.inference_mode(), capture_outputs(modules) as store:
             out = self.model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
-                             pixel_values=pixels, use_cache=False)
+                             **batch.image_kwargs(self.device, dtype), use_cache=False)
             losses = answer_losses(out.logits, ids, batch.labels.to(self.device))
         results = []
         for b, n in enumerate(batch.lengths.tolist()):

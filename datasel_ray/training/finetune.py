@@ -182,9 +182,8 @@ def deterministic_torch(num_threads: int | None):
 
 
 def _model_inputs(batch, device, dtype) -> dict:
-    pixels = None if batch.pixel_values is None else batch.pixel_values.to(device, dtype=dtype)
     return {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
-            "pixel_values": pixels}
+            **batch.image_kwargs(device, dtype)}
 
 
 def finetune(
@@ -272,7 +271,7 @@ def greedy_answer(model, processor: VLMProcessor, prepared: PreparedSample, star
     ids = torch.from_numpy(np.ascontiguousarray(prepared.input_ids[:start], dtype=np.int64))[None].to(device)
     kwargs = {}
     if prepared.pixel_values is not None:
-        kwargs["pixel_values"] = torch.from_numpy(prepared.pixel_values)[None].to(device, dtype=dtype)
+        kwargs = collate([prepared], processor.pad_token_id).image_kwargs(device, dtype)
     eos = processor.tokenizer.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=processor.pad_token_id,

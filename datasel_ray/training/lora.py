@@ -184,9 +184,8 @@ def train_lora(
             labels = batch.labels.to(device)
             if not bool((labels[:, 1:] != -100).any()) and world_size == 1:
                 continue
-            pixels = None if batch.pixel_values is None else batch.pixel_values.to(device, dtype=dtype)
             out = forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                          pixel_values=pixels, use_cache=False)
+                          **batch.image_kwargs(device, dtype), use_cache=False)
             loss = batch_answer_loss(out.logits, labels)
             if not torch.isfinite(loss):  # no answer token on this rank; keep DDP in step with a zero gradient
                 loss = out.logits.sum() * 0.0

@@ -1,0 +1,131 @@
+"""A reference model whose processor returns more than pixel_values: a tiny LLaVA-NeXT (any-resolution tiles,
+``image_sizes``), built offline. Features must not depend on how images of different tile counts are batched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasel_ray import schema
+from datasel_ray.config import ModelConfig
+from datasel_ray.models import tiny
+from datasel_ray.models.vlm import ReferenceVLM, collate
+
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+QUESTION = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "It is red."}]
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextProcessor
+
+    try:
+        from transformers import LlavaNextImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import LlavaNextImageProcessor as ImageProcessor
+    tokenizer = tiny._build_tokenizer()
+    images = ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                            image_grid_pinpoints=PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=tiny.PATCH_SIZE,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tiny.CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**tiny.VISION_CONFIG),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), **tiny.TEXT_CONFIG, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llava-next")
+    LlavaNextForConditionalGeneration(config).eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vlm(next_dir):
+    return ReferenceVLM.load(ModelConfig(name_or_path=str(next_dir)))
+
+
+def _images():
+    return [Image.new("RGB", (32, 32), (200, 20, 20)), Image.new("RGB", (64, 32), (20, 200, 20)),
+            Image.new("RGB", (20, 50), (20, 20, 200))]
+
+
+def test_prepare_keeps_image_sizes_and_tiles(vlm):
+    samples = [vlm.processor.prepare(QUESTION, image) for image in _images()]
+    assert [s.image_inputs["image_sizes"].tolist() for s in samples] == [[[32, 32]], [[32, 64]], [[50, 20]]]
+    assert [s.pixel_values.shape[0] for s in samples] == [2, 3, 3]  # base tile + any-resolution tiles
+    assert len({int(s.image_mask.sum()) for s in samples}) > 1  # the image span depends on the aspect ratio
+    batch = collate(samples, vlm.processor.pad_token_id)
+    assert batch.pixel_values.shape == (3, 3, 3, 32, 32)  # zero-padded to the largest tile count
+    assert not batch.pixel_values[0, 2].any()
+    assert batch.image_inputs["image_sizes"].tolist() == [[32, 32], [32, 64], [50, 20]]
+
+
+def test_batched_features_equal_single_sample_features(vlm):
+    text_only = [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "How can I help you today?"}]
+    samples = [vlm.processor.prepare(QUESTION, image) for image in _images()]
+    samples.append(vlm.processor.prepare(text_only))
+    batched = vlm.forward_features(samples)
+    for sample, got in zip(samples, batched):
+        alone = vlm.forward_features([sample])[0]
+        assert got.last_hidden.shape[0] == sample.length
+        torch.testing.assert_close(got.last_hidden, alone.last_hidden, rtol=1e-4, atol=1e-4)
+        for a, b in zip(got.layer_outputs, alone.layer_outputs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert got.answer_loss == pytest.approx(alone.answer_loss, rel=1e-4)
+
+
+def test_extractor_columns_carry_variable_tiles_and_image_inputs(next_dir, tmp_path):
+    from datasel_ray.features.extractor import IMAGE_INPUTS, FeatureExtractor, Preprocessor
+
+    paths = []
+    for i, image in enumerate(_images()):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    cfg = ModelConfig(name_or_path=str(next_dir))
+    batch = {schema.ROW_ID: np.arange(3, dtype=np.int64),
+             schema.CONVERSATIONS: np.array([json.dumps(QUESTION)] * 3, dtype=object),
+             schema.IMAGE_PATH: np.array(paths, dtype=object)}
+    rows = Preprocessor(cfg)(batch)
+    assert list(rows[schema.ERROR_REASON]) == ["", "", ""]
+    assert rows[IMAGE_INPUTS][1]["image_sizes"].tolist() == [[32, 64]]
+    out = FeatureExtractor(cfg)(rows)
+    assert list(out[schema.ERROR_REASON]) == ["", "", ""]
+    vectors = np.stack(out[schema.COINCIDE_VECTOR]).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
+    assert not np.allclose(vectors[0], vectors[1])  # different images, different features
+
+
+def test_tive_gradients_refuse_extra_image_inputs(next_dir, vlm):
+    """Per-sample gradients index one image per row; tiles + image_sizes are refused, naming the inputs."""
+    from transformers import AutoModelForImageTextToText
+
+    from datasel_ray.config import LoraConfig
+    from datasel_ray.features.gradients import LoraGradientFeaturizer, tive_param_filter
+    from datasel_ray.features.projector import make_projector
+    from datasel_ray.training.lora import attach_lora
+
+    model = attach_lora(AutoModelForImageTextToText.from_pretrained(next_dir), LoraConfig(r=2, alpha=4), seed=0)
+    grad_dim = sum(p.numel() for n, p in model.named_parameters() if tive_param_filter(n))
+    projector = make_projector("rademacher", grad_dim, 8)
+    featurizer = LoraGradientFeaturizer(model, projector, param_filter=tive_param_filter)
+    batch = collate([vlm.processor.prepare(QUESTION, _images()[1])], vlm.processor.pad_token_id)
+    with pytest.raises(ValueError, match=r"pixel_values only.*\['image_sizes'\]"):
+        featurizer.compute(batch)
+
+
+def test_preflight_refuses_tive_for_such_a_model(next_dir, tmp_path, ray_local):
+    from datasel_ray.config import RunConfig
+    from datasel_ray.pipeline.runner import preflight
+
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(next_dir)},
+                                    "tive": {"enabled": True}})
+    with pytest.raises(ValueError, match=r"tive.enabled: .*\['image_sizes'\]"):
+        preflight(cfg, ["extract"])
+    preflight(cfg.model_copy(update={"tive": cfg.tive.model_copy(update={"enabled": False})}), ["extract"])
