@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasel_ray import schema
+from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY
 
 METHODS = ("auto", "vmap", "loop")
 # "auto" resolves to this when vmap is supported (measured faster, see the module docstring).
@@ -160,24 +161,26 @@ class LoraGradientFeaturizer:
         """Features of a right- or left-padded batch.
 
         ``batch``: mapping or object with ``input_ids`` int [B, T], ``attention_mask`` int/bool [B, T], ``labels``
-        int [B, T] (-100 outside answer tokens, unshifted), ``pixel_values`` float [n_images, C, H, W] for the rows
-        that contain image tokens, in row order (or None). numpy or torch.
+        int [B, T] (-100 outside answer tokens, unshifted), ``pixel_values`` float [n_images, ...] for the rows
+        that contain image tokens, in row order (or None), and optionally ``image_inputs`` {name: [n_images, ...]}
+        (e.g. LLaVA-NeXT ``image_sizes``), sliced per row with the pixels. numpy or torch. Processors that
+        concatenate all images' patches (``image_grid_thw``, Qwen2-VL) are refused.
 
         Returns:
             ``grad_proj`` float32 [B, proj_dim], ``grad_norm`` float32 [B] (fp32 L2 norm of the raw gradient),
             ``answer_loss`` float32 [B] (nan for rows without answer tokens).
         """
-        ids, mask, labels, pixels = self._unpack(batch)
+        ids, mask, labels, pixels, extra = self._unpack(batch)
         if self.method == "vmap":
             try:
-                grads, losses = self._per_sample_vmap(ids, mask, labels, pixels)
+                grads, losses = self._per_sample_vmap(ids, mask, labels, pixels, extra)
             except RuntimeError as err:  # data-dependent control flow in a model we have not seen
                 warnings.warn(f"vmap per-sample gradients failed ({err!s:.200}); using the per-sample loop",
                               RuntimeWarning, stacklevel=2)
                 self.method = "loop"
-                grads, losses = self._per_sample_loop(ids, mask, labels, pixels)
+                grads, losses = self._per_sample_loop(ids, mask, labels, pixels, extra)
         else:
-            grads, losses = self._per_sample_loop(ids, mask, labels, pixels)
+            grads, losses = self._per_sample_loop(ids, mask, labels, pixels, extra)
         proj, norms = self._finish(grads)
         no_answer = (labels[:, 1:] != -100).sum(dim=1) == 0
         losses = torch.where(no_answer.to(losses.device), torch.nan, losses)
@@ -190,18 +193,19 @@ class LoraGradientFeaturizer:
     __call__ = compute
 
     # -- per-sample gradients ------------------------------------------------------------------------------
-    def _per_sample_loop(self, ids, mask, labels, pixels) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _per_sample_loop(self, ids, mask, labels, pixels, extra) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Reference: batch size 1 on each sample's non-pad tokens. Returns [B, n_p] pieces and losses [B]."""
         image_rows = self._image_rows(ids).tolist()
         per_sample, losses = [], []
         for b in range(ids.shape[0]):
             keep = mask[b].bool()
-            pv = None
+            image = {"pixel_values": None}
             if image_rows[b] >= 0:
-                pv = pixels[image_rows[b]:image_rows[b] + 1]
+                r = image_rows[b]
+                image = {"pixel_values": pixels[r:r + 1], **{k: v[r:r + 1] for k, v in extra.items()}}
             with torch.enable_grad():
                 out = self.model(input_ids=ids[b, keep][None], attention_mask=mask[b, keep][None].long(),
-                                 pixel_values=pv, use_cache=False)
+                                 **image, use_cache=False)
                 loss = answer_token_loss(out.logits[0], labels[b, keep])
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             per_sample.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
@@ -209,11 +213,11 @@ class LoraGradientFeaturizer:
         pieces = [torch.stack([s[i] for s in per_sample]).reshape(ids.shape[0], -1) for i in range(len(self.params))]
         return pieces, torch.stack(losses)
 
-    def _per_sample_vmap(self, ids, mask, labels, pixels) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _per_sample_vmap(self, ids, mask, labels, pixels, extra) -> tuple[list[torch.Tensor], torch.Tensor]:
         """torch.func over the language model on precomputed ``inputs_embeds`` (see module docstring)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        embeds = self._input_embeddings(ids, mask, pixels)
+        embeds = self._input_embeddings(ids, mask, pixels, extra)
         mask4 = self._prepared_mask(mask, embeds.dtype)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
@@ -253,9 +257,10 @@ class LoraGradientFeaturizer:
             return None if value is None else torch.as_tensor(value).to(self.device)
 
         extra = batch.get("image_inputs") if isinstance(batch, Mapping) else getattr(batch, "image_inputs", None)
-        if extra:
-            raise ValueError(f"TIVE gradients support models whose images are pixel_values only (LLaVA-1.5 style); "
-                             f"this model's processor also returns {sorted(extra)} (e.g. LLaVA-NeXT, Qwen2-VL)")
+        extra = {k: torch.as_tensor(v).to(self.device) for k, v in (extra or {}).items()}
+        if CONCATENATED_PATCHES_KEY in extra:
+            raise ValueError(f"TIVE gradients need one image tensor per row; this model's processor concatenates "
+                             f"all images' patches ({sorted(extra)}, e.g. Qwen2-VL)")
         ids, mask, labels, pixels = (get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
         if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != ids.shape:
             raise ValueError(f"input_ids/attention_mask/labels must be [B, T] alike, got {tuple(ids.shape)}, "
@@ -266,7 +271,7 @@ class LoraGradientFeaturizer:
         if n_images and (pixels is None or pixels.shape[0] != n_images):
             raise ValueError(f"{n_images} rows hold image tokens but pixel_values has "
                              f"{0 if pixels is None else pixels.shape[0]} images")
-        return ids, mask, labels.long(), pixels
+        return ids, mask, labels.long(), pixels, extra
 
     def _image_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [B]: index into pixel_values of each row's image, -1 for rows without image tokens."""
@@ -291,7 +296,7 @@ class LoraGradientFeaturizer:
             return lm, f"selected parameter {outside[0]!r} lies outside {lm!r}"
         return lm, ""
 
-    def _input_embeddings(self, ids, mask, pixels) -> torch.Tensor:
+    def _input_embeddings(self, ids, mask, pixels, extra) -> torch.Tensor:
         """Batched, no-grad ``inputs_embeds`` of the language model (image features merged)."""
         if self._lm_name is None:
             with torch.no_grad():
@@ -306,7 +311,7 @@ class LoraGradientFeaturizer:
         handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                self.model(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, use_cache=False)
+                self.model(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, **extra, use_cache=False)
         except _StopForward:
             pass
         finally:
