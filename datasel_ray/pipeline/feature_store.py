@@ -44,18 +44,21 @@ def load_table(run_dir: RunDir, sub: str, columns: list[str] | None = None) -> p
 def load_features(run_dir: RunDir, columns: list[str]) -> dict[str, np.ndarray]:
     """Feature columns (plus row_id) as numpy, sorted by row id."""
     wanted = list(dict.fromkeys([schema.ROW_ID, *columns]))
-    table = load_table(run_dir, "features")
-    missing = [c for c in wanted if c not in table.column_names]
+    present = feature_columns(run_dir)
+    missing = [c for c in wanted if present and c not in present]
     if missing:
         raise RuntimeError(f"features/ in {run_dir} has no column(s) {', '.join(missing)}: "
                            f"re-run extract with the feature families these methods need (e.g. tive.enabled=true)")
+    table = load_table(run_dir, "features", wanted)  # only these columns are decoded
     return {name: column_to_numpy(table.column(name)) for name in wanted}
 
 
 def feature_columns(run_dir: RunDir) -> list[str]:
+    """Column names of the feature shards (from the first shard's footer); [] when there is none."""
     files = (run_dir / "features").list(".parquet")
     if not files:
         return []
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(files[0].open_input()).schema_arrow.names
+    with files[0].open_input() as handle:
+        return pq.ParquetFile(handle).schema_arrow.names
