@@ -46,7 +46,7 @@ def reset_stale_run(cfg: RunConfig) -> str | None:
             run_dir.check_phase(cfg, phase)
         except ManifestMismatch as err:
             run_dir.root.delete()
-            return str(err).split(". Use a new run directory")[0]
+            return f"'{err.phase}' was made with {err.key}={err.recorded!r}, the config now says {err.current!r}"
     return None
 
 

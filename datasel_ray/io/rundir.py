@@ -32,7 +32,17 @@ _VERSIONED_PACKAGES = ("ray", "torch", "transformers", "peft", "faiss-cpu", "num
 
 
 class ManifestMismatch(RuntimeError):
-    """The run directory was produced with a different configuration."""
+    """The run directory was produced with a different configuration.
+
+    ``phase``, ``key`` (dotted config field), ``recorded`` and ``current`` (its two values) say which.
+    """
+
+    def __init__(self, run_dir: str, phase: str, key: str, recorded: Any, current: Any):
+        self.phase, self.key, self.recorded, self.current = phase, key, recorded, current
+        super().__init__(
+            f"Run directory {run_dir} has '{phase}' outputs made with {key}={recorded!r}, but the config now says "
+            f"{key}={current!r}. Use a new run directory, restore the value, or pass --force to recompute "
+            f"'{phase}' and the phases after it.")
 
 
 def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
@@ -132,10 +142,7 @@ class RunDir:
         old = recorded["fingerprint"]
         for key in sorted(set(current) | set(old)):
             if current.get(key) != old.get(key):
-                raise ManifestMismatch(
-                    f"Run directory {self.root} has '{phase}' outputs made with {key}={old.get(key)!r}, "
-                    f"but the config now says {key}={current.get(key)!r}. Use a new run directory, restore the "
-                    f"value, or pass --force to recompute '{phase}' and the phases after it.")
+                raise ManifestMismatch(str(self.root), phase, key, old.get(key), current.get(key))
 
     def phase_status(self, phase: str) -> str:
         return self.load_manifest().get("phases", {}).get(phase, {}).get("status", "pending")
