@@ -24,12 +24,18 @@ from datasel_ray.methods.budget import resolve_budget
 __all__ = [
     "CoincideResult",
     "allocate_and_select",
+    "cluster_density",
+    "cluster_kernel_sums",
+    "cluster_prototypes",
+    "cluster_quotas",
     "default_num_clusters",
     "density",
     "greedy_mmd",
+    "match_member",
     "selection_probability",
     "select",
     "transferability",
+    "would_select_new",
 ]
 
 _BLOCK = 1024  # rows per block in blocked kernel / cosine computations
@@ -116,12 +122,29 @@ def _kernel_block(a: np.ndarray, b: np.ndarray, a_sq: np.ndarray, b_sq: np.ndarr
     return np.exp(-(a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)) / (2.0 * sigma * sigma))
 
 
-def _cluster_density(xc: np.ndarray, sigma: float) -> float:
-    sq = np.einsum("ij,ij->i", xc, xc)
-    total = 0.0
-    for s in range(0, len(xc), _BLOCK):
-        total += _kernel_block(xc[s:s + _BLOCK], xc, sq[s:s + _BLOCK], sq, sigma).sum()
-    return total / (len(xc) * len(xc))
+def cluster_kernel_sums(xc: np.ndarray, sigma: float) -> np.ndarray:
+    """Per member, ``Σ_{b∈C} exp(-|u_a - u_b|² / (2σ²))`` (float64[|C|]) — the column sums of the cluster's
+    kernel matrix, used by density (Eq. 6) and by greedy MMD.
+
+    ``xc``: float[|C|, d] in any float dtype (fp16 as stored); converted to float64 one block of ``_BLOCK`` rows
+    at a time on both sides, so memory is O(|C| d) in the input dtype plus O(block²) — never |C| x |C| or a
+    float64 copy of the cluster. Fixed blocks: the result does not depend on where the cluster was read.
+    """
+    n = len(xc)
+    sums = np.zeros(n)
+    for s in range(0, n, _BLOCK):
+        a = np.asarray(xc[s:s + _BLOCK], dtype=np.float64)
+        a_sq = np.einsum("ij,ij->i", a, a)
+        for t in range(0, n, _BLOCK):
+            b = a if t == s else np.asarray(xc[t:t + _BLOCK], dtype=np.float64)
+            b_sq = a_sq if t == s else np.einsum("ij,ij->i", b, b)
+            sums[s:s + _BLOCK] += _kernel_block(a, b, a_sq, b_sq, sigma).sum(1)
+    return sums
+
+
+def cluster_density(xc: np.ndarray, sigma: float) -> float:
+    """Density D (Eq. 6) of one non-empty cluster: the mean of :func:`cluster_kernel_sums` over ``|C|``."""
+    return float(cluster_kernel_sums(xc, sigma).sum() / (len(xc) * len(xc)))
 
 
 def density(x: np.ndarray, labels: np.ndarray, k: int, sigma: float = 1.0) -> np.ndarray:
@@ -137,8 +160,8 @@ def density(x: np.ndarray, labels: np.ndarray, k: int, sigma: float = 1.0) -> np
         sigma: Gaussian kernel width (reference ``--gamma`` = 1.0).
 
     Returns:
-        float64[k]; NaN for empty clusters, 1.0 for single-member clusters. Memory O(|C| · block + |C| d) per
-        cluster, time O(Σ_c |C|² d) = O(N · max|C| · d).
+        float64[k]; NaN for empty clusters, 1.0 for single-member clusters. Memory O(block² + |C| d) per
+        cluster (see :func:`cluster_kernel_sums`), time O(Σ_c |C|² d) = O(N · max|C| · d).
     """
     x = _check_x(x)
     lab = _check_labels(labels, x.shape[0], int(k))
@@ -149,7 +172,7 @@ def density(x: np.ndarray, labels: np.ndarray, k: int, sigma: float = 1.0) -> np
     for c in range(int(k)):
         idx = order[starts[c]:starts[c + 1]]
         if len(idx):
-            out[c] = _cluster_density(np.asarray(x[idx], dtype=np.float64), float(sigma))
+            out[c] = cluster_density(x[idx], float(sigma))
     return out
 
 
@@ -221,6 +244,60 @@ def greedy_mmd(xc: np.ndarray, m: int, sigma: float = 1.0) -> np.ndarray:
     return out
 
 
+def cluster_quotas(sizes: np.ndarray, S: np.ndarray, D: np.ndarray, budget: int,
+                   temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sequential cluster quotas of Algorithm 1 (reference ``cluster_wise_prune.py``); they depend only on sizes.
+
+    Non-empty clusters (finite D) are processed in descending ``score = S / D`` (= descending P; ties: lowest
+    cluster id — the reference's reversed argsort would take the highest). With ``remaining = budget``:
+    ``q = round(remaining · P̃_i)`` (Python round, half to even, as the reference), where ``P̃_i`` is the softmax
+    of ``score / τ`` over this and all not-yet-processed clusters; the cluster gives ``min(q, |C_i|)`` rows (all of
+    it when ``q > |C_i|``, else ``q`` greedy MMD prototypes); ``remaining -= taken``. The total is at most
+    ``budget`` (shortfalls flow to later clusters).
+
+    Args:
+        sizes: int[K] cluster sizes; S, D: float[K]; budget: rows (int >= 0); temperature τ > 0.
+
+    Returns:
+        ``(quota int64[K], order int64[K'], whole bool[K])``: rows taken per cluster, the processing order of
+        non-empty clusters, and whether a cluster's ``q`` exceeded its size (then it is taken whole, in row order,
+        without greedy MMD — as the reference).
+    """
+    S = np.asarray(S, dtype=np.float64)
+    D = np.asarray(D, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    K = len(S)
+    if D.shape != (K,) or sizes.shape != (K,):
+        raise ValueError(f"D and sizes must have shape ({K},) like S, got {D.shape} and {sizes.shape}")
+    if isinstance(budget, bool) or int(budget) != budget or budget < 0:
+        raise ValueError(f"budget must be an integer >= 0, got {budget!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = np.flatnonzero(np.isfinite(D) & (sizes > 0))
+    score = S[valid] / D[valid]
+    proc = valid[np.lexsort((valid, -score))]
+    z = (S[proc] / D[proc]) / temperature
+    e = np.exp(z - z.max()) if len(z) else z
+    suffix = np.cumsum(e[::-1])[::-1]  # Σ_{j >= i} e_j : re-softmax over the clusters not yet processed
+    remaining = int(budget)
+    quota = np.zeros(K, dtype=np.int64)
+    whole = np.zeros(K, dtype=bool)
+    for i, c in enumerate(proc):
+        q = round(remaining * (e[i] / suffix[i]))
+        whole[c] = q > sizes[c]
+        quota[c] = min(q, int(sizes[c]))
+        remaining -= int(quota[c])
+    return quota, proc.astype(np.int64), whole
+
+
+def cluster_prototypes(xc: np.ndarray, quota: int, whole: bool, sigma: float) -> np.ndarray:
+    """The rows one cluster gives to the selection, in pick order (int64 positions into ``xc``): every row in row
+    order when ``whole`` (the reference's ``q > |C|``), else :func:`greedy_mmd` of ``quota`` rows."""
+    if whole:
+        return np.arange(len(xc), dtype=np.int64)
+    return greedy_mmd(xc, int(quota), sigma)
+
+
 @dataclass
 class _Allocation:
     selected: np.ndarray  # int64, selection order
@@ -231,13 +308,8 @@ class _Allocation:
 
 def allocate_and_select(x: np.ndarray, labels: np.ndarray, S: np.ndarray, D: np.ndarray, budget: int,
                         temperature: float = 0.1, sigma: float = 1.0) -> _Allocation:
-    """Sequential cluster quotas and greedy MMD prototypes (Algorithm 1; reference ``cluster_wise_prune.py``).
-
-    Non-empty clusters are processed in descending ``score = S / D`` (= descending P; ties: lowest cluster id —
-    the reference's reversed argsort would take the highest). With ``remaining = budget``: ``q = round(remaining ·
-    P̃_i)`` (Python round, half to even, as the reference), where ``P̃_i`` is the softmax of ``score / τ`` over
-    this and all not-yet-processed clusters; if ``q > |C_i|`` the whole cluster is taken, else ``greedy_mmd(q)``;
-    ``remaining -= taken``. The total is at most ``budget`` (shortfalls flow to later clusters).
+    """Cluster quotas (:func:`cluster_quotas`) and greedy MMD prototypes (:func:`cluster_prototypes`) of
+    Algorithm 1 on in-memory vectors; the selection lists each processed cluster's picks in processing order.
 
     Args:
         x: float[N, d]; labels: int[N] in [0, K); S, D: float[K] (NaN D = empty cluster, skipped);
@@ -248,40 +320,50 @@ def allocate_and_select(x: np.ndarray, labels: np.ndarray, S: np.ndarray, D: np.
         the non-empty clusters) and ``pick_rank`` (int64[N], position of each row in ``selected``, -1 if not).
     """
     x = _check_x(x)
-    S = np.asarray(S, dtype=np.float64)
-    D = np.asarray(D, dtype=np.float64)
-    K = len(S)
+    K = len(np.asarray(S))
     lab = _check_labels(labels, x.shape[0], K)
-    if D.shape != (K,):
-        raise ValueError(f"D must have shape ({K},) like S, got {D.shape}")
-    if isinstance(budget, bool) or int(budget) != budget or budget < 0:
-        raise ValueError(f"budget must be an integer >= 0, got {budget!r}")
-    if not temperature > 0 or not sigma > 0:
-        raise ValueError(f"temperature and sigma must be > 0, got {temperature}, {sigma}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
     order_rows, starts = cluster_order(lab, K)
-    valid = np.flatnonzero(np.isfinite(D))
-    score = S[valid] / D[valid]
-    proc = valid[np.lexsort((valid, -score))]
-    z = (S[proc] / D[proc]) / temperature
-    e = np.exp(z - z.max()) if len(z) else z
-    suffix = np.cumsum(e[::-1])[::-1]  # Σ_{j >= i} e_j : re-softmax over the clusters not yet processed
-    remaining = int(budget)
+    quota, proc, whole = cluster_quotas(np.diff(starts), S, D, budget, temperature)
     chosen = []
-    quota = np.zeros(K, dtype=np.int64)
-    for i, c in enumerate(proc):
+    for c in proc:
         members = order_rows[starts[c]:starts[c + 1]]
-        q = round(remaining * (e[i] / suffix[i]))
-        if q > len(members):
-            pick = members
-        else:
-            pick = members[greedy_mmd(np.asarray(x[members], dtype=np.float64), q, sigma)]
-        chosen.append(pick)
-        quota[c] = len(pick)
-        remaining -= len(pick)
+        chosen.append(members[cluster_prototypes(x[members], int(quota[c]), bool(whole[c]), sigma)])
     selected = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
     pick_rank = np.full(x.shape[0], -1, dtype=np.int64)
     pick_rank[selected] = np.arange(len(selected))
-    return _Allocation(selected, quota, proc.astype(np.int64), pick_rank)
+    return _Allocation(selected, quota, proc, pick_rank)
+
+
+# ------------------------------------------------------------------------------------------- online
+
+
+def match_member(u: np.ndarray, members: np.ndarray, tolerance: float) -> int | None:
+    """Position of the member of ``members`` (float[m, F], unit rows as stored) whose cosine to the unit vector
+    ``u`` (float[F]) is highest, when ``1 - cos <= tolerance`` (the same pool row re-extracted); else None."""
+    if len(members) == 0:
+        return None
+    cos = np.asarray(members, dtype=np.float32) @ np.asarray(u, dtype=np.float32)
+    best = int(np.argmax(cos))
+    return best if 1.0 - float(cos[best]) <= tolerance else None
+
+
+def would_select_new(u: np.ndarray, members: np.ndarray, quota: int, whole: bool, sigma: float = 1.0) -> bool:
+    """Whether a new sample would be picked by its cluster (the online rule of COINCIDE, Algorithm 1).
+
+    The cluster keeps the run's quota ``q`` (its share of the budget); the sample would be selected when the
+    cluster gave nothing (``q = 0``: False), was taken whole (``whole``, the reference's ``q > |C|``: True), or
+    else when greedy MMD over ``members ∪ {u}`` with ``q`` prototypes picks it. Ties in the greedy order go to the lower position, and the
+    sample is placed after the members (a tie with a member goes to the member). O(|C|² d) per call.
+    """
+    n = len(members)
+    if quota <= 0:
+        return False
+    if whole:
+        return True
+    xc = np.concatenate([np.asarray(members, dtype=np.float64), np.asarray(u, dtype=np.float64)[None]])
+    return bool(n in set(greedy_mmd(xc, int(quota), sigma).tolist()))
 
 
 # ------------------------------------------------------------------------------------------- top level

@@ -25,11 +25,14 @@ from datasel_ray.methods.budget import allocate_proportional, resolve_budget
 __all__ = [
     "DataTailorResult",
     "association",
+    "cluster_distance_sums",
+    "cluster_uniqueness",
     "percentile_rank",
     "representativeness",
     "select",
     "task_budgets",
     "uniqueness",
+    "uniqueness_new",
 ]
 
 _BLOCK = 1024
@@ -45,36 +48,67 @@ def percentile_rank(x: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(x, kind="stable"), kind="stable") / n
 
 
-def _uniqueness_cluster(hc: np.ndarray, v: np.ndarray, mode: str) -> np.ndarray:
+def cluster_distance_sums(hc: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, float]:
+    """For one cluster's rows ``hc`` (float[n, d], any float dtype) and informativeness ``v`` (float[n]):
+    ``num_i = Σ_j d_ij V_j`` (float64[n]) and ``Σ_{j,k} d_jk`` over ordered pairs (Euclidean, float64).
+
+    Fixed ``_BLOCK x _BLOCK`` tiles converted to float64 on the fly: memory O(block²) beside the input, never
+    |C| x |C| or a float64 copy of the cluster, and the sums do not depend on where the rows were read.
+    """
     from scipy.spatial.distance import cdist
 
     n = len(hc)
+    v = np.asarray(v, dtype=np.float64)
     num = np.zeros(n)
     total = 0.0
     for s in range(0, n, _BLOCK):
-        d = cdist(hc[s:s + _BLOCK], hc)  # Euclidean, O(block · n) memory
-        num[s:s + _BLOCK] = d @ v
-        total += d.sum()
+        a = np.asarray(hc[s:s + _BLOCK], dtype=np.float64)
+        for t in range(0, n, _BLOCK):
+            d = cdist(a, a if t == s else np.asarray(hc[t:t + _BLOCK], dtype=np.float64))
+            num[s:s + _BLOCK] += d @ v[t:t + _BLOCK]
+            total += float(d.sum())
+    return num, total
+
+
+def cluster_uniqueness(num: np.ndarray, pair_sum: float, size: int, v_sum: float, mode: str) -> np.ndarray:
+    """U (Eq. 3) from the sums of :func:`cluster_distance_sums` over a cluster of ``size`` rows whose
+    informativeness sums to ``v_sum`` (float64, shaped like ``num``).
+
+    ``reference``: ``num / (pair_sum / size)``; a cluster whose rows are all identical (or a single row) has
+    ``pair_sum = 0`` and the code's 0/0 gives NaN, which numpy's argsort places last, i.e. the *highest*
+    uniqueness rank (kept: :func:`percentile_rank` sorts NaN last too). ``paper``: ``num / Σ V`` (``d_ii = 0``,
+    so including ``j = i`` changes nothing); 0 when ``Σ V = 0``.
+    """
+    num = np.asarray(num, dtype=np.float64)
     if mode == "reference":
-        avg = total / n
-        return num / avg if avg > 0 else np.zeros(n)
-    vs = v.sum()
-    return num / vs if vs > 0 else np.zeros(n)
+        avg = pair_sum / size if size else 0.0
+        return num / avg if avg > 0 else np.full(num.shape, np.nan)
+    return num / v_sum if v_sum > 0 else np.zeros(num.shape)
+
+
+def uniqueness_new(x: np.ndarray, members: np.ndarray, member_informativeness: np.ndarray, pair_sum: float,
+                   mode: str = "reference") -> float:
+    """U (Eq. 3) of a new point ``x`` (float[d]) against the members of its cluster (float[m, d]), with the
+    cluster's ``pair_sum`` (:func:`cluster_distance_sums`): :func:`cluster_uniqueness` of
+    ``num = Σ_j d(x, h_j) V_j``; for a member (``x = h_i``) this is that member's value."""
+    v = np.asarray(member_informativeness, dtype=np.float64)
+    d = np.linalg.norm(np.asarray(members, dtype=np.float64) - np.asarray(x, dtype=np.float64), axis=1)
+    return float(cluster_uniqueness(np.array([d @ v]), pair_sum, len(v), float(v.sum()), mode)[0])
 
 
 def uniqueness(h: np.ndarray, informativeness: np.ndarray, labels: np.ndarray, mode: str = "reference") -> np.ndarray:
     """Unique value U (Eq. 3) of every row within its cluster; Euclidean distances in float64.
 
-    ``mode="reference"`` (code, default): ``U_i = Σ_{j∈C} d_ij V_j / ((1/|C|) Σ_{j,k∈C} d_jk)``.
-    ``mode="paper"``: ``U_i = Σ_{j∈C, j≠i} d_ij V_j / Σ_{k∈C} V_k``.
-    A zero denominator (single-member cluster, all-identical members, or zero informativeness) gives U = 0:
-    a row with no distinct neighbour has no measurable uniqueness.
+    ``mode="reference"`` (code, default): ``U_i = Σ_{j∈C} d_ij V_j / ((1/|C|) Σ_{j,k∈C} d_jk)``; a
+    single-member or all-identical cluster gives NaN (the code's 0/0, ranked highest; see
+    :func:`cluster_uniqueness`). ``mode="paper"``: ``U_i = Σ_{j∈C, j≠i} d_ij V_j / Σ_{k∈C} V_k`` (0 when
+    ``Σ V = 0``).
 
     Args:
         h: float[N, d]; informativeness: float[N]; labels: int[N] >= 0 (cluster ids).
 
     Returns:
-        float64[N]. Memory O(|C| · block) per cluster (never |C| x |C|), time O(Σ_c |C|² d).
+        float64[N]. Memory O(block²) per cluster (never |C| x |C|), time O(Σ_c |C|² d).
     """
     h = np.asarray(h)
     n = h.shape[0]
@@ -90,7 +124,8 @@ def uniqueness(h: np.ndarray, informativeness: np.ndarray, labels: np.ndarray, m
     for c in range(k):
         idx = order[starts[c]:starts[c + 1]]
         if len(idx):
-            out[idx] = _uniqueness_cluster(np.asarray(h[idx], dtype=np.float64), v[idx], mode)
+            num, pair_sum = cluster_distance_sums(h[idx], v[idx])
+            out[idx] = cluster_uniqueness(num, pair_sum, len(idx), float(v[idx].sum()), mode)
     return out
 
 

@@ -28,7 +28,7 @@ Defaults follow the reference code; the paper's variants are switches (``TiveCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -64,7 +64,6 @@ class TiveResult:
     sampling: str
     temperature: float
     seed: int
-    extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """JSON-ready description of the run: variant switches and per-task values and budgets."""
@@ -184,12 +183,92 @@ def instance_values(grad_proj: np.ndarray, tasks: np.ndarray) -> np.ndarray:
     codes = _as_codes(tasks)
     g = _as_matrix(grad_proj, codes)
     sums, sizes = _normalised_task_sums(g, codes)
-    means = sums / np.maximum(sizes, 1)[:, None]
+    return instance_values_against(g, codes, sums / np.maximum(sizes, 1)[:, None])
+
+
+def normalised_task_sums(grad_proj: np.ndarray, tasks: np.ndarray, n_tasks: int) -> np.ndarray:
+    """float64 [n_tasks, k] sums of the row-normalised gradients of each task code: the mergeable partial of
+    the task-mean gradient (partials of disjoint row sets add up)."""
+    codes = _as_codes(tasks)
+    return _normalised_task_sums(_as_matrix(grad_proj, codes), codes, n_tasks)[0]
+
+
+def instance_values_against(grad_proj: np.ndarray, tasks: np.ndarray, task_means: np.ndarray) -> np.ndarray:
+    """``I_i = ĝ_i · task_means[t(i)]`` (float32 [N]) for rows ``grad_proj`` (float [N, k]) against the frozen
+    task-mean normalised gradients ``task_means`` (float [T, k]): the batch form of Eq. 3 and its online form."""
+    codes = _as_codes(tasks)
+    g = _as_matrix(grad_proj, codes)
+    means = np.asarray(task_means, dtype=np.float64)
     out = np.empty(g.shape[0], dtype=np.float64)
     for start in range(0, g.shape[0], _CHUNK_ROWS):
         stop = start + _CHUNK_ROWS
         out[start:stop] = np.einsum("ik,ik->i", _row_normalise(g[start:stop]), means[codes[start:stop]])
     return out.astype(np.float32)
+
+
+def draw(instance_value: np.ndarray, tasks: np.ndarray, budgets: np.ndarray, config: TiveConfig,
+         seed: int) -> np.ndarray:
+    """The budgeted draw of Sec. 3.3: per task ``t``, ``n_t // N_t`` full repeats (``oversample`` only) plus
+    :func:`sample_within_task` of the rest with ``np.random.default_rng([seed, t])``, rows in row order.
+
+    Args: instance_value float [N]; tasks int [N] codes in [0, T); budgets int [T]. Returns int64 positions,
+    ascending (with repeats under ``oversample``).
+    """
+    codes = _as_codes(tasks)
+    inst = np.asarray(instance_value)
+    sizes = np.bincount(codes, minlength=len(budgets)).astype(np.int64)
+    order = np.argsort(codes, kind="stable")
+    members = np.split(order, np.cumsum(sizes)[:-1])
+    picks = []
+    for t, (rows, n_t) in enumerate(zip(members, budgets)):
+        repeats, rest = divmod(int(n_t), rows.size) if rows.size else (0, 0)
+        picks.extend([rows] * repeats)
+        rng = np.random.default_rng([seed, t])
+        picks.append(rows[sample_within_task(inst[rows], rest, config.temperature, config.sampling, rng)])
+    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, dtype=np.int64)
+
+
+def _gumbel_inclusion(z: np.ndarray, kappa: float) -> np.ndarray:
+    """P(z + G > κ) for standard Gumbel G: ``1 - exp(-exp(z - κ))`` (float64)."""
+    return -np.expm1(-np.exp(np.clip(z - kappa, -700.0, 700.0)))
+
+
+def inclusion_threshold(values: np.ndarray, n: int, temperature: float, sampling: Sampling) -> float:
+    """The key threshold κ of one task's draw of ``n`` of ``len(values)`` rows (see
+    :func:`inclusion_probability`): for ``softmax``, the κ with ``Σ_i P(v_i/λ + G_i > κ) = n`` (bisection); for
+    ``topk``, the ``n``-th largest value. ``+inf`` when ``n = 0``, ``-inf`` when ``n >= len(values)``."""
+    v = np.asarray(values, dtype=np.float64)
+    if n <= 0 or v.size == 0:
+        return float("inf")
+    if n >= v.size:
+        return float("-inf")
+    if sampling == "topk":
+        return float(np.sort(v)[::-1][n - 1])
+    z = v / temperature
+    lo, hi = float(z.min()) - 50.0, float(z.max()) + 50.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _gumbel_inclusion(z, mid).sum() > n:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def inclusion_probability(values: np.ndarray, kappa: float, temperature: float, sampling: Sampling) -> np.ndarray:
+    """Probability that a row of instance value ``v`` is in its task's draw (float64 [M]).
+
+    ``softmax`` (reference): the Gumbel-top-k draw keeps a row when ``v/λ + G > κ``, where κ is the task's key
+    threshold (:func:`inclusion_threshold`); a sample's inclusion probability is ``1 - exp(-exp(v/λ - κ))``, and
+    over the task's rows these sum to the task budget (the Poisson approximation of sampling without
+    replacement; exact as the task grows). ``topk``: 1 when ``v >= κ`` else 0.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(kappa):
+        return np.full(v.shape, 0.0 if kappa > 0 else 1.0)
+    if sampling == "topk":
+        return (v >= kappa).astype(np.float64)
+    return _gumbel_inclusion(v / temperature, kappa)
 
 
 def sample_within_task(
@@ -274,16 +353,7 @@ def select(
     sizes = np.bincount(codes, minlength=names.size).astype(np.int64)
     budgets = task_budgets(values, sizes, budget, overflow=config.overflow)
     inst = instance_values(g, codes)
-
-    order = np.argsort(codes, kind="stable")
-    members = np.split(order, np.cumsum(sizes)[:-1])
-    picks = []
-    for t, (rows, n_t) in enumerate(zip(members, budgets)):
-        repeats, rest = divmod(int(n_t), rows.size) if rows.size else (0, 0)
-        picks.extend([rows] * repeats)
-        rng = np.random.default_rng([seed, t])
-        picks.append(rows[sample_within_task(inst[rows], rest, config.temperature, config.sampling, rng)])
-    selected = np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+    selected = draw(inst, codes, budgets, config, seed)
     return TiveResult(
         selected=selected.astype(np.int64),
         instance_value=inst,
@@ -323,9 +393,11 @@ def _row_normalise(block: np.ndarray) -> np.ndarray:
     return np.divide(b, norms, out=np.zeros_like(b), where=norms > 0)
 
 
-def _normalised_task_sums(g: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _normalised_task_sums(g: np.ndarray, codes: np.ndarray,
+                          n_tasks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float64 [T, k] sums of normalised rows per task and int64 [T] task sizes (chunked, O(N k))."""
-    n_tasks = int(codes.max()) + 1 if codes.size else 0
+    if n_tasks is None:
+        n_tasks = int(codes.max()) + 1 if codes.size else 0
     sums = np.zeros((n_tasks, g.shape[1]), dtype=np.float64)
     for start in range(0, g.shape[0], _CHUNK_ROWS):
         stop = start + _CHUNK_ROWS

@@ -104,9 +104,16 @@ def iter_result_rows(ds: "ray.data.Dataset") -> Iterator[dict[str, Any]]:
     yield from ds.iter_rows()
 
 
-def run_remote(fn: Callable, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs):
-    """Run ``fn`` as one Ray task (e.g. clustering on a node with a GPU) and return its result."""
-    return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args, **kwargs))
+def _aggregations(aggregations: dict[str, list[str]]) -> list:
+    from ray.data import aggregate as agg
+
+    ops = {"sum": agg.Sum, "mean": agg.Mean, "std": agg.Std, "min": agg.Min, "max": agg.Max}
+    aggs = [agg.Count()]
+    for column, names in aggregations.items():
+        for name in names:
+            if name != "count":
+                aggs.append(ops[name](on=column, alias_name=f"{name}_{column}"))
+    return aggs
 
 
 def groupby_aggregate(table, key: str, aggregations: dict[str, list[str]]):
@@ -114,18 +121,13 @@ def groupby_aggregate(table, key: str, aggregations: dict[str, list[str]]):
 
     ``aggregations`` maps a column to any of ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``.
     """
-    from ray.data import aggregate as agg
+    return _to_table(ray.data.from_arrow(table).groupby(key).aggregate(*_aggregations(aggregations)))
 
-    ops = {"sum": agg.Sum, "mean": agg.Mean, "std": agg.Std, "min": agg.Min, "max": agg.Max}
-    aggs = [agg.Count()]
-    for column, names in aggregations.items():
-        for name in names:
-            if name == "count":
-                continue
-            aggs.append(ops[name](on=column, alias_name=f"{name}_{column}"))
-    ds = ray.data.from_arrow(table)
-    out = ds.groupby(key).aggregate(*aggs)
-    return _to_table(out)
+
+def groupby_aggregate_files(files: list[str], columns: list[str], key: str, aggregations: dict[str, list[str]]):
+    """:func:`groupby_aggregate` over ``columns`` of parquet ``files`` read by Ray Data (not by the driver)."""
+    ds = ray.data.read_parquet(files, columns=columns)
+    return _to_table(ds.groupby(key).aggregate(*_aggregations(aggregations)))
 
 
 def _to_table(ds: "ray.data.Dataset"):
@@ -133,3 +135,37 @@ def _to_table(ds: "ray.data.Dataset"):
 
     tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
     return pa.concat_tables(tables) if tables else None
+
+
+class RayExecutor:
+    """Partition tasks as Ray tasks (``num_cpus`` each, retried on worker loss), at most ``max_in_flight`` at once
+    (default: twice the cluster's CPUs, so an autoscaling cluster grows with the queue). Results come back in item
+    order; see :mod:`datasel_ray.pipeline.executor`."""
+
+    name = "ray"
+
+    def __init__(self, num_cpus: float = 1.0, max_in_flight: int | None = None, max_retries: int = 3):
+        self.num_cpus = num_cpus
+        self.max_in_flight = max_in_flight
+        self.max_retries = max_retries
+
+    def map(self, fn: Callable, items, progress=None) -> list:
+        items = list(items)
+        if not items:
+            return []
+        limit = self.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+        remote = ray.remote(num_cpus=self.num_cpus, max_retries=self.max_retries)(fn)
+        results: list = [None] * len(items)
+        pending: dict = {}
+        next_item = 0
+        while next_item < len(items) or pending:
+            while next_item < len(items) and len(pending) < limit:
+                pending[remote.remote(items[next_item])] = next_item
+                next_item += 1
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+                if progress is not None:
+                    progress.update(1)
+        return results
+

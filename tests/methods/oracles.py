@@ -100,7 +100,7 @@ def uniqueness_dense(h, v, labels):
         d = cdist(h[idx].astype(np.float64), h[idx].astype(np.float64))
         avg = d.sum() / len(idx)
         for p, i in enumerate(idx):
-            out[i] = (d[p] * v[idx]).sum() / avg if avg > 0 else 0.0
+            out[i] = (d[p] * v[idx]).sum() / avg if avg > 0 else np.nan  # the code's 0/0 (torch: NaN)
     return out
 
 

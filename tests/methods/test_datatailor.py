@@ -46,7 +46,10 @@ def test_uniqueness_blocked_equals_dense(monkeypatch):
 def test_uniqueness_degenerate_clusters():
     h = np.array([[0.0, 0], [1, 1], [1, 1], [1, 1]])
     U = dt.uniqueness(h, np.ones(4), np.array([0, 1, 1, 1]))
-    assert U.tolist() == [0.0, 0.0, 0.0, 0.0]  # singleton and all-identical cluster
+    assert np.isnan(U).all()  # singleton and all-identical cluster: the reference's 0/0
+    # numpy's argsort puts NaN last, so those rows take the highest uniqueness ranks (as in the reference)
+    assert dt.percentile_rank(np.array([0.5, np.nan, 0.2, 0.9])).tolist() == [0.25, 0.75, 0.0, 0.5]
+    assert dt.uniqueness(h, np.ones(4), np.array([0, 1, 1, 1]), "paper").tolist() == [0.0] * 4
 
 
 def test_single_cluster_task_association_is_e():
