@@ -1,6 +1,6 @@
 """Clustering kernels: spherical k-means (COINCIDE) and Ward hierarchical clustering (DataTailor).
 
-Pure numpy + faiss / scipy / fastcluster; no Ray, torch or I/O.
+Pure numpy + faiss / scipy; no Ray, torch or I/O.
 
 * :func:`spherical_kmeans` — COINCIDE §3.2 ("spherical k-means on u"), reference code
   ``faiss.Kmeans(d, K, niter=50, seed=1234, spherical=True)`` followed by nearest-centroid assignment
@@ -15,11 +15,16 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "apply_projection",
     "assign_nearest",
+    "fit_projection",
+    "kmeans_train_rows",
     "normalize_rows",
+    "projection_rows",
     "reduce_dimension",
     "spherical_kmeans",
     "spherical_kmeans_numpy",
+    "train_spherical_kmeans",
     "ward_clusters",
     "ward_cut_threshold",
     "weighted_ward_linkage",
@@ -48,38 +53,86 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def reduce_dimension(x: np.ndarray, dim: int, method: str = "pca", seed: int = 1234,
-                     train_sample: int | None = None) -> np.ndarray:
-    """Project float[N, d] to float32[N, dim] before clustering.
+def projection_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """Sorted row positions a PCA projection trains on (``rng(seed).choice(n, train_sample)``), None = all."""
+    if train_sample is None or train_sample >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(train_sample), replace=False))
 
-    ``method="pca"``: ``faiss.PCAMatrix(d, dim)`` trained on at most ``train_sample`` rows (seeded subsample).
-    ``method="random"``: seeded Gaussian random projection ``x @ G / sqrt(dim)``, ``G ~ N(0, 1)^{d x dim}``
-    (Johnson–Lindenstrauss; preserves inner products in expectation). ``dim >= d`` returns ``x`` as float32.
-    Not part of COINCIDE; an option for 1M x 20480 pools that do not fit in memory as float32.
+
+def kmeans_train_rows(n: int, k: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """Sorted row positions spherical k-means trains on: ``max(train_sample, k)`` seeded rows, None = all."""
+    if train_sample is None or train_sample >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max(int(train_sample), int(k)), replace=False))
+
+
+def fit_projection(d: int, dim: int, method: str = "random", seed: int = 1234,
+                   train: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An affine map ``y = x @ A.T + b`` from ``d`` to ``dim`` dims: ``(A float32[dim, d], b float32[dim])``.
+
+    ``method="random"`` (default): seeded Gaussian random projection ``A = G.T``, ``G ~ N(0, 1/dim)^{d x dim}``
+    (Johnson–Lindenstrauss; inner products preserved in expectation), ``b = 0``. Memory and time linear in ``d``;
+    needs no data. ``method="pca"``: ``faiss.PCAMatrix(d, dim)`` trained on ``train`` (float[n, d]); its
+    covariance eigendecomposition costs O(d³), so it is for small ``d`` only.
+    Not part of COINCIDE; an option for pools whose vectors are too wide to cluster directly.
     """
-    import faiss
+    if method == "random":
+        g = np.random.default_rng(seed).standard_normal((d, dim)) / np.sqrt(dim)
+        return np.ascontiguousarray(g.T, dtype=np.float32), np.zeros(dim, dtype=np.float32)
+    if method == "pca":
+        import faiss
 
+        if train is None:
+            raise ValueError("reduce_method 'pca' needs training rows")
+        pca = faiss.PCAMatrix(d, dim)
+        pca.train(np.ascontiguousarray(train, dtype=np.float32))
+        A = faiss.vector_to_array(pca.A).reshape(dim, d)
+        b = faiss.vector_to_array(pca.b)
+        return np.ascontiguousarray(A, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+    raise ValueError(f"reduce_method must be 'random' or 'pca', got {method!r}")
+
+
+def apply_projection(x: np.ndarray, A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32[N, dim] = ``x @ A.T + b`` in row blocks (``x`` in any float dtype)."""
+    out = np.empty((x.shape[0], A.shape[0]), dtype=np.float32)
+    for s in range(0, x.shape[0], _ASSIGN_BLOCK):
+        out[s:s + _ASSIGN_BLOCK] = np.asarray(x[s:s + _ASSIGN_BLOCK], dtype=np.float32) @ A.T + b
+    return out
+
+
+def reduce_dimension(x: np.ndarray, dim: int, method: str = "random", seed: int = 1234,
+                     train_sample: int | None = None) -> np.ndarray:
+    """Project float[N, d] to float32[N, dim] before clustering (:func:`fit_projection` +
+    :func:`apply_projection`; PCA trains on :func:`projection_rows`). ``dim >= d`` returns ``x`` as float32."""
     n, d = x.shape
     if dim >= d:
         return np.ascontiguousarray(x, dtype=np.float32)
-    rng = np.random.default_rng(seed)
+    train = None
     if method == "pca":
-        pca = faiss.PCAMatrix(d, dim)
-        train = x
-        if train_sample is not None and train_sample < n:
-            train = x[np.sort(rng.choice(n, size=train_sample, replace=False))]
-        pca.train(np.ascontiguousarray(train, dtype=np.float32))
-        out = np.empty((n, dim), dtype=np.float32)
-        for s in range(0, n, _ASSIGN_BLOCK):
-            out[s:s + _ASSIGN_BLOCK] = pca.apply(np.ascontiguousarray(x[s:s + _ASSIGN_BLOCK], dtype=np.float32))
-        return out
-    if method == "random":
-        g = (rng.standard_normal((d, dim)) / np.sqrt(dim)).astype(np.float32)
-        out = np.empty((n, dim), dtype=np.float32)
-        for s in range(0, n, _ASSIGN_BLOCK):
-            out[s:s + _ASSIGN_BLOCK] = np.asarray(x[s:s + _ASSIGN_BLOCK], dtype=np.float32) @ g
-        return out
-    raise ValueError(f"reduce_method must be 'pca' or 'random', got {method!r}")
+        rows = projection_rows(n, train_sample, seed)
+        train = x if rows is None else x[rows]
+    A, b = fit_projection(d, dim, method, seed, train)
+    return apply_projection(x, A, b)
+
+
+def train_spherical_kmeans(train_unit: np.ndarray, k: int, niter: int, seed: int, use_gpu: bool = False,
+                           init_centroids: np.ndarray | None = None) -> np.ndarray:
+    """faiss spherical k-means on unit rows ``train_unit`` (float32[n, d]); returns unit centroids float32[k, d]
+    (reference ``faiss.Kmeans(d, K, niter, seed, spherical=True)``; every training row is used)."""
+    import faiss
+
+    d = train_unit.shape[1]
+    km = faiss.Kmeans(d, k, niter=int(niter), seed=int(seed), spherical=True, gpu=bool(use_gpu), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(256, -(-train_unit.shape[0] // k)))
+    if init_centroids is not None:
+        init = np.ascontiguousarray(init_centroids, dtype=np.float32)
+        if init.shape != (k, d):
+            raise ValueError(f"init_centroids must have shape ({k}, {d}), got {init.shape}")
+        km.train(train_unit, init_centroids=init)
+    else:
+        km.train(train_unit)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
 def assign_nearest(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> np.ndarray:
@@ -99,7 +152,7 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) 
 
 
 def spherical_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 1234, train_sample: int | None = None,
-                     reduce_dim: int | None = None, reduce_method: str = "pca", use_gpu: bool | None = None,
+                     reduce_dim: int | None = None, reduce_method: str = "random", use_gpu: bool | None = None,
                      init_centroids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Spherical k-means with faiss (COINCIDE §3.2; reference ``faiss.Kmeans(..., spherical=True)``).
 
@@ -109,8 +162,8 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 1234, t
         k: number of clusters, clipped to N.
         niter, seed: faiss k-means iterations and seed (reference: 50, 1234).
         train_sample: train on at most this many rows (seeded subsample), then assign every row.
-        reduce_dim, reduce_method: optional projection to ``reduce_dim`` dims (``"pca"`` or ``"random"``, see
-            :func:`reduce_dimension`) before normalising and clustering; the centroids live in the reduced space.
+        reduce_dim, reduce_method: optional projection to ``reduce_dim`` dims (``"random"`` or ``"pca"``, see
+            :func:`fit_projection`) before normalising and clustering; the centroids live in the reduced space.
         use_gpu: None = GPU faiss when ``faiss.get_num_gpus() > 0``.
         init_centroids: float[k, d'] initial centroids (tests; otherwise faiss's seeded random init).
 
@@ -131,21 +184,9 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 50, seed: int = 1234, t
     if reduce_dim is not None:
         x = reduce_dimension(x, int(reduce_dim), reduce_method, seed, train_sample)
     xn = normalize_rows(x)
-    d = xn.shape[1]
-    train = xn
-    if train_sample is not None and train_sample < n:
-        rng = np.random.default_rng(seed)
-        train = xn[np.sort(rng.choice(n, size=max(int(train_sample), k), replace=False))]
-    km = faiss.Kmeans(d, k, niter=int(niter), seed=int(seed), spherical=True, gpu=bool(use_gpu), verbose=False, min_points_per_centroid=1,
-                      max_points_per_centroid=max(256, -(-train.shape[0] // k)))
-    if init_centroids is not None:
-        init = np.ascontiguousarray(init_centroids, dtype=np.float32)
-        if init.shape != (k, d):
-            raise ValueError(f"init_centroids must have shape ({k}, {d}), got {init.shape}")
-        km.train(train, init_centroids=init)
-    else:
-        km.train(train)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    rows = kmeans_train_rows(n, k, train_sample, seed)
+    train = xn if rows is None else xn[rows]
+    centroids = train_spherical_kmeans(train, k, niter, seed, bool(use_gpu), init_centroids)
     labels = assign_nearest(xn, centroids, use_gpu=bool(use_gpu))
     return centroids, labels
 
@@ -184,7 +225,7 @@ def spherical_kmeans_numpy(x: np.ndarray, init_centroids: np.ndarray, niter: int
 def ward_cut_threshold(root_height: float, cut: str, cut_ratio: float) -> float:
     """Cut height for a Ward tree whose root merge height is ``root_height``.
 
-    Heights are scipy/fastcluster Ward heights ``h = sqrt(2 * ΔSSE)``.
+    Heights are scipy Ward heights ``h = sqrt(2 * ΔSSE)``.
     ``cut="reference"`` (DataTailor code, default): ``t = cut_ratio * h_max``  (i.e. ΔSSE <= cut_ratio² ΔSSE_max).
     ``cut="paper"`` (App. B.1, "split where the variance increase exceeds λ·max"): ΔSSE <= λ·ΔSSE_max
     ⇔ ``t = sqrt(cut_ratio) * h_max``.
@@ -270,8 +311,52 @@ def weighted_ward_linkage(points: np.ndarray, weights: np.ndarray) -> np.ndarray
     return out
 
 
+def precluster_train_rows(n: int, train_rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions (within a task) the pre-cluster k-means trains on: ``rng(seed).choice(n, train_rows)``
+    when the task has more rows, None = all rows."""
+    if train_rows is None or n <= train_rows:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(train_rows), replace=False))
+
+
+def train_preclusters(train: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """Euclidean faiss k-means (20 iterations, seeded) of a large task's rows into ``m`` pre-clusters: centroids
+    float32[m, d]. Every training row is used."""
+    import faiss
+
+    xf = np.ascontiguousarray(train, dtype=np.float32)
+    km = faiss.Kmeans(xf.shape[1], m, niter=20, seed=int(seed), verbose=False, min_points_per_centroid=1,
+                      max_points_per_centroid=max(256, -(-len(xf) // m)))
+    km.train(xf)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def precluster_sums(x: np.ndarray, pre: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64[m, d] sums and int64[m] counts of rows ``x`` per pre-cluster ``pre`` (int[N] in [0, m)).
+
+    Sums of fp16 inputs are exact in float64 (every fp16 value is a multiple of 2^-24) while they stay below
+    2^29 in magnitude, so partial sums of disjoint row sets merge to the same result in any order."""
+    sums = np.zeros((m, x.shape[1]))
+    _blocked_add(sums, pre, x)
+    return sums, np.bincount(pre, minlength=m).astype(np.int64)
+
+
+def ward_from_preclusters(sums: np.ndarray, counts: np.ndarray, cut: str, cut_ratio: float) -> np.ndarray:
+    """Exact weighted Ward (:func:`weighted_ward_linkage`) on the used pre-clusters' means, cut relative to its
+    root height: int64[m] Ward label of each pre-cluster, contiguous ``0..K-1`` in label order (-1 = unused)."""
+    used = np.flatnonzero(counts)
+    out = np.full(len(counts), -1, dtype=np.int64)
+    if len(used) == 1:
+        out[used] = 0
+        return out
+    means = sums[used] / counts[used, None]
+    lab_used = _labels_from_linkage(weighted_ward_linkage(means, counts[used]), cut, cut_ratio)
+    _, out[used] = np.unique(lab_used, return_inverse=True)
+    return out
+
+
 def ward_clusters(x: np.ndarray, cut: str = "reference", cut_ratio: float = 0.1, dense_max_rows: int = 4000,
-                  precluster_size: int = 2000, seed: int = 0, vector_max_rows: int = 0) -> np.ndarray:
+                  precluster_size: int = 2000, seed: int = 0, precluster_train: int | None = None) -> np.ndarray:
     """Ward clustering of one task's rows, cut relative to the root merge height (DataTailor App. B.1).
 
     Args:
@@ -279,12 +364,11 @@ def ward_clusters(x: np.ndarray, cut: str = "reference", cut_ratio: float = 0.1,
         cut, cut_ratio: see :func:`ward_cut_threshold` (default = reference code: ``0.1 * h_max``).
         dense_max_rows: N <= this: exact reference path, ``scipy.cluster.hierarchy.linkage(x, "ward")``
             (O(N²) memory for the condensed distance matrix, as in the reference code) + ``fcluster``.
-        vector_max_rows: dense_max_rows < N <= this: ``fastcluster.linkage_vector(x, "ward")`` — the same tree
-            with O(N d) memory but O(N² d) time; disabled by default (0) because at d = 4096 it is slow.
-        precluster_size: N above both thresholds: seeded faiss k-means (Euclidean) into
-            ``m = min(N, precluster_size)`` pre-clusters, exact *weighted* Ward on the pre-cluster centroids
-            (:func:`weighted_ward_linkage`, O(m²) memory), cut relative to that tree's root height, and every row
-            inherits its pre-cluster's label. An approximation of the full tree: rows of one pre-cluster never split.
+        precluster_size: larger N: seeded faiss k-means (Euclidean, :func:`train_preclusters`) into
+            ``m = min(N, precluster_size)`` pre-clusters, trained on ``precluster_train`` seeded rows at most
+            (:func:`precluster_train_rows`; None = all), every row assigned to its nearest pre-centroid, exact
+            *weighted* Ward on the pre-cluster means (:func:`ward_from_preclusters`), and every row inherits its
+            pre-cluster's label. An approximation of the full tree: rows of one pre-cluster never split.
         seed: k-means seed of the pre-cluster path.
 
     Returns:
@@ -302,44 +386,23 @@ def ward_clusters(x: np.ndarray, cut: str = "reference", cut_ratio: float = 0.1,
 
         z = linkage(np.asarray(x, dtype=np.float64), method="ward")
         return _labels_from_linkage(z, cut, cut_ratio)
-    if n <= vector_max_rows:
-        import fastcluster
-
-        z = fastcluster.linkage_vector(np.asarray(x, dtype=np.float64), method="ward")
-        return _labels_from_linkage(z, cut, cut_ratio)
-    import faiss
-
     m = int(min(n, precluster_size))
-    xf = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(xf.shape[1], m, niter=20, seed=int(seed), verbose=False, min_points_per_centroid=1,
-                      max_points_per_centroid=max(256, -(-n // m)))
-    km.train(xf)
-    pre = assign_nearest(xf, km.centroids)
-    counts = np.bincount(pre, minlength=m)
-    used = np.flatnonzero(counts)
-    sums = np.zeros((m, xf.shape[1]), dtype=np.float64)
-    _blocked_add(sums, pre, xf)
-    means = sums[used] / counts[used, None]
-    if len(used) == 1:
-        return np.zeros(n, dtype=np.int64)
-    z = weighted_ward_linkage(means, counts[used])
-    lab_used = _labels_from_linkage(z, cut, cut_ratio)
-    lab_pre = np.full(m, -1, dtype=np.int64)
-    lab_pre[used] = lab_used
-    _, labels = np.unique(lab_pre[pre], return_inverse=True)
-    return labels.astype(np.int64)
+    rows = precluster_train_rows(n, precluster_train, seed)
+    centroids = train_preclusters(x if rows is None else x[rows], m, seed)
+    pre = assign_nearest(x, centroids)
+    sums, counts = precluster_sums(x, pre, m)
+    return ward_from_preclusters(sums, counts, cut, cut_ratio)[pre]
 
 
 def _blocked_add(sums: np.ndarray, labels: np.ndarray, x: np.ndarray, block: int = 65536) -> None:
     for s in range(0, len(labels), block):
-        np.add.at(sums, labels[s:s + block], x[s:s + block].astype(np.float64))
+        np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
 
 
-def cluster_means(x: np.ndarray, labels: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+def cluster_means(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Mean vector of each cluster, float64[k, d], accumulated in row blocks (empty clusters: zeros)."""
     sums = np.zeros((k, x.shape[1]))
-    for s in range(0, x.shape[0], block):
-        np.add.at(sums, labels[s:s + block], np.asarray(x[s:s + block], dtype=np.float64))
+    _blocked_add(sums, labels, x)
     counts = np.bincount(labels, minlength=k)
     return sums / np.maximum(counts, 1)[:, None]
 

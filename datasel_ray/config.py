@@ -91,7 +91,8 @@ class CoincideConfig(_Section):
     sigma: float = Field(1.0, gt=0)
     temperature: float = Field(0.1, gt=0)
     reduce_dim: int | None = Field(None, ge=2, description="Reduce vectors to this many dims before k-means.")
-    reduce_method: Literal["pca", "random"] = "pca"
+    reduce_method: Literal["random", "pca"] = Field(
+        "random", description="random: seeded Gaussian projection (linear in d); pca: faiss PCA (O(d^3) to train).")
     train_sample: int | None = Field(
         None, ge=1, description="Train k-means on at most this many rows, then assign all (large pools).")
 
@@ -107,6 +108,9 @@ class DataTailorConfig(_Section):
         4000, ge=2, description="Tasks larger than this cluster without a dense N x N matrix.")
     precluster_size: int = Field(
         2000, ge=2, description="Large tasks: k-means pre-clusters, then Ward on their centroids.")
+    precluster_train_rows: int | None = Field(
+        65536, ge=2, description="Large tasks: the pre-cluster k-means trains on at most this many seeded rows "
+        "of the task (null: all), then every row is assigned.")
 
 
 class LoraConfig(_Section):
@@ -155,6 +159,21 @@ class SelectConfig(_Section):
         return resolve_budget(self.budget, pool_rows)
 
 
+class AggregateConfig(_Section):
+    """How aggregate and select run over the feature store. None of these change a result: partitioned and
+    in-process runs of the same config and seed give identical statistics and selections."""
+
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto", description="ray: partition tasks on the cluster; local: in this process; auto: ray when the "
+        "store is larger than one partition.")
+    partition_bytes: int = Field(
+        256 << 20, ge=1 << 16, description="Bound on the feature bytes one partition or bucket task holds.")
+    driver_bytes: int = Field(
+        4 << 30, ge=1 << 20, description="Bound on the vectors the driver may gather (COINCIDE's k-means "
+        "training rows, DataTailor's pre-cluster training rows); above it the run is refused with the fix.")
+    num_cpus_per_task: float = Field(1.0, gt=0)
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the CLI.")
@@ -174,6 +193,7 @@ class RunConfig(_Section):
     datatailor: DataTailorConfig = DataTailorConfig()
     tive: TiveConfig = TiveConfig(enabled=False)
     select: SelectConfig = SelectConfig()
+    aggregate: AggregateConfig = AggregateConfig()
     ray: RayConfig = RayConfig()
 
     @field_validator("phases")

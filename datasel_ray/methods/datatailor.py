@@ -231,7 +231,8 @@ def cluster_tasks(h: np.ndarray, task_rows: list[np.ndarray], config, seed: int)
     cluster_task: list[int] = []
     for t, rows in enumerate(task_rows):
         lab = ward_clusters(h[rows], cut=config.cut, cut_ratio=config.cut_ratio, dense_max_rows=config.dense_max_rows,
-                            precluster_size=config.precluster_size, seed=seed + t)
+                            precluster_size=config.precluster_size, seed=seed + t,
+                            precluster_train=config.precluster_train_rows)
         kt = int(lab.max()) + 1
         labels[rows] = lab + offset
         cluster_task.extend([t] * kt)

@@ -40,7 +40,8 @@ class LocalExecutor:
         return out
 
 
-def _save(loc: Location, result: dict[str, np.ndarray]) -> None:
+def save_result(loc: Location, result: dict[str, np.ndarray]) -> None:
+    """Write a dict of numpy arrays (npz) atomically; :func:`load_result` reads it back."""
     sink = io.BytesIO()
     np.savez(sink, **{k: np.asarray(v) for k, v in result.items()})
     loc.write_bytes(sink.getvalue())
@@ -58,7 +59,7 @@ def _run_resumable(item: tuple[Callable, Any, str]) -> dict[str, np.ndarray]:
     if loc.exists():
         return load_result(loc)
     result = fn(arg)
-    _save(loc, result)
+    save_result(loc, result)
     return result
 
 

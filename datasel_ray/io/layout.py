@@ -1,0 +1,63 @@
+"""Names of everything the aggregate and select phases write: the contract between aggregate, select, the
+online scorer and the report (one definition per file and column name).
+
+``stats/``
+    ``meta.json``, ``tasks.parquet`` (per-task statistics), one folder per method (:data:`METHOD_STATS`):
+    ``coincide/``: ``clusters.parquet`` (:data:`CLUSTERS`: cluster, size, density, transferability,
+    probability, bucket, offset), ``centroids.npy`` (clustering-space unit centroids), ``projection.npz``
+    (with ``reduce_dim``), ``assignments.parquet`` (row_id, cluster), ``members/<bucket>.parquet``
+    (the cluster's rows grouped by (cluster, row_id): row_id, cluster, vector, kernel_sum);
+    ``datatailor/``: ``clusters.parquet`` (cluster, task, size, association, pair_sum, v_sum, bucket,
+    offset), ``means.npy``, ``rows.parquet`` (per-row scalars), ``members/<bucket>.parquet``;
+    ``tive/``: ``tasks.parquet`` (task, size, task_value, mean_gradient_norm), ``task_mean_grad.npy``,
+    ``rows.parquet`` (row_id, instance_value).
+    ``_work/`` holds per-partition results of an unfinished phase (resume); removed when the phase ends.
+``selections/<method>/``
+    ``scores.parquet``, ``selected_ids.npy``, ``summary.json``, ``subset/``; COINCIDE also ``quotas.parquet``.
+"""
+
+from __future__ import annotations
+
+from datasel_ray.io.storage import Location
+
+STATS = "stats"
+SELECTIONS = "selections"
+WORK = "_work"
+META = "meta.json"
+TASKS = "tasks.parquet"
+CLUSTERS = "clusters.parquet"
+CENTROIDS = "centroids.npy"
+PROJECTION = "projection.npz"
+ASSIGNMENTS = "assignments.parquet"
+MEMBERS = "members"
+MEANS = "means.npy"
+ROWS = "rows.parquet"
+TASK_MEAN_GRAD = "task_mean_grad.npy"
+SCORES = "scores.parquet"
+SELECTED_IDS = "selected_ids.npy"
+SUMMARY = "summary.json"
+SUBSET = "subset"
+QUOTAS = "quotas.parquet"
+
+# column names of the stats tables
+CLUSTER = "cluster"
+SIZE = "size"
+BUCKET = "bucket"
+OFFSET = "offset"
+VECTOR = "vector"
+KERNEL_SUM = "kernel_sum"
+SELECTED = "selected"
+SCORE = "score"
+
+
+def method_stats(run_dir, method: str) -> Location:
+    """``stats/<method>/`` of a run directory (a :class:`~datasel_ray.io.rundir.RunDir` or Location)."""
+    return run_dir / STATS / method
+
+
+def selection_dir(run_dir, method: str) -> Location:
+    return run_dir / SELECTIONS / method
+
+
+def members_file(stats: Location, bucket: int) -> Location:
+    return stats / MEMBERS / f"{int(bucket):05d}.parquet"

@@ -1,0 +1,306 @@
+"""COINCIDE over partitions: no process holds the ``coincide_vector`` column.
+
+Where each step runs (``ctx.executor`` = Ray tasks on a cluster, this process for small pools):
+
+1. *driver*: seeded training rows (:func:`~datasel_ray.clustering.kmeans_train_rows`) and, with ``reduce_dim``,
+   the projection (random: from the seed alone; PCA: trained on gathered rows);
+2. *partition tasks* gather the training rows (projected, unit-normalised); *driver*: faiss spherical k-means
+   on them (``train_sample`` x ``reduce_dim`` floats at most) and a bucket plan of clusters;
+3. *partition tasks* (hold only the centroids and the projection): assign every row to its nearest centroid and
+   write it into its cluster's bucket (regroup by cluster);
+4. *bucket tasks*: per cluster, kernel sums, density D (Eq. 6) and the member file the online scorer reads;
+5. *driver*: transferability S (Eq. 5) from the centroids (original-space cluster means with ``reduce_dim``, so
+   the text halves exist), P = softmax(S / D / τ);
+6. select — *driver*: cluster quotas from sizes (Algorithm 1); *bucket tasks*: greedy MMD prototypes (Eq. 7).
+
+The shard is the unit of every per-row kernel and the cluster (rows in row-id order) the unit of every cluster
+kernel, so outputs do not depend on the partition size or the executor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+
+from datasel_ray import schema
+from datasel_ray.io import layout
+from datasel_ray.io.storage import Location
+from datasel_ray.methods import coincide
+from datasel_ray.pipeline.executor import load_result, save_result
+from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
+from datasel_ray.pipeline.fit.context import FitContext, MethodSelection, bucket_plan, read_bucket, write_buckets
+from datasel_ray.pipeline.store import read_shard
+from datasel_ray.seeds import derive_seed
+
+NAME = "coincide"
+
+
+def layer_count(vector_dim: int, hidden: int) -> int:
+    """Hooked layers in a COINCIDE vector of ``vector_dim`` = n_layers · 2 · hidden (o_proj outputs are hidden-wide)."""
+    if vector_dim % (2 * hidden):
+        raise ValueError(f"coincide_vector width {vector_dim} is not a multiple of 2 x hidden ({hidden})")
+    return vector_dim // (2 * hidden)
+
+
+def kmeans_seed(ctx: FitContext) -> int:
+    cfg = ctx.cfg.coincide
+    return cfg.seed if cfg.seed is not None else derive_seed(ctx.cfg.seed, "coincide", "kmeans")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    return load_result(Location.parse(path))
+
+
+def load_projection(stats: Location) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``(A, b)`` clustering projection of a run (None without ``reduce_dim``)."""
+    loc = stats / layout.PROJECTION
+    if not loc.exists():
+        return None
+    data = _load_npz(str(loc))
+    return data["A"], data["b"]
+
+
+def clustering_space(x: np.ndarray, projection: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Rows ``x`` (float[N, F], as stored) in the space the centroids live in: projected (when the run used
+    ``reduce_dim``) and unit-normalised, float32[N, d']. The batch assignment and the online scorer both use it."""
+    from datasel_ray.clustering import apply_projection, normalize_rows
+
+    if projection is not None:
+        x = apply_projection(x, *projection)
+    return normalize_rows(x)
+
+
+# ------------------------------------------------------------------------------------------ partition tasks
+def _gather(item: dict) -> dict[str, np.ndarray]:
+    """Rows at positions ``item["want"]`` of the partition, as float32 (clustering space when ``unit``)."""
+    projection = _load_npz(item["projection"]) if item["projection"] else None
+    pos_out, x_out = [], []
+    for path, pos in zip(item["files"], item["pos"]):
+        keep = np.flatnonzero(np.isin(pos, item["want"]))
+        if not len(keep):
+            continue
+        x = read_shard(path, [schema.COINCIDE_VECTOR])[schema.COINCIDE_VECTOR]
+        x = clustering_space(x, (projection["A"], projection["b"]) if projection else None) if item["unit"] \
+            else np.asarray(x, dtype=np.float32)
+        pos_out.append(pos[keep])
+        x_out.append(x[keep])
+    width = item["width"]
+    return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
+            "x": np.concatenate(x_out) if x_out else np.zeros((0, width), np.float32)}
+
+
+def _assign(item: dict) -> dict[str, np.ndarray]:
+    """Nearest centroid of every row of the partition; rows written into their cluster's bucket."""
+    from datasel_ray.clustering import assign_nearest
+
+    centroids = np.load(item["centroids"])
+    buckets = np.load(item["buckets"])
+    projection = _load_npz(item["projection"]) if item["projection"] else None
+    pos_all, lab_all, ids_all, x_all = [], [], [], []
+    for path, pos in zip(item["files"], item["pos"]):
+        cols = read_shard(path, [schema.COINCIDE_VECTOR])
+        x = cols[schema.COINCIDE_VECTOR]
+        unit = clustering_space(x, (projection["A"], projection["b"]) if projection else None)
+        lab_all.append(assign_nearest(unit, centroids))
+        pos_all.append(pos)
+        ids_all.append(cols[schema.ROW_ID])
+        x_all.append(x)
+    labels = np.concatenate(lab_all)
+    write_buckets(Location.parse(item["work"]), item["key"], labels, buckets, np.concatenate(ids_all),
+                  np.concatenate(x_all))
+    return {"pos": np.concatenate(pos_all), "cluster": labels}
+
+
+def _cluster_stats(item: dict) -> dict[str, np.ndarray]:
+    """Density, size and (with ``reduce_dim``) the original-space sum of every cluster of one bucket; writes the
+    bucket's member file (rows grouped by cluster, with each member's kernel sum)."""
+    table = read_bucket(Location.parse(item["work"]), item["bucket"])
+    ids = column_to_numpy(table.column(schema.ROW_ID))
+    labels = column_to_numpy(table.column(layout.CLUSTER))
+    x = column_to_numpy(table.column(layout.VECTOR))
+    clusters, starts = np.unique(labels, return_index=True)
+    bounds = np.append(starts, len(labels))
+    kernel_sum = np.zeros(len(labels))
+    density = np.zeros(len(clusters))
+    sums = np.zeros((len(clusters), x.shape[1]) if item["sums"] else (0, x.shape[1]))
+    for i in range(len(clusters)):
+        lo, hi = bounds[i], bounds[i + 1]
+        kernel_sum[lo:hi] = coincide.cluster_kernel_sums(x[lo:hi], item["sigma"])
+        density[i] = kernel_sum[lo:hi].sum() / ((hi - lo) * (hi - lo))
+        if item["sums"]:
+            sums[i] = np.asarray(x[lo:hi], dtype=np.float64).sum(0)
+    Location.parse(item["members"]).write_parquet(pa.table({
+        schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels.astype(np.int64)),
+        layout.VECTOR: vector_column(x), layout.KERNEL_SUM: pa.array(kernel_sum)}), row_group_rows=256)
+    return {"cluster": clusters.astype(np.int64), "size": np.diff(bounds).astype(np.int64),
+            "offset": starts.astype(np.int64), "density": density, "sums": sums}
+
+
+def _prototypes(item: dict) -> dict[str, np.ndarray]:
+    """Greedy MMD prototypes (or the whole cluster) of every cluster of one bucket with a quota."""
+    table = Location.parse(item["members"]).read_parquet([schema.ROW_ID, layout.VECTOR])
+    ids = column_to_numpy(table.column(schema.ROW_ID))
+    x = column_to_numpy(table.column(layout.VECTOR))
+    cl, rid, rank = [], [], []
+    for c, off, size, q, whole in zip(item["clusters"], item["offsets"], item["sizes"], item["quotas"],
+                                      item["whole"]):
+        picks = coincide.cluster_prototypes(x[off:off + size], int(q), bool(whole), item["sigma"])
+        cl.append(np.full(len(picks), c, dtype=np.int64))
+        rid.append(ids[off:off + size][picks])
+        rank.append(np.arange(len(picks), dtype=np.int64))
+    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
+    return {"cluster": cat(cl), "row_id": cat(rid), "rank": cat(rank)}
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def _partition_items(ctx: FitContext, **extra) -> tuple[list[dict], list[str]]:
+    parts = ctx.store.partitions([schema.COINCIDE_VECTOR], ctx.partition_bytes)
+    items = [{"files": [ctx.store.files[s] for s in p.shards], "pos": [ctx.store.shard_pos[s] for s in p.shards],
+              "key": p.key, **extra} for p in parts]
+    return items, [p.key for p in parts]
+
+
+def _check_driver_rows(ctx: FitContext, rows: int, width: int, what: str) -> None:
+    need = rows * width * 4
+    limit = int(ctx.cfg.aggregate.driver_bytes)
+    if need > limit:
+        raise ValueError(f"coincide: {what} would hold {rows} x {width} float32 = {need / 2**30:.1f} GiB on the "
+                         f"driver (aggregate.driver_bytes = {limit / 2**30:.1f} GiB): set coincide.train_sample "
+                         f"(rows k-means trains on) and/or coincide.reduce_dim (dims it clusters in)")
+
+
+def _gather_rows(ctx: FitContext, step: str, want: np.ndarray, projection: str | None, unit: bool,
+                 width: int) -> np.ndarray:
+    items, keys = _partition_items(ctx, want=want, projection=projection, unit=unit, width=width)
+    results = ctx.map(step, _gather, items, keys)
+    pos = np.concatenate([r["pos"] for r in results])
+    x = np.concatenate([r["x"] for r in results])
+    return np.ascontiguousarray(x[np.argsort(pos, kind="stable")])
+
+
+def fit(ctx: FitContext) -> dict:
+    """Aggregate: clusters, D, S, P and the member files (see the module docstring). Returns a summary."""
+    from datasel_ray.clustering import (assign_nearest, fit_projection, kmeans_train_rows, projection_rows,
+                                        train_spherical_kmeans)
+
+    cfg = ctx.cfg.coincide
+    store = ctx.store
+    store.require([schema.COINCIDE_VECTOR, schema.LAST_TOKEN])
+    F = store.widths[schema.COINCIDE_VECTOR]
+    n_layers = layer_count(F, store.widths[schema.LAST_TOKEN])
+    n = store.n
+    k = min(cfg.num_clusters if cfg.num_clusters is not None else coincide.default_num_clusters(n), n)
+    seed = kmeans_seed(ctx)
+    stats = ctx.stats(NAME)
+    work = ctx.work(NAME)
+    projection_path = None
+    dim = F
+    if cfg.reduce_dim is not None and cfg.reduce_dim < F:
+        dim = int(cfg.reduce_dim)
+        train = None
+        if cfg.reduce_method == "pca":
+            rows = projection_rows(n, cfg.train_sample, seed)
+            rows = np.arange(n) if rows is None else rows
+            _check_driver_rows(ctx, len(rows), F, "PCA training")
+            train = _gather_rows(ctx, "coincide:pca-rows", rows, None, False, F)
+        A, b = fit_projection(F, dim, cfg.reduce_method, seed, train)
+        save_result(stats / layout.PROJECTION, {"A": A, "b": b})
+        projection_path = str(stats / layout.PROJECTION)
+    rows = kmeans_train_rows(n, k, cfg.train_sample, seed)
+    rows = np.arange(n) if rows is None else rows
+    _check_driver_rows(ctx, len(rows), dim, "k-means training")
+    train_unit = _gather_rows(ctx, "coincide:train-rows", rows, projection_path, True, dim)
+    import faiss
+
+    centroids = train_spherical_kmeans(train_unit, k, cfg.niter, seed, faiss.get_num_gpus() > 0)
+    (stats / layout.CENTROIDS).write_npy(centroids)
+    estimated = np.bincount(assign_nearest(train_unit, centroids), minlength=k) * (n / len(rows))
+    del train_unit
+    buckets = bucket_plan(estimated, store.row_bytes([schema.COINCIDE_VECTOR]), ctx.partition_bytes)
+    (work / "buckets.npy").write_npy(buckets)
+
+    items, keys = _partition_items(ctx, centroids=str(stats / layout.CENTROIDS), buckets=str(work / "buckets.npy"),
+                                   projection=projection_path, work=str(work / "buckets"))
+    labels = np.empty(n, dtype=np.int64)
+    for r in ctx.map("coincide:assign", _assign, items, keys):
+        labels[r["pos"]] = r["cluster"]
+    size = np.bincount(labels, minlength=k).astype(np.int64)
+    (stats / layout.ASSIGNMENTS).write_parquet(pa.table({schema.ROW_ID: pa.array(store.row_ids, pa.int64()),
+                                                         layout.CLUSTER: pa.array(labels)}))
+    need_sums = dim != F
+    bucket_ids = np.unique(buckets[size > 0])
+    items = [{"work": str(work / "buckets"), "bucket": int(b), "members": str(layout.members_file(stats, b)),
+              "sigma": float(cfg.sigma), "sums": need_sums} for b in bucket_ids]
+    D = np.full(k, np.nan)
+    offset = np.zeros(k, dtype=np.int64)
+    means = np.zeros((k, F), dtype=np.float32) if need_sums else centroids
+    for r in ctx.map("coincide:clusters", _cluster_stats, items, [f"{int(b):05d}" for b in bucket_ids],
+                     unit="buckets"):
+        c = r["cluster"]
+        if not np.array_equal(r["size"], size[c]):
+            raise RuntimeError("coincide: a bucket's cluster sizes differ from the assignment (stale work files)")
+        D[c], offset[c] = r["density"], r["offset"]
+        if need_sums:
+            means[c] = (r["sums"] / r["size"][:, None]).astype(np.float32)
+    nonempty = np.flatnonzero(size)
+    S = np.zeros(k)
+    S[nonempty] = coincide.transferability(means[nonempty], n_layers, cfg.transferability, cfg.cos_threshold)
+    P = coincide.selection_probability(S, D, cfg.temperature)
+    (stats / layout.CLUSTERS).write_parquet(pa.table({
+        layout.CLUSTER: np.arange(k, dtype=np.int64), layout.SIZE: size, "density": D, "transferability": S,
+        "probability": P, layout.BUCKET: buckets.astype(np.int64), layout.OFFSET: offset}))
+    ctx.work(NAME, "buckets").delete()
+    return {"clusters": int(k), "nonempty_clusters": int(len(nonempty)), "n_layers": n_layers, "kmeans_seed": seed,
+            "kmeans_train_rows": int(len(rows)), "cluster_dim": int(dim), "buckets": int(len(bucket_ids))}
+
+
+def load_clusters(stats: Location) -> dict[str, np.ndarray]:
+    """``clusters.parquet`` of a run as numpy columns."""
+    t = (stats / layout.CLUSTERS).read_parquet()
+    return {name: column_to_numpy(t.column(name)) for name in t.column_names}
+
+
+def select(ctx: FitContext, budget: int) -> MethodSelection:
+    """Quotas on the driver, greedy MMD prototypes in bucket tasks; selection in Algorithm 1's order."""
+    cfg = ctx.cfg.coincide
+    stats = layout.method_stats(ctx.run_dir, NAME)
+    if not (stats / layout.CLUSTERS).exists():
+        raise RuntimeError(f"{stats / layout.CLUSTERS} is missing: run the aggregate phase first")
+    cl = load_clusters(stats)
+    size, S, D = cl[layout.SIZE], cl["transferability"], cl["density"]
+    quota, order, whole = coincide.cluster_quotas(size, S, D, budget, cfg.temperature)
+    assign = (stats / layout.ASSIGNMENTS).read_parquet()
+    if not np.array_equal(column_to_numpy(assign.column(schema.ROW_ID)), ctx.store.row_ids):
+        raise RuntimeError(f"{stats / layout.ASSIGNMENTS} does not cover the rows of features/: re-run aggregate "
+                           f"(--force aggregate)")
+    labels = column_to_numpy(assign.column(layout.CLUSTER))
+    active = np.flatnonzero(quota > 0)
+    items, keys = [], []
+    for b in np.unique(cl[layout.BUCKET][active]):
+        cs = active[cl[layout.BUCKET][active] == b]
+        items.append({"members": str(layout.members_file(stats, b)), "clusters": cs, "offsets": cl[layout.OFFSET][cs],
+                      "sizes": size[cs], "quotas": quota[cs], "whole": whole[cs], "sigma": float(cfg.sigma)})
+        keys.append(f"{int(b):05d}")
+    key = ctx.selection_key(NAME, budget, cfg.model_dump())
+    results = ctx.map("coincide:prototypes", _prototypes, items, keys, unit="buckets",
+                      work=ctx.run_dir / layout.SELECTIONS / NAME / layout.WORK / key)
+    picks: dict[int, np.ndarray] = {}
+    for r in results:
+        for c in np.unique(r["cluster"]):
+            m = r["cluster"] == c
+            picks[int(c)] = r["row_id"][m][np.argsort(r["rank"][m])]
+    ordered = [picks[int(c)] for c in order if int(c) in picks]
+    selected_ids = np.concatenate(ordered) if ordered else np.zeros(0, np.int64)
+    selected = np.searchsorted(ctx.store.row_ids, selected_ids)
+    rank = np.full(ctx.store.n, -1, dtype=np.int64)
+    rank[selected] = np.arange(len(selected))
+    P = cl["probability"]
+    (ctx.run_dir / layout.SELECTIONS / NAME / layout.QUOTAS).write_parquet(pa.table({
+        layout.CLUSTER: np.arange(len(size), dtype=np.int64), "quota": quota, "whole": whole}))
+    columns = {layout.CLUSTER: labels, "transferability": S[labels], "density": D[labels], "probability": P[labels],
+               "selection_order": rank, layout.SCORE: P[labels]}
+    summary = {"cluster_selected_fraction": (quota / np.maximum(size, 1)).round(6).tolist()}
+    return MethodSelection(selected=selected, columns=columns, summary=summary)

@@ -1,0 +1,123 @@
+"""What a method's partitioned fit and select need: config, feature store, executor, output folders.
+
+:class:`FitContext` is built once per phase by :mod:`datasel_ray.pipeline.aggregate` /
+:mod:`datasel_ray.pipeline.select`. :class:`MethodSelection` is what every method's ``select`` returns: per-row
+scalar columns (``pos`` order of the store), the selected positions and the summary fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from datasel_ray import schema
+from datasel_ray.config import RunConfig
+from datasel_ray.io import layout
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.storage import Location
+from datasel_ray.pipeline.executor import Executor, resumable_map
+from datasel_ray.pipeline.progress import Progress
+from datasel_ray.pipeline.store import FeatureStore
+
+__all__ = ["FitContext", "MethodSelection", "bucket_plan", "write_buckets"]
+
+
+@dataclass
+class MethodSelection:
+    """A method's selection over the store's rows (arrays in ``pos`` order, length N).
+
+    selected: int64 positions in the method's selection order (repeats allowed only for TIVE oversampling).
+    columns: per-row scalar columns for ``scores.parquet`` (must include ``score``).
+    summary: JSON-ready fields for ``summary.json`` (thresholds, budgets, variant switches).
+    """
+
+    selected: np.ndarray
+    columns: dict[str, np.ndarray]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    cfg: RunConfig
+    run_dir: RunDir
+    store: FeatureStore
+    executor: Executor
+    quiet: bool = False
+
+    def stats(self, method: str) -> Location:
+        loc = layout.method_stats(self.run_dir, method)
+        loc.mkdir()
+        return loc
+
+    def work(self, *names: str) -> Location:
+        return self.run_dir / layout.STATS / layout.WORK / "/".join(names)
+
+    @property
+    def partition_bytes(self) -> int:
+        return int(self.cfg.aggregate.partition_bytes)
+
+    def progress(self, step: str, total: int, unit: str = "partitions") -> Progress:
+        return Progress(step, total, self.run_dir / "progress.json", quiet=self.quiet, unit=unit)
+
+    def map(self, step: str, fn, items: list, keys: list[str], unit: str = "partitions",
+            work: Location | None = None) -> list[dict[str, np.ndarray]]:
+        """:func:`~datasel_ray.pipeline.executor.resumable_map` of one step, with a progress line."""
+        progress = self.progress(step, len(items), unit)
+        out = resumable_map(self.executor, fn, items, keys, work or self.work(step), progress=progress)
+        progress.finish()
+        return out
+
+    def scalars(self, columns: list[str]) -> dict[str, np.ndarray]:
+        return self.store.scalars(columns, self.executor)
+
+    def selection_key(self, *parts: Any) -> str:
+        """A short hash naming the work folder of a select step (budget + method config)."""
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def bucket_plan(estimated_rows: np.ndarray, row_bytes: int, partition_bytes: int) -> np.ndarray:
+    """Groups (clusters or tasks, int ids 0..G-1) packed in id order into buckets of at most ``partition_bytes``
+    (estimated) each; a group larger than the bound is a bucket of its own. Returns int64[G] bucket ids."""
+    est = np.asarray(estimated_rows, dtype=np.float64) * max(1, row_bytes)
+    out = np.zeros(len(est), dtype=np.int64)
+    bucket, used = 0, 0.0
+    for g, b in enumerate(est):
+        if used > 0 and used + b > partition_bytes:
+            bucket, used = bucket + 1, 0.0
+        out[g] = bucket
+        used += b
+    return out
+
+
+def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, bucket_of_group: np.ndarray,
+                  row_ids: np.ndarray, vectors: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write one partition's rows into per-bucket part files ``work/<bucket>/<partition>.parquet`` (row_id, group
+    as ``cluster``, the vector and ``extra`` scalar columns): the regroup-by-key step of the partitioned
+    pipeline (NeMo Curator's semantic dedup writes per-cluster partitions the same way)."""
+    from datasel_ray.pipeline.feature_store import vector_column
+
+    bucket = bucket_of_group[group_of_row]
+    for b in np.unique(bucket):
+        rows = np.flatnonzero(bucket == b)
+        cols = {schema.ROW_ID: pa.array(row_ids[rows], pa.int64()),
+                layout.CLUSTER: pa.array(group_of_row[rows].astype(np.int64)),
+                layout.VECTOR: vector_column(vectors[rows])}
+        for name, values in (extra or {}).items():
+            cols[name] = pa.array(values[rows])
+        (work / f"{int(b):05d}" / f"{partition_key}.parquet").write_parquet(pa.table(cols))
+
+
+def read_bucket(work: Location, bucket: int) -> pa.Table:
+    """Every part file of one bucket, rows sorted by (cluster, row_id)."""
+    from datasel_ray.io.storage import read_parquet_dir
+
+    table = read_parquet_dir(work / f"{int(bucket):05d}")
+    if table is None:
+        raise RuntimeError(f"{work}/{int(bucket):05d} has no part files: the regroup step did not finish")
+    return table.sort_by([(layout.CLUSTER, "ascending"), (schema.ROW_ID, "ascending")])
