@@ -47,7 +47,7 @@ def near_identical(values: np.ndarray, groups: np.ndarray, noise: float, rng: np
 def _selections(feats: dict, budget: int, seed: int) -> dict[str, np.ndarray]:
     from datasel_ray.config import CoincideConfig, DataTailorConfig
     from datasel_ray.methods import coincide, datatailor
-    from datasel_ray.pipeline.aggregate import coincide_layer_count
+    from datasel_ray.pipeline.fit.coincide import layer_count as coincide_layer_count
 
     u = feats["coincide_vector"]
     n_layers = coincide_layer_count(u.shape[1], feats["last_token"].shape[1])

@@ -12,8 +12,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from datasel_ray.methods.registry import method_names
+
 PHASES = ("ingest", "warmup", "extract", "aggregate", "select", "report")
-METHODS = ("coincide", "datatailor", "tive", "random", "random_per_task", "answer_loss")
+METHODS = method_names()
 TINY_MODEL = "tiny"
 
 

@@ -60,6 +60,9 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "proj_dim", "projection", "gradient_type"})
         parts["feature_schema_version"] = schema.FEATURE_SCHEMA_VERSION
     elif phase == "aggregate":
+        from datasel_ray.methods.registry import fitted_methods
+
+        parts["methods"] = fitted_methods(cfg.select.methods, cfg.tive.enabled)
         parts["coincide"] = cfg.coincide.model_dump()
         parts["datatailor"] = cfg.datatailor.model_dump()
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "task_value"})

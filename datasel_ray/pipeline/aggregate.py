@@ -1,17 +1,15 @@
-"""Aggregate phase: ``features/`` → ``stats/`` (per-task and per-cluster tables, centroids, faiss index).
+"""Aggregate phase: ``features/`` → ``stats/`` as a partitioned pipeline (no process holds a feature column).
 
-Outputs (all keyed so that the select phase and the online scorer reuse them without recomputation):
+* ``stats/tasks.parquet``: per task, Ray Data ``groupby("task").aggregate(...)`` reading the shards (in-process:
+  the same statistics with numpy): count, mean/std τ, mean/std informativeness, mean token lengths, mean answer
+  loss (and mean gradient norm with TIVE).
+* ``stats/<method>/``: each method's budget-independent statistics, written by its ``fit`` in
+  :mod:`datasel_ray.pipeline.fit` (the method registry lists which); layout in :mod:`datasel_ray.io.layout`.
+* ``stats/meta.json``: row count, dimensions, executor, partitions, per-method summaries and the config used.
 
-* ``tasks.parquet``: per task, from Ray Data ``groupby("task").aggregate(...)``: count, mean/std τ, mean
-  informativeness, mean token lengths, mean answer loss (and mean gradient norm with TIVE).
-* ``coincide_clusters.parquet`` + ``coincide_centroids.npy`` + ``coincide_centroids.faiss`` +
-  ``coincide_assignments.parquet``: spherical k-means clusters with size, density D, transferability S and
-  selection probability P (COINCIDE Eq. 5-6, reference variant by default).
-* ``datatailor_clusters.parquet`` + ``datatailor_means.npy`` + ``datatailor_assignments.parquet``: Ward
-  clusters inside each task with size, inter-cluster association A (DataTailor Eq. 4-5) and mean vector.
-* ``tive_tasks.parquet`` + ``tive_task_mean_grad.npy`` (when gradients were extracted): task value and the
-  mean normalised projected gradient per task (TIVE Eq. 4-5).
-* ``meta.json``: row count, dimensions, layer count, cluster counts, and the config used.
+Partition and bucket tasks run on ``aggregate.executor`` (Ray tasks, or this process for a store that fits in one
+partition); each task's result is kept under ``stats/_work/`` until the phase ends, so a killed run resumes
+per partition.
 """
 
 from __future__ import annotations
@@ -23,12 +21,12 @@ import pyarrow as pa
 
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
+from datasel_ray.io import layout
 from datasel_ray.io.rundir import RunDir
-from datasel_ray.io.storage import Location
-from datasel_ray.pipeline import ray_adapter
-from datasel_ray.pipeline.feature_store import feature_columns, load_features, vector_column
-from datasel_ray.pipeline.progress import Progress
-from datasel_ray.seeds import derive_seed
+from datasel_ray.methods.registry import fitted_methods, get_method
+from datasel_ray.pipeline.executor import LocalExecutor
+from datasel_ray.pipeline.fit.context import FitContext
+from datasel_ray.pipeline.store import FeatureStore
 
 TASK_STAT_COLUMNS = {
     schema.TAU: ["mean", "std"],
@@ -38,142 +36,69 @@ TASK_STAT_COLUMNS = {
     schema.N_TEXT_TOKENS: ["mean"],
     schema.N_ANSWER_TOKENS: ["mean"],
     schema.ANSWER_LOSS: ["mean"],
+    schema.GRAD_NORM: ["mean"],
 }
 
 
-def coincide_layer_count(vector_dim: int, hidden: int) -> int:
-    """Hooked layers in a COINCIDE vector of ``vector_dim`` = n_layers · 2 · hidden (o_proj outputs are hidden-wide)."""
-    if vector_dim % (2 * hidden):
-        raise ValueError(f"coincide_vector width {vector_dim} is not a multiple of 2 x hidden ({hidden})")
-    return vector_dim // (2 * hidden)
+def make_context(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> FitContext:
+    """Feature store + executor of a run: ``aggregate.executor``, where ``auto`` is Ray when the widest feature
+    family of the store needs more than one partition."""
+    store = FeatureStore(run_dir / "features")
+    kind = cfg.aggregate.executor
+    if kind == "auto":
+        widest = max((store.row_bytes([c]) for c in store.widths), default=8)
+        kind = "ray" if store.n * widest > cfg.aggregate.partition_bytes else "local"
+    if kind == "ray":
+        from datasel_ray.pipeline import ray_adapter
+
+        ray_adapter.ensure_ray(cfg.ray)
+        executor = ray_adapter.RayExecutor(num_cpus=cfg.aggregate.num_cpus_per_task)
+    else:
+        executor = LocalExecutor()
+    return FitContext(cfg, run_dir, store, executor, quiet)
 
 
-def write_faiss_index(loc: Location, vectors: np.ndarray) -> None:
-    """An inner-product index over unit-normalised ``vectors`` (nearest centroid by cosine)."""
-    import faiss
+def task_statistics(ctx: FitContext) -> pa.Table:
+    """Per-task statistics (count, mean/std per column, std with ddof = 1) sorted by task."""
+    wanted = {c: ops for c, ops in TASK_STAT_COLUMNS.items() if c in ctx.store.columns}
+    if ctx.executor.name == "ray":
+        from datasel_ray.pipeline import ray_adapter
 
-    from datasel_ray.clustering import normalize_rows
-
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(np.ascontiguousarray(normalize_rows(vectors.astype(np.float32)), dtype=np.float32))
-    loc.write_bytes(faiss.serialize_index(index).tobytes())
-
-
-def task_statistics(feats: dict[str, np.ndarray]) -> pa.Table:
-    columns = {schema.TASK: pa.array(feats[schema.TASK].astype(str))}
-    wanted = dict(TASK_STAT_COLUMNS)
-    if schema.GRAD_NORM in feats:
-        wanted[schema.GRAD_NORM] = ["mean"]
-    for name in wanted:
-        columns[name] = pa.array(np.asarray(feats[name], dtype=np.float64))
-    table = ray_adapter.groupby_aggregate(pa.table(columns), schema.TASK, wanted)
-    table = table.rename_columns(["count" if c == "count()" else c for c in table.column_names])
-    return table.sort_by(schema.TASK)
-
-
-def aggregate_coincide(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Location) -> dict:
-    from datasel_ray.clustering import cluster_means, spherical_kmeans
-    from datasel_ray.methods import coincide
-
-    x = feats[schema.COINCIDE_VECTOR]
-    n = x.shape[0]
-    n_layers = coincide_layer_count(x.shape[1], feats[schema.LAST_TOKEN].shape[1])
-    k = cfg.coincide.num_clusters or coincide.default_num_clusters(n)
-    seed = cfg.coincide.seed if cfg.coincide.seed is not None else derive_seed(cfg.seed, "coincide", "kmeans")
-    centroids, labels = spherical_kmeans(x, k, niter=cfg.coincide.niter, seed=seed,
-                                         train_sample=cfg.coincide.train_sample, reduce_dim=cfg.coincide.reduce_dim,
-                                         reduce_method=cfg.coincide.reduce_method)
-    k = centroids.shape[0]
-    if cfg.coincide.reduce_dim is not None:
-        centroids = cluster_means(x, labels, k).astype(np.float32)
-    size = np.bincount(labels, minlength=k)
-    nonempty = np.flatnonzero(size)
-    S = np.zeros(k)
-    S[nonempty] = coincide.transferability(centroids[nonempty], n_layers, cfg.coincide.transferability,
-                                           cfg.coincide.cos_threshold)
-    D = coincide.density(x, labels, k, cfg.coincide.sigma)
-    P = coincide.selection_probability(S, D, cfg.coincide.temperature)
-    stats.mkdir()
-    (stats / "coincide_clusters.parquet").write_parquet(pa.table({
-        "cluster": np.arange(k, dtype=np.int64), "size": size.astype(np.int64), "density": D,
-        "transferability": S, "probability": P, "centroid": vector_column(centroids)}))
-    (stats / "coincide_centroids.npy").write_npy(centroids.astype(np.float32))
-    write_faiss_index(stats / "coincide_centroids.faiss", centroids)
-    (stats / "coincide_assignments.parquet").write_parquet(pa.table({
-        schema.ROW_ID: feats[schema.ROW_ID], "cluster": labels.astype(np.int64)}))
-    return {"clusters": int(k), "nonempty_clusters": int(len(nonempty)), "n_layers": n_layers, "kmeans_seed": seed}
-
-
-def aggregate_datatailor(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Location) -> dict:
-    from datasel_ray.clustering import cluster_means
-    from datasel_ray.methods import datatailor
-
-    h = feats[schema.LAST_TOKEN]
-    names, tindex = np.unique(feats[schema.TASK].astype(str), return_inverse=True)
-    task_rows = [np.flatnonzero(tindex == t) for t in range(len(names))]
-    labels, cluster_task = datatailor.cluster_tasks(h, task_rows, cfg.datatailor, derive_seed(cfg.seed, "datatailor"))
-    k = len(cluster_task)
-    size = np.bincount(labels, minlength=k)
-    means = cluster_means(h, labels, k)
-    A = datatailor.association(means, cluster_task)
-    (stats / "datatailor_clusters.parquet").write_parquet(pa.table({
-        "cluster": np.arange(k, dtype=np.int64), schema.TASK: pa.array(names[cluster_task].astype(str)),
-        "size": size.astype(np.int64), "association": A, "mean": vector_column(means.astype(np.float32))}))
-    (stats / "datatailor_means.npy").write_npy(means.astype(np.float32))
-    (stats / "datatailor_assignments.parquet").write_parquet(pa.table({
-        schema.ROW_ID: feats[schema.ROW_ID], "cluster": labels.astype(np.int64)}))
-    return {"clusters": int(k), "tasks": int(len(names))}
-
-
-def aggregate_tive(cfg: RunConfig, feats: dict[str, np.ndarray], stats: Location) -> dict:
-    from datasel_ray.methods import tive
-
-    names, codes = np.unique(feats[schema.TASK].astype(str), return_inverse=True)
-    codes = codes.reshape(-1).astype(np.int64)
-    values = tive.task_values(feats[schema.GRAD_NORM], codes, mode=cfg.tive.task_value)
-    mean_grad = tive.task_mean_gradients(feats[schema.GRAD_PROJ], codes)
-    sizes = np.bincount(codes, minlength=len(names)).astype(np.int64)
-    (stats / "tive_tasks.parquet").write_parquet(pa.table({
-        schema.TASK: pa.array(names), "size": sizes, "task_value": np.asarray(values, dtype=np.float64),
-        "mean_gradient_norm": np.linalg.norm(mean_grad, axis=1).astype(np.float64)}))
-    (stats / "tive_task_mean_grad.npy").write_npy(mean_grad.astype(np.float32))
-    return {"tasks": int(len(names)), "proj_dim": int(mean_grad.shape[1]), "task_value_mode": cfg.tive.task_value}
+        table = ray_adapter.groupby_aggregate_files(ctx.store.files, [schema.TASK, *wanted], schema.TASK, wanted)
+        table = table.rename_columns(["count" if c == "count()" else c for c in table.column_names])
+        return table.sort_by(schema.TASK)
+    sc = ctx.scalars(list(wanted))
+    codes = ctx.store.task_codes
+    cols: dict[str, object] = {schema.TASK: pa.array(ctx.store.task_names.astype(str)),
+                               "count": np.bincount(codes).astype(np.int64)}
+    for c, ops in wanted.items():
+        v = sc[c].astype(np.float64)
+        for op in ops:
+            f = np.mean if op == "mean" else (lambda a: np.std(a, ddof=1) if len(a) > 1 else np.nan)
+            cols[f"{op}_{c}"] = np.array([f(v[codes == t]) for t in range(len(ctx.store.task_names))])
+    return pa.table(cols)
 
 
 def run_aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     started = time.monotonic()
-    available = feature_columns(run_dir)
-    has_grads = schema.GRAD_PROJ in available
-    columns = [schema.TASK, *TASK_STAT_COLUMNS, schema.COINCIDE_VECTOR, schema.LAST_TOKEN]
-    if has_grads:
-        columns += [schema.GRAD_PROJ, schema.GRAD_NORM]
-    feats = load_features(run_dir, columns)
-    n = len(feats[schema.ROW_ID])
-    stats = run_dir / "stats"
-    steps = ["tasks", "coincide", "datatailor"] + (["tive"] if has_grads else [])
-    progress = Progress("aggregate", len(steps), run_dir / "progress.json", quiet=quiet, unit="steps")
+    ctx = make_context(cfg, run_dir, quiet)
+    stats = run_dir / layout.STATS
     stats.mkdir()
-    result: dict = {"rows": n}
+    result: dict = {"rows": ctx.store.n, "executor": ctx.executor.name}
     timings: dict[str, float] = {}
-    for step in steps:
+    t0 = time.monotonic()
+    table = task_statistics(ctx)
+    (stats / layout.TASKS).write_parquet(table)
+    result["tasks"] = table.num_rows
+    timings["tasks"] = round(time.monotonic() - t0, 3)
+    for name in fitted_methods(cfg.select.methods, cfg.tive.enabled):
         t0 = time.monotonic()
-        if step == "tasks":
-            table = task_statistics(feats)
-            (stats / "tasks.parquet").write_parquet(table)
-            result["tasks"] = table.num_rows
-        elif step == "coincide":
-            result["coincide"] = aggregate_coincide(cfg, feats, stats)
-        elif step == "datatailor":
-            result["datatailor"] = aggregate_datatailor(cfg, feats, stats)
-        else:
-            result["tive"] = aggregate_tive(cfg, feats, stats)
-        timings[step] = round(time.monotonic() - t0, 3)
-        progress.update(1)
-    progress.finish()
+        result[name] = get_method(name).fit(ctx)
+        timings[name] = round(time.monotonic() - t0, 3)
     result["step_seconds"] = timings
     result["seconds"] = round(time.monotonic() - started, 3)
-    (stats / "meta.json").write_json({**result, "coincide_dim": int(feats[schema.COINCIDE_VECTOR].shape[1]),
-                                      "hidden": int(feats[schema.LAST_TOKEN].shape[1]),
-                                      "config": cfg.model_dump(mode="json", include={"coincide", "datatailor", "tive",
-                                                                                      "seed"})})
+    (stats / layout.WORK).delete()
+    (stats / layout.META).write_json({**result, "widths": ctx.store.widths,
+                                      "config": cfg.model_dump(mode="json", include={"coincide", "datatailor",
+                                                                                      "tive", "seed", "aggregate"})})
     return result

@@ -1,10 +1,10 @@
 """Select phase: features + stats → ``selections/<method>/``.
 
-Per method it writes ``scores.parquet`` (row id, task, cluster, every component score, ``score`` = the
-method's main score, ``selected``), ``selected_ids.npy`` (int64 row ids, ascending), the subset in the pool's
-own format under ``subset/`` (the original records; images referenced, not copied), and ``summary.json``
-(budget, per-task counts vs the pool, method variant switches, and the per-task/per-cluster thresholds the
-online scorer uses to say whether a new sample would be selected).
+Per method (its ``select`` in :mod:`datasel_ray.pipeline.fit`, on the same executor as aggregate) it writes
+``scores.parquet`` (row id, task, cluster, every component score, ``score`` = the method's main score,
+``selected``), ``selected_ids.npy`` (int64 row ids, ascending), the subset in the pool's own format under
+``subset/`` (the original records; images referenced, not copied), and ``summary.json`` (budget, per-task counts
+vs the pool, method variant switches, and the per-task/per-cluster values the online scorer answers with).
 """
 
 from __future__ import annotations
@@ -21,91 +21,15 @@ from datasel_ray.config import RunConfig
 from datasel_ray.io.pool import detect_format
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
+from datasel_ray.io import layout
 from datasel_ray.methods.registry import get_method
-from datasel_ray.pipeline.aggregate import coincide_layer_count
-from datasel_ray.pipeline.feature_store import column_to_numpy, load_features, load_table
+from datasel_ray.pipeline.feature_store import column_to_numpy, load_table
+from datasel_ray.pipeline.fit.context import FitContext
 from datasel_ray.pipeline.progress import Progress
-from datasel_ray.seeds import derive_seed
 
 
-def _assignments(run_dir: RunDir, name: str, row_ids: np.ndarray) -> np.ndarray:
-    loc = run_dir / "stats" / f"{name}_assignments.parquet"
-    if not loc.exists():
-        raise RuntimeError(f"{loc} is missing: run the aggregate phase first")
-    t = loc.read_parquet()
-    ids = column_to_numpy(t.column(schema.ROW_ID))
-    labels = column_to_numpy(t.column("cluster"))
-    order = np.argsort(ids, kind="stable")
-    if not np.array_equal(ids[order], row_ids):
-        raise RuntimeError(f"{loc} does not cover the same rows as features/: re-run aggregate (--force)")
-    return labels[order]
-
-
-def _select_coincide(cfg: RunConfig, run_dir: RunDir, feats: dict, budget: int) -> tuple[np.ndarray, dict, dict]:
-    from datasel_ray.methods import coincide
-
-    clusters = (run_dir / "stats" / "coincide_clusters.parquet").read_parquet()
-    labels = _assignments(run_dir, "coincide", feats[schema.ROW_ID])
-    x = feats[schema.COINCIDE_VECTOR]
-    res = coincide.select(
-        x, budget, cfg.coincide, n_layers=coincide_layer_count(x.shape[1], feats[schema.LAST_TOKEN].shape[1]),
-        labels=labels, centroids=(run_dir / "stats" / "coincide_centroids.npy").read_npy(),
-        S=column_to_numpy(clusters.column("transferability")), D=column_to_numpy(clusters.column("density")))
-    scores = {"cluster": res.labels, "transferability": res.row_S, "density": res.row_D,
-              "probability": res.row_P, "selection_order": res.row_rank, "score": res.row_P}
-    sizes = res.cluster_size
-    thresholds = {"cluster_selected_fraction": (res.cluster_quota / np.maximum(sizes, 1)).round(6).tolist()}
-    return res.selected, scores, thresholds
-
-
-def _select_datatailor(cfg: RunConfig, run_dir: RunDir, feats: dict, budget: int) -> tuple[np.ndarray, dict, dict]:
-    from datasel_ray.methods import datatailor
-
-    labels = _assignments(run_dir, "datatailor", feats[schema.ROW_ID])
-    res = datatailor.select(feats[schema.LAST_TOKEN], feats[schema.INFORMATIVENESS], feats[schema.TAU],
-                            feats[schema.N_TURNS], feats[schema.TASK].astype(str), budget, cfg.datatailor,
-                            seed=derive_seed(cfg.seed, "datatailor"), labels=labels)
-    scores = {"cluster": res.labels, "informativeness": feats[schema.INFORMATIVENESS].astype(np.float64),
-              "uniqueness": res.U, "representativeness": res.R, "rank_informativeness": res.rank_I,
-              "rank_uniqueness": res.rank_U, "rank_representativeness": res.rank_R, "score": res.score}
-    return res.selected, scores, {"task_score_threshold": _task_thresholds(feats, res.score, res.selected),
-                                  "task_budget": dict(zip(res.task_names.astype(str).tolist(),
-                                                          res.task_budget.tolist()))}
-
-
-def _select_tive(cfg: RunConfig, run_dir: RunDir, feats: dict, budget: int) -> tuple[np.ndarray, dict, dict]:
-    from datasel_ray.methods import tive
-
-    tasks = feats[schema.TASK].astype(str)
-    res = tive.select(feats[schema.GRAD_PROJ], feats[schema.GRAD_NORM], tasks, budget, cfg.tive,
-                      seed=derive_seed(cfg.seed, "tive", "sampling"))
-    task_value = dict(zip(res.task_names.astype(str).tolist(), res.task_value.tolist()))
-    scores = {"instance_value": res.instance_value.astype(np.float64),
-              "task_value": np.array([task_value[t] for t in tasks]), "score": res.instance_value.astype(np.float64)}
-    summary = res.summary()
-    summary["task_selected_fraction"] = {t: b / max(s, 1) for t, b, s in zip(
-        res.task_names.astype(str).tolist(), res.task_budget.tolist(), res.task_size.tolist())}
-    summary["task_score_threshold"] = _task_thresholds(feats, res.instance_value, np.unique(res.selected))
-    return res.selected, scores, summary
-
-
-def _select_baseline(method: str, cfg: RunConfig, feats: dict, budget: int) -> tuple[np.ndarray, dict, dict]:
-    from datasel_ray.methods import baselines
-
-    n = len(feats[schema.ROW_ID])
-    seed = derive_seed(cfg.seed, "select", method)
-    if method == "random":
-        res = baselines.random_global(n, budget, seed)
-    elif method == "random_per_task":
-        res = baselines.random_per_task(feats[schema.TASK].astype(str), budget, seed)
-    else:
-        res = baselines.answer_loss_ranking(feats[schema.ANSWER_LOSS], budget)
-    return res.selected, {"score": res.score}, {"task_score_threshold": _task_thresholds(feats, res.score, res.selected)}
-
-
-def _task_thresholds(feats: dict, score: np.ndarray, selected: np.ndarray) -> dict[str, float | None]:
+def _task_thresholds(tasks: np.ndarray, score: np.ndarray, selected: np.ndarray) -> dict[str, float | None]:
     """Per task, the lowest score among its selected rows (a new sample scoring above it would be selected)."""
-    tasks = feats[schema.TASK].astype(str)
     out: dict[str, float | None] = {}
     for task in np.unique(tasks):
         rows = selected[tasks[selected] == task]
@@ -114,44 +38,43 @@ def _task_thresholds(feats: dict, score: np.ndarray, selected: np.ndarray) -> di
     return out
 
 
-def select_method(cfg: RunConfig, run_dir: RunDir, method: str, feats: dict, budget: int) -> dict:
-    """Run one method and write its selection directory; returns its summary."""
-    get_method(method)
+def select_method(ctx: FitContext, method: str, budget: int) -> dict:
+    """Run one method (its ``select`` in :mod:`datasel_ray.pipeline.fit`) and write its selection directory;
+    returns its summary."""
+    spec = get_method(method)
     started = time.monotonic()
-    if method == "coincide":
-        selected, scores, extra = _select_coincide(cfg, run_dir, feats, budget)
-    elif method == "datatailor":
-        selected, scores, extra = _select_datatailor(cfg, run_dir, feats, budget)
-    elif method == "tive":
-        selected, scores, extra = _select_tive(cfg, run_dir, feats, budget)
-    else:
-        selected, scores, extra = _select_baseline(method, cfg, feats, budget)
-    out = run_dir / "selections" / method
-    row_ids = feats[schema.ROW_ID]
-    tasks = feats[schema.TASK].astype(str)
-    is_selected = np.zeros(len(row_ids), dtype=bool)
+    choice = spec.select(ctx, budget)
+    store = ctx.store
+    selected = np.asarray(choice.selected, dtype=np.int64)
+    out = layout.selection_dir(ctx.run_dir, method)
+    tasks = store.tasks.astype(str)
+    is_selected = np.zeros(store.n, dtype=bool)
     is_selected[selected] = True
-    columns = {schema.ROW_ID: row_ids, schema.TASK: pa.array(tasks), **scores, "selected": is_selected}
+    columns = {schema.ROW_ID: store.row_ids, schema.TASK: pa.array(tasks), **choice.columns,
+               layout.SELECTED: is_selected}
     out.mkdir()
-    (out / "scores.parquet").write_parquet(pa.table(columns))
-    selected_ids = np.sort(row_ids[selected]).astype(np.int64)
-    (out / "selected_ids.npy").write_npy(selected_ids)
-    subset_files = write_subset(run_dir, out / "subset", selected_ids)
+    (out / layout.SCORES).write_parquet(pa.table(columns))
+    selected_ids = np.sort(store.row_ids[selected]).astype(np.int64)
+    (out / layout.SELECTED_IDS).write_npy(selected_ids)
+    subset_files = write_subset(ctx.run_dir, out / layout.SUBSET, selected_ids)
+    (out / layout.WORK).delete()
     summary = {
         "method": method,
-        "budget": cfg.select.budget,
+        "budget": ctx.cfg.select.budget,
         "budget_rows": budget,
-        "pool_rows": int(len(row_ids)),
+        "pool_rows": int(store.n),
         "selected": int(len(selected)),
         "unique_selected": int(len(np.unique(selected))),
         "task_counts": dict(sorted(Counter(tasks[selected].tolist()).items())),
         "pool_task_counts": dict(sorted(Counter(tasks.tolist()).items())),
+        "task_score_threshold": _task_thresholds(tasks, choice.columns[layout.SCORE], np.unique(selected)),
         "subset_files": subset_files,
-        "seed": cfg.seed,
+        "seed": ctx.cfg.seed,
+        "executor": ctx.executor.name,
         "seconds": round(time.monotonic() - started, 3),
-        **extra,
+        **choice.summary,
     }
-    (out / "summary.json").write_json(summary)
+    (out / layout.SUMMARY).write_json(summary)
     return summary
 
 
@@ -183,16 +106,18 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
 
 
 def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
+    from datasel_ray.pipeline.aggregate import make_context
+
+    ctx = make_context(cfg, run_dir, quiet)
     methods = cfg.select.methods
-    columns = sorted({c for m in methods for c in get_method(m).columns} | {schema.TASK, schema.LAST_TOKEN})
-    feats = load_features(run_dir, columns)
-    budget = cfg.select.budget_rows(len(feats[schema.ROW_ID]))
+    for m in methods:
+        ctx.store.require(list(get_method(m).columns))
+    budget = cfg.select.budget_rows(ctx.store.n)
     progress = Progress("select", len(methods), run_dir / "progress.json", quiet=quiet, unit="methods")
     results = {}
     for method in methods:
-        summary = select_method(cfg, run_dir, method, feats, budget)
+        summary = select_method(ctx, method, budget)
         results[method] = {k: summary[k] for k in ("selected", "budget_rows", "seconds")}
         progress.update(1)
     progress.finish()
     return results
-

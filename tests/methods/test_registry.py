@@ -9,11 +9,12 @@ from datasel_ray.methods.registry import METHOD_REGISTRY, get_method
 def test_registry_covers_config_methods():
     assert set(METHOD_REGISTRY) == set(METHODS)
     assert get_method("coincide").columns == ("coincide_vector",)
-    assert get_method("datatailor").columns == ("last_token", "informativeness", "tau", "n_turns", "task")
+    assert get_method("datatailor").columns == ("last_token", "informativeness", "tau", "n_turns")
     assert get_method("random").columns == ()
-    for name, spec in METHOD_REGISTRY.items():
-        if name != "tive":
-            importlib.import_module(spec.module)
+    for spec in METHOD_REGISTRY.values():
+        module = importlib.import_module(spec.pipeline)
+        assert callable(module.fit) and (callable(getattr(module, "select", None)) or spec.name in
+                                         ("random", "random_per_task", "answer_loss"))
 
 
 def test_unknown_method_message():
