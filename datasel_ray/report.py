@@ -1,7 +1,7 @@
 """The report phase: ``report/index.html`` plus PNG plots and ``report/summary.json`` for a run directory.
 
 Reads what the other phases wrote (all optional): ``manifest.json``, ``samples/``, ``quarantine/{ingest,extract}/``,
-``selections/<method>/{scores.parquet,summary.json}`` and ``stats/coincide_clusters.parquet``. A missing input
+``selections/<method>/{scores.parquet,summary.json}`` and ``stats/coincide/clusters.parquet``. A missing input
 skips its plot with a note on the page; it is never an error. All I/O goes through :class:`Location`, so the
 run directory may live on object storage. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot
 global state, safe inside Ray workers.
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from datasel_ray.io import layout
 from datasel_ray.io.rundir import PHASE_ORDER, RunDir
 from datasel_ray.io.storage import Location
 
@@ -145,7 +146,7 @@ def read_run_inputs(run_dir: RunDir) -> RunInputs:
         pool_task_counts=_pool_task_counts(run_dir, methods),
         quarantine=_read_quarantine(run_dir),
         methods=methods,
-        clusters=_read_table(run_dir / "stats" / "coincide_clusters.parquet", ["cluster", "size", "density"]),
+        clusters=_read_table(layout.method_stats(run_dir, "coincide") / layout.CLUSTERS, ["cluster", "size", "density"]),
     )
 
 
@@ -332,7 +333,7 @@ PLOTS = (
     PlotSpec("score_distributions.png", "Score distributions", plot_score_distributions,
              "No score distributions: no selections/<method>/scores.parquet with a score column."),
     PlotSpec("coincide_clusters.png", "COINCIDE clusters", plot_clusters,
-             "No cluster plots: stats/coincide_clusters.parquet is absent (COINCIDE not aggregated)."),
+             "No cluster plots: stats/coincide/clusters.parquet is absent (COINCIDE not aggregated)."),
     PlotSpec("quarantine_reasons.png", "Quarantine", plot_quarantine,
              "No quarantined rows (or no quarantine/ tables)."),
     PlotSpec("phase_times.png", "Time per phase", plot_phase_times,

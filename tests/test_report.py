@@ -58,7 +58,7 @@ def _write_selection(run_dir: RunDir, method: str, tasks: np.ndarray, budget: in
 
 def _write_clusters(run_dir: RunDir, rng: np.random.Generator, k: int = 40) -> None:
     sizes = rng.integers(1, 30, size=k)
-    (run_dir / "stats" / "coincide_clusters.parquet").write_parquet(pa.table({
+    (run_dir / "stats" / "coincide" / "clusters.parquet").write_parquet(pa.table({
         "cluster": pa.array(np.arange(k), pa.int64()), "size": pa.array(sizes, pa.int64()),
         "density": rng.random(k), "transferability": rng.random(k), "probability": rng.dirichlet(np.ones(k)),
     }))
@@ -156,7 +156,7 @@ def test_missing_selections_and_stats_give_notes(tmp_path):
     written = {Path(p).name for p in result["plots"]}
     assert written == {"task_mix.png", "quarantine_reasons.png", "phase_times.png"}
     assert len(result["notes"]) == 3
-    assert "coincide_clusters.parquet" in page and "Not shown" in page
+    assert "coincide/clusters.parquet" in page and "Not shown" in page
 
 
 def test_empty_run_dir(tmp_path):
@@ -170,7 +170,7 @@ def test_empty_run_dir(tmp_path):
 def test_rerun_removes_stale_plots(tmp_path):
     run_dir = make_run_dir(tmp_path / "run")
     write_report(run_dir)
-    (run_dir / "stats" / "coincide_clusters.parquet").delete()
+    (run_dir / "stats" / "coincide" / "clusters.parquet").delete()
     result = write_report(run_dir)
     _check_report(result)
     assert not (tmp_path / "run" / "report" / "coincide_clusters.png").exists()

@@ -340,11 +340,14 @@ def allocate_and_select(x: np.ndarray, labels: np.ndarray, S: np.ndarray, D: np.
 
 
 def match_member(u: np.ndarray, members: np.ndarray, tolerance: float) -> int | None:
-    """Position of the member of ``members`` (float[m, F], unit rows as stored) whose cosine to the unit vector
-    ``u`` (float[F]) is highest, when ``1 - cos <= tolerance`` (the same pool row re-extracted); else None."""
+    """Position of the member of ``members`` (float[m, F]) with the highest cosine to ``u`` (float[F]) when
+    ``1 - cos <= tolerance`` (the same pool row re-extracted), else None; exact ties go to the lowest position."""
     if len(members) == 0:
         return None
-    cos = np.asarray(members, dtype=np.float32) @ np.asarray(u, dtype=np.float32)
+    m = np.asarray(members, dtype=np.float64)
+    norms = np.linalg.norm(m, axis=1)
+    u = np.asarray(u, dtype=np.float64)
+    cos = (m @ u) / np.maximum(norms * np.linalg.norm(u), 1e-300)
     best = int(np.argmax(cos))
     return best if 1.0 - float(cos[best]) <= tolerance else None
 

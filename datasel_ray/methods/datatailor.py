@@ -27,8 +27,10 @@ __all__ = [
     "association",
     "cluster_distance_sums",
     "cluster_uniqueness",
+    "combined_score",
     "percentile_rank",
     "representativeness",
+    "representativeness_value",
     "select",
     "task_budgets",
     "uniqueness",
@@ -155,20 +157,35 @@ def association(means: np.ndarray, cluster_task: np.ndarray) -> np.ndarray:
     return A
 
 
-def representativeness(A_row: np.ndarray, informativeness: np.ndarray, labels: np.ndarray,
-                       mode: str = "reference") -> np.ndarray:
-    """Representative value R (Eq. 5): reference ``R_i = A_c V_i``; paper ``R_i = A_c V_i / Σ_{k∈C} V_k``
-    (0 when the cluster's Σ V is 0). ``A_row`` is A of each row's cluster. Returns float64[N]."""
+def representativeness_value(A: np.ndarray, informativeness: np.ndarray, v_sum: np.ndarray,
+                             mode: str = "reference") -> np.ndarray:
+    """Representative value R (Eq. 5) from a row's cluster association ``A``, its informativeness and its
+    cluster's ``Σ V`` (float64, broadcast): reference ``R = A V``; paper ``R = A V / Σ_{k∈C} V_k`` (0 when
+    ``Σ V = 0``). The batch (:func:`representativeness`) and the online scorer both call this."""
+    A = np.asarray(A, dtype=np.float64)
     v = np.asarray(informativeness, dtype=np.float64)
-    A_row = np.asarray(A_row, dtype=np.float64)
     if mode == "reference":
-        return A_row * v
+        return A * v
     if mode != "paper":
         raise ValueError(f"representativeness mode must be 'reference' or 'paper', got {mode!r}")
+    den = np.asarray(v_sum, dtype=np.float64)
+    return np.where(den > 0, A * v / np.where(den > 0, den, 1.0), 0.0)
+
+
+def representativeness(A_row: np.ndarray, informativeness: np.ndarray, labels: np.ndarray,
+                       mode: str = "reference") -> np.ndarray:
+    """R (Eq. 5) of every row: :func:`representativeness_value` with ``A_row`` (A of each row's cluster) and the
+    Σ V of each row's cluster (``labels``). Returns float64[N]."""
+    v = np.asarray(informativeness, dtype=np.float64)
     lab = np.asarray(labels, dtype=np.int64)
-    csum = np.bincount(lab, weights=v)
-    den = csum[lab]
-    return np.where(den > 0, A_row * v / np.where(den > 0, den, 1.0), 0.0)
+    return representativeness_value(A_row, v, np.bincount(lab, weights=v)[lab], mode)
+
+
+def combined_score(rank_I, rank_U, rank_R, n_turns) -> np.ndarray:
+    """DataTailor's combined value (Eq. 6, code form): ``(r·rk(I) + rk(U) + rk(R)) / (r + 2)``, ``r = max(1,
+    turns)``, from within-task percentile ranks (float64, broadcast)."""
+    r = np.maximum(1.0, np.asarray(n_turns, dtype=np.float64))
+    return (r * np.asarray(rank_I) + np.asarray(rank_U) + np.asarray(rank_R)) / (r + 2.0)
 
 
 def task_budgets(task_sizes: np.ndarray, tau_mean: np.ndarray, budget: int) -> np.ndarray:
@@ -320,7 +337,7 @@ def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns:
         rank_I[rows] = percentile_rank(v[rows])
         rank_U[rows] = percentile_rank(U[rows])
         rank_R[rows] = percentile_rank(R[rows])
-    score = (r * rank_I + rank_U + rank_R) / (r + 2.0)
+    score = combined_score(rank_I, rank_U, rank_R, nt)
     tsize = np.array([len(rw) for rw in t_rows], dtype=np.int64)
     ttau = np.array([tau[rw].mean() for rw in t_rows])
     kb = task_budgets(tsize, ttau, B)

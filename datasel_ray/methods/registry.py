@@ -27,15 +27,24 @@ __all__ = ["METHOD_REGISTRY", "MethodSpec", "fitted_methods", "get_method", "met
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """name; description; columns: feature columns read; pipeline: module with ``fit``/``select``; scored:
-    whether the online scorer answers for it; needs_tive: whether it needs the TIVE warm-up and gradients."""
+    """name; description; columns: feature columns read; pipeline: module with ``fit``/``select``; state:
+    ``module:Class`` of the frozen state the online scorer answers from (None: not scored online); needs_tive:
+    whether it needs the TIVE warm-up and gradients."""
 
     name: str
     description: str
     columns: tuple[str, ...]
     pipeline: str
-    scored: bool = False
+    state: str | None = None
     needs_tive: bool = False
+
+    @property
+    def scored(self) -> bool:
+        return self.state is not None
+
+    def state_class(self) -> type:
+        module, _, cls = str(self.state).partition(":")
+        return getattr(importlib.import_module(module), cls)
 
     def fit(self, ctx) -> dict:
         return importlib.import_module(self.pipeline).fit(ctx)
@@ -48,17 +57,18 @@ class MethodSpec:
 
 
 _BASELINES = "datasel_ray.pipeline.fit.baselines"
+_STATE = "datasel_ray.scoring.state:"
 
 METHOD_REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("coincide", "COINCIDE: spherical k-means, transferability/density cluster quotas, greedy MMD.",
-                   (schema.COINCIDE_VECTOR,), "datasel_ray.pipeline.fit.coincide", scored=True),
+                   (schema.COINCIDE_VECTOR,), "datasel_ray.pipeline.fit.coincide", _STATE + "CoincideState"),
         MethodSpec("datatailor", "DataTailor: informativeness, uniqueness, representativeness; per-task budgets.",
                    (schema.LAST_TOKEN, schema.INFORMATIVENESS, schema.TAU, schema.N_TURNS),
-                   "datasel_ray.pipeline.fit.datatailor", scored=True),
+                   "datasel_ray.pipeline.fit.datatailor", _STATE + "DataTailorState"),
         MethodSpec("tive", "TIVE: task value from gradient norms, instance value from projected LoRA gradients.",
-                   (schema.GRAD_PROJ, schema.GRAD_NORM), "datasel_ray.pipeline.fit.tive", scored=True,
+                   (schema.GRAD_PROJ, schema.GRAD_NORM), "datasel_ray.pipeline.fit.tive", _STATE + "TiveState",
                    needs_tive=True),
         MethodSpec("random", "Uniform random subset.", (), _BASELINES),
         MethodSpec("random_per_task", "Random subset keeping the pool's task mix.", (), _BASELINES),

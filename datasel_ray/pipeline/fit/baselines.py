@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from datasel_ray import schema
 from datasel_ray.io import layout

@@ -147,7 +147,7 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
     cfg = ctx.cfg.datatailor
     store = ctx.store
     d = store.widths[schema.LAST_TOKEN]
-    wanted, owner = [], []
+    wanted = []
     for t in big:
         rows = np.flatnonzero(store.task_codes == t)
         pick = precluster_train_rows(len(rows), cfg.precluster_train_rows, seed + int(t))
@@ -272,8 +272,7 @@ def fit(ctx: FitContext) -> dict:
         rank_I[rows] = datatailor.percentile_rank(v[rows])
         rank_U[rows] = datatailor.percentile_rank(U[rows])
         rank_R[rows] = datatailor.percentile_rank(R[rows])
-    r = np.maximum(1.0, sc[schema.N_TURNS].astype(np.float64))
-    score = (r * rank_I + rank_U + rank_R) / (r + 2.0)
+    score = datatailor.combined_score(rank_I, rank_U, rank_R, sc[schema.N_TURNS])
     (stats / layout.CLUSTERS).write_parquet(pa.table({
         layout.CLUSTER: np.arange(K, dtype=np.int64), schema.TASK: pa.array(store.task_names[cluster_task]),
         layout.SIZE: size, "association": A, "pair_sum": pair_sum, "v_sum": v_sum, layout.BUCKET: bucket_of,
