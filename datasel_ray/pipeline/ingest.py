@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from datasel_ray import schema
 from datasel_ray.config import PoolConfig, RunConfig
-from datasel_ray.io.pool import BlockSpec, list_pool_files, plan_blocks, read_block
+from datasel_ray.io.pool import POOL_FILES, BlockSpec, list_pool_files, plan_blocks, read_block, write_pool_files
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.io.tasks import TaskResolver
@@ -117,6 +117,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     """Run the ingest phase; returns counts ``{rows_in, samples, quarantined, by_reason}``."""
     started = time.monotonic()
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
+    write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
