@@ -5,8 +5,8 @@ one samples shard and one quarantine shard named after the block, atomically. A 
 two shards exist, so a killed ingest resumes.
 
 Duplicate ids are found after every block is done, by one pass over the ``(row_id, id)`` columns of
-``samples/`` (:func:`quarantine_duplicate_ids`): the first row of an id in pool order (file, then record
-index) is kept, every later one moves to ``quarantine/ingest/<block>.duplicate_id.parquet`` with reason
+``samples/`` (:func:`quarantine_duplicate_ids`): the first valid row of an id in pool order (file, then
+record index) is kept, every later one moves to ``quarantine/ingest/<block>.duplicate_id.parquet`` with reason
 ``duplicate_id``. The outcome depends on the row ids only, never on which task finished first; the pass is
 idempotent, so a killed or repeated ingest converges to the same shards.
 
@@ -145,7 +145,7 @@ DUPLICATES_SUFFIX = ".duplicate_id.parquet"
 
 
 def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None) -> int:
-    """Move every row whose ``id`` an earlier row (in row-id order) already used from ``samples/`` to
+    """Move every row whose ``id`` an earlier valid row (in row-id order) already used from ``samples/`` to
     ``quarantine/ingest/<block>.duplicate_id.parquet``; returns the number of rows moved by this call.
 
     Reads only the ``row_id``, ``sample_id``, ``source_file`` and ``source_index`` columns of every samples
