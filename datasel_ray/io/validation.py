@@ -81,7 +81,7 @@ class RecordValidator:
         turns = [(t.role.lower(), t.value) for t in record.conversations]
         self._check_turns(turns)
         image_path = self._check_image(record.image) if record.image else ""
-        task = self.resolver.resolve(raw.value, record.image)
+        task = self.resolver.resolve(raw.value, record.image, raw.record_index)
         if task is None:
             raise _Reject(Reason.UNKNOWN_TASK, f"task: no '{self.resolver.task_field}' field and no prefix rule "
                                                f"matches image '{record.image}' (set pool.default_task or pool.task_map)")

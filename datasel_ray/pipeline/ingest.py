@@ -15,6 +15,7 @@ Invariant checked at the end: rows in = samples + quarantined.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -26,11 +27,13 @@ from datasel_ray.config import PoolConfig, RunConfig
 from datasel_ray.io.pool import POOL_FILES, BlockSpec, list_pool_files, plan_blocks, read_block, write_pool_files
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
-from datasel_ray.io.tasks import TaskResolver
+from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
 from datasel_ray.io.validation import (Limits, RecordValidator, duplicate_id_message, first_seen_duplicates,
                                        quarantine_row)
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 SAMPLES_SCHEMA = pa.schema([
     (schema.ROW_ID, pa.int64()),
@@ -66,9 +69,10 @@ def resolve_image_root(pool: PoolConfig) -> str:
 class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
-    def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None):
+    def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None,
+                 index_blocks: bool = False):
         cfg = PoolConfig.model_validate(pool)
-        resolver = TaskResolver(cfg.task_map, cfg.default_task, cfg.task_field)
+        resolver = TaskResolver.for_pool(cfg, index_blocks=index_blocks)
         self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images))
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
@@ -119,6 +123,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
     write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
+    tasks = task_source(cfg.pool, files, blocks)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
     progress = Progress("ingest", total, run_dir / "progress.json", already_done=total - sum(
@@ -127,7 +132,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
             "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
-            "row_group_rows": cfg.extract.shard_rows})
+            "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks"})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
     progress.finish()
@@ -137,6 +142,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         raise RuntimeError(f"ingest lost rows: {total} read but {counts['samples']} samples + "
                            f"{counts['quarantined']} quarantined (stale shards from another pool in {run_dir}?)")
     counts["rows_in"] = total
+    counts["tasks"] = tasks
     counts["seconds"] = round(time.monotonic() - started, 3)
     return counts
 
@@ -186,6 +192,20 @@ def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None)
         target.write_parquet(quarantined)
         shard.write_parquet(table.filter(pa.array(~is_dup)), row_group_rows=row_group_rows)
     return len(dup)
+
+
+def task_source(pool: PoolConfig, files: list, blocks: list[BlockSpec]) -> dict:
+    """How tasks are inferred: ``{"recipe", "from", "why"?}``; ``from`` is ``index_blocks`` when the pool is
+    ``llava_v1_5_mix665k.json`` under ``task_recipe: llava_665k``, else ``rules``, with ``why`` saying
+    what made a ``llava_665k`` pool fall back to the per-row rules."""
+    if pool.task_recipe != "llava_665k":
+        return {"recipe": pool.task_recipe, "from": "rules"}
+    why = llava_665k_mismatch(files, blocks)
+    if why is None:
+        return {"recipe": pool.task_recipe, "from": "index_blocks"}
+    log.info("pool.task_recipe=llava_665k: tasks from image folders and response-format prompts, not the "
+             "llava_v1_5_mix665k.json index blocks, because %s", why)
+    return {"recipe": pool.task_recipe, "from": "rules", "why": why}
 
 
 def ingest_counts(run_dir: RunDir) -> dict:
