@@ -222,3 +222,13 @@ def test_task_source_picks_the_index_blocks_only_for_the_release_under_its_recip
     assert task_source(PoolConfig(task_recipe="llava_665k"), files, blocks) == {"recipe": "llava_665k",
                                                                                "from": "index_blocks"}
     assert task_source(PoolConfig(), files, blocks) == {"recipe": "prefix", "from": "rules"}
+
+
+def test_cli_task_recipe_choices_are_the_config_choices():
+    from datasel_ray.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["ingest", "--run-dir", "r", "--pool", "p.json", "--task-recipe", "llava_665k"])
+    assert args.task_recipe == "llava_665k"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ingest", "--run-dir", "r", "--task-recipe", "llava"])
