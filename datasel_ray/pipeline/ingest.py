@@ -159,7 +159,7 @@ def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None)
     what an earlier, interrupted pass wrote) before its samples shard is rewritten, so a pass killed in between
     is completed by the next one with the same result.
     """
-    shards = [f for f in (run_dir / "samples").list(".parquet")]
+    shards = (run_dir / "samples").list(".parquet")
     if not shards:
         return 0
     columns = [schema.ROW_ID, schema.SAMPLE_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX]
@@ -179,15 +179,17 @@ def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None)
         shard = shards[int(s)]
         table = shard.read_parquet()
         is_dup = np.isin(table.column(schema.ROW_ID).to_numpy(), np.fromiter(message, np.int64))
-        moved = table.filter(pa.array(is_dup))
+        moved = table.filter(pa.array(is_dup)).select([schema.ROW_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX,
+                                                       schema.RAW])
         rows = [quarantine_row(r[schema.ROW_ID], r[schema.SOURCE_FILE], r[schema.SOURCE_INDEX], "ingest",
                                schema.Reason.DUPLICATE_ID, message[r[schema.ROW_ID]], r[schema.RAW])
-                for r in moved.select([schema.ROW_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX, schema.RAW]).to_pylist()]
+                for r in moved.to_pylist()]
         target = run_dir / "quarantine" / "ingest" / (shard.name[:-len(".parquet")] + DUPLICATES_SUFFIX)
         quarantined = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
         if target.exists():
             earlier = target.read_parquet()
-            earlier = earlier.filter(pc.invert(pc.is_in(earlier.column(schema.ROW_ID), quarantined.column(schema.ROW_ID))))
+            again = pc.is_in(earlier.column(schema.ROW_ID), quarantined.column(schema.ROW_ID))
+            earlier = earlier.filter(pc.invert(again))
             quarantined = pa.concat_tables([earlier, quarantined]).sort_by(schema.ROW_ID)
         target.write_parquet(quarantined)
         shard.write_parquet(table.filter(pa.array(~is_dup)), row_group_rows=row_group_rows)
