@@ -7,8 +7,10 @@ Formats:
   top-level element, so a block is read by its own task without parsing the whole file.
 * ``jsonl``  — one record per line; a broken line becomes an ``invalid_json`` record, not a failed read.
 * ``parquet``— columns ``id``, ``image``, ``conversations`` (list of structs, or a JSON string), optional ``task``.
+  A block is a row range; reading it decodes only the row groups that range touches.
 
-A record's identity is ``(file_index, record_index)``; see :func:`datasel_ray.schema.make_row_id`.
+A record's identity is ``(file_index, record_index)``; see :func:`datasel_ray.schema.make_row_id`. Ingest records
+each file's format in ``samples/pool_files.json`` (:func:`write_pool_files`), and the subset is written back in it.
 """
 
 from __future__ import annotations
