@@ -232,3 +232,9 @@ def test_cli_task_recipe_choices_are_the_config_choices():
     assert args.task_recipe == "llava_665k"
     with pytest.raises(SystemExit):
         parser.parse_args(["ingest", "--run-dir", "r", "--task-recipe", "llava"])
+
+
+def test_the_rules_reach_every_task_they_declare():
+    rows = [row for _, row, _, _ in SOURCE_ROWS] + [_row("textvqa/train_images/1.jpg", f"What brand?\n{SHORT}")]
+    reached = {llava_source_task(r.get("image"), r["conversations"]) for r in rows}
+    assert reached == set(tasks.LLAVA_SOURCE_TASKS) | {"sharegpt"}
