@@ -20,8 +20,10 @@ ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 ARG CUDA=cu128
 
-WORKDIR /home/ray/datasel-ray
+# COPY before WORKDIR: the directory COPY creates belongs to ray (WORKDIR would create it as root), and the
+# editable install writes its metadata into it.
 COPY --chown=ray . /home/ray/datasel-ray
+WORKDIR /home/ray/datasel-ray
 
 # torch first, from the index of the variant: `pip install -e .` then finds torch==TORCH_VERSION satisfied and
 # keeps that build (the PyPI wheel it would pick otherwise is not the one the variant asks for).

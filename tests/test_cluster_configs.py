@@ -284,3 +284,8 @@ def test_rayjob_head_pod_holds_the_driver_in_16_gib():
     assert head["resources"]["limits"]["memory"] == "16Gi"
     header = (KUBERAY / "rayjob.yaml").read_text().split("apiVersion")[0]
     assert "16 GiB" in header and "driver" in header
+
+
+def test_dockerfile_copies_the_package_before_entering_it():
+    _, _, text = _dockerfile()
+    assert text.index("COPY --chown=ray . /home/ray/datasel-ray") < text.index("WORKDIR /home/ray/datasel-ray")
