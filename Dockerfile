@@ -20,7 +20,7 @@ ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 ARG CUDA=cu128
 
-# COPY before WORKDIR: the directory COPY creates belongs to ray (WORKDIR would create it as root), and the
+# COPY before WORKDIR: the directory COPY creates belongs to ray (some builders create a WORKDIR as root), and the
 # editable install writes its metadata into it.
 COPY --chown=ray . /home/ray/datasel-ray
 WORKDIR /home/ray/datasel-ray
