@@ -126,6 +126,9 @@ def llava_source_task(image: str | None, conversations) -> str | None:
 class TaskResolver:
     """Maps a record to its task name. ``resolve`` returns None when nothing matches and no default is set.
 
+    Order: the record's task field, the user map (prefix rules; ``<text-only>`` for rows without an image), the
+    LLaVA-665k index blocks when enabled, the recipe's rules, ``default_task``.
+
     ``recipe``: one of :data:`TASK_RECIPES`. ``index_blocks``: with ``recipe="llava_665k"``, resolve by
     :func:`llava_665k_block_task` (only for ``llava_v1_5_mix665k.json`` itself, see :func:`llava_665k_mismatch`).
     """
@@ -137,6 +140,7 @@ class TaskResolver:
         if index_blocks and recipe != "llava_665k":
             raise ValueError(f"index_blocks needs pool.task_recipe='llava_665k', got {recipe!r}")
         user = load_task_map(task_map)
+        self.user_text_only = TEXT_ONLY_KEY in user
         self.text_only_task = user.pop(TEXT_ONLY_KEY, TEXT_ONLY_TASK)
         self.rules = sorted({**LLAVA_665K_PREFIXES, **user}.items(), key=lambda kv: -len(kv[0]))
         self.user_rules = sorted(user.items(), key=lambda kv: -len(kv[0]))
@@ -156,14 +160,17 @@ class TaskResolver:
         explicit = record.get(self.task_field)
         if isinstance(explicit, str) and explicit.strip():
             return explicit.strip()
+        normalized = strip_dot_prefix(image) if image else ""
+        if normalized:
+            for prefix, task in self.user_rules:
+                if normalized.startswith(prefix):
+                    return task
+        elif self.user_text_only:
+            return self.text_only_task
         if self.index_blocks and record_index is not None:
             return llava_665k_block_task(record_index)
-        if not image:
+        if not normalized:
             return self.text_only_task
-        normalized = strip_dot_prefix(image)
-        for prefix, task in self.user_rules:
-            if normalized.startswith(prefix):
-                return task
         if self.recipe == "llava_665k":
             task = llava_source_task(normalized, record.get("conversations"))
             return self.default_task if task is None else task

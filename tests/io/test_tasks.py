@@ -238,3 +238,13 @@ def test_the_rules_reach_every_task_they_declare():
     rows = [row for _, row, _, _ in SOURCE_ROWS] + [_row("textvqa/train_images/1.jpg", f"What brand?\n{SHORT}")]
     reached = {llava_source_task(r.get("image"), r["conversations"]) for r in rows}
     assert reached == set(tasks.LLAVA_SOURCE_TASKS) | {"sharegpt"}
+
+
+def test_user_map_wins_over_the_index_blocks():
+    resolver = TaskResolver({"coco/": "mine", "<text-only>": "chat"}, recipe="llava_665k", index_blocks=True)
+    assert resolver.resolve(_row("coco/x.jpg", "q"), "coco/x.jpg", 240494) == "mine"
+    assert resolver.resolve(_row("vg/x.jpg", "q"), "vg/x.jpg", 400000) == "vg"
+    assert resolver.resolve(_row("vg/x.jpg", "q"), "vg/x.jpg", 240494) == "vqav2"
+    assert resolver.resolve(_row(None, "q"), None, 650000) == "chat"
+    assert TaskResolver(recipe="llava_665k", index_blocks=True).resolve(_row(None, "q"), None, 0) == \
+        "llava_conversation"
