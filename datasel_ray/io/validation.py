@@ -210,7 +210,7 @@ def first_seen_duplicates(row_ids: np.ndarray, sample_ids: np.ndarray) -> tuple[
 def duplicate_id_message(sample_id: str, first_source: str, first_index: int) -> str:
     """The quarantine message of a row whose ``id`` was first used by record ``first_index`` of ``first_source``."""
     return (f"id: {sample_id!r} was already used by record {first_index} of {first_source}; ids must be unique "
-            f"in the pool, only the first row with an id is kept")
+            f"in the pool, only the first valid row with an id is kept")
 
 
 def quarantine_row(row_id: int, source_file: str, source_index: int, phase: str, reason: str, message: str,

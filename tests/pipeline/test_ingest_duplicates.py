@@ -68,7 +68,7 @@ def _quarantine(rd):
 def test_later_rows_with_a_seen_id_are_quarantined(dup_pool, tmp_path, ray_local):
     rd, counts = _run(dup_pool, tmp_path / "run", ray_local)
     a, b = str(dup_pool / "a.jsonl"), str(dup_pool / "b.jsonl")
-    msg = "id: {!r} was already used by record {} of {}; ids must be unique in the pool, only the first row " \
+    msg = "id: {!r} was already used by record {} of {}; ids must be unique in the pool, only the first valid row " \
           "with an id is kept"
     assert _quarantine(rd) == [
         ("a.jsonl", 2, "duplicate_id", msg.format("x", 0, a)),
