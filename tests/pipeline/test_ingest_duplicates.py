@@ -100,3 +100,16 @@ def test_resume_after_a_lost_shard_gives_the_same_split(dup_pool, tmp_path, ray_
     assert _quarantine(rd) == before_q
     np.testing.assert_array_equal(column_to_numpy(load_table(rd, "samples").column(schema.ROW_ID)), before_s)
     assert second == {**first, "seconds": second["seconds"]}
+
+
+def test_an_id_first_used_by_a_rejected_row_is_kept_on_its_first_valid_row(tmp_path, ray_local):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    bad = {"id": "q", "conversations": [{"from": "human", "value": "no answer"}]}
+    rows = [bad, _record("q", 1), _record("q", 2)]
+    (pool / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rd, counts = _run(pool, tmp_path / "run", ray_local)
+    a = str(pool / "a.jsonl")
+    assert [q[:3] for q in _quarantine(rd)] == [("a.jsonl", 0, "no_assistant_turn"), ("a.jsonl", 2, "duplicate_id")]
+    assert _quarantine(rd)[1][3].startswith(f"id: 'q' was already used by record 1 of {a};")
+    assert load_table(rd, "samples").column(schema.SOURCE_INDEX).to_pylist() == [1]
