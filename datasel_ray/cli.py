@@ -72,7 +72,8 @@ def _phase_command(phase: str):
         extra: dict = {}
         if phase == "ingest":
             pool = {k: v for k, v in {"path": args.pool, "image_root": args.image_root,
-                                      "task_map": args.task_map, "format": args.format}.items() if v}
+                                      "task_map": args.task_map, "format": args.format,
+                                      "task_recipe": args.task_recipe}.items() if v}
             extra = {"pool": pool} if pool else {}
         if phase == "select":
             sel = {}
@@ -127,6 +128,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datasel_ray.io.tasks import TASK_RECIPES
+
     parser = argparse.ArgumentParser(prog="datasel", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image-root", help="image root (pool.image_root)")
             p.add_argument("--task-map", help="YAML file of image-path prefix -> task")
             p.add_argument("--format", choices=["auto", "json", "jsonl", "parquet"])
+            p.add_argument("--task-recipe", choices=TASK_RECIPES,
+                           help="how tasks are inferred (pool.task_recipe; README, Tasks)")
         if phase == "select":
             p.add_argument("--method", action="append", help="method name(s), repeatable or comma-separated")
             p.add_argument("--budget", type=float, help="fraction of the pool (< 1) or a row count (>= 1)")

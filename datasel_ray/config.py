@@ -39,6 +39,11 @@ class PoolConfig(_Section):
     task_field: str = "task"
     task_map: dict[str, str] | str | None = Field(
         None, description="Image-path prefix -> task rules (dict or YAML file), tried before the built-in LLaVA rules.")
+    task_recipe: Literal["prefix", "llava_665k"] = Field(
+        "prefix", description="How tasks are inferred for rows without a task field. prefix: image-folder rules "
+        "(all COCO-image sources are one task, 'coco'). llava_665k: the 12 source blocks by index on "
+        "llava_v1_5_mix665k.json itself, image folder plus LLaVA-1.5's response-format prompts on other pools "
+        "(see datasel_ray/io/tasks.py).")
     default_task: str | None = Field("other", description="Task for rows no rule matches; null quarantines them.")
     max_turns: int = Field(64, ge=1, description="Rows with more human/gpt turns are quarantined as too_long.")
     max_chars: int = Field(32768, ge=1, description="Rows with more characters of text are quarantined as too_long.")

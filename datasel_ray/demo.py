@@ -10,6 +10,7 @@ from datasel_ray.config import RunConfig
 from datasel_ray.evaluation import pool_quality, random_expectation, selection_quality
 from datasel_ray.io.rundir import PHASE_ORDER, ManifestMismatch, RunDir
 from datasel_ray.io.tasks import TEXT_ONLY_KEY
+from datasel_ray.models.identity import model_identity
 from datasel_ray.pipeline.feature_store import load_features
 from datasel_ray.seeds import derive_seed
 from datasel_ray.synthetic import TASK_FOLDERS, TEXT_TASK, SynthConfig, generate_pool, load_ground_truth
@@ -74,6 +75,8 @@ def summarize(cfg: RunConfig, results: dict, ground_truth_path: Path) -> dict:
     extract = manifest["phases"].get("extract", {}).get("result", {})
     summary = {
         "run_dir": cfg.run_dir,
+        "model": cfg.model.name_or_path,
+        "model_identity": model_identity(cfg.model.name_or_path, cfg.model.revision),
         "rows_in": ingest["rows_in"],
         "samples": ingest["samples"],
         "quarantined_by_reason": ingest["by_reason"],
@@ -101,6 +104,8 @@ def summarize(cfg: RunConfig, results: dict, ground_truth_path: Path) -> dict:
 
 def render_summary(summary: dict) -> str:
     lines = [f"run directory: {summary['run_dir']}",
+             f"model: {summary['model']} ({summary['model_identity']}; selections repeat bit for bit only on the "
+             f"same machine with the same model build)",
              f"rows in: {summary['rows_in']}  samples: {summary['samples']}  "
              f"quarantined: {sum(summary['quarantined_by_reason'].values())}"]
     for reason, count in summary["quarantined_by_reason"].items():

@@ -67,11 +67,12 @@ class Reason:
     IMAGE_CORRUPT = "image_corrupt"  # the image file cannot be decoded
     IMAGE_PATH_ESCAPE = "image_path_escape"  # the image path resolves outside the image root
     UNKNOWN_TASK = "unknown_task"  # task could not be inferred and no default is configured
+    DUPLICATE_ID = "duplicate_id"  # the record's ``id`` was already used by an earlier row of the pool
     EXTRACT_FAILED = "extract_failed"  # the model pass failed for this sample
 
     ALL = (
         INVALID_JSON, WRONG_TYPE, MISSING_FIELD, NO_ASSISTANT_TURN, EMPTY_TEXT, TOO_LONG,
-        IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, EXTRACT_FAILED,
+        IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, DUPLICATE_ID, EXTRACT_FAILED,
     )
 
 IMAGE_PATH = "image_path"  # absolute image path/URI resolved under the image root at ingest ("" when text-only)

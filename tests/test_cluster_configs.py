@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from pydantic import BaseModel
 
 from datasel_ray.config import RunConfig, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "cluster_configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "cluster_configs"
 RUN_CONFIGS = ("example_run.yaml", "local.yaml", "gpu_run.yaml")
 KUBERAY = CONFIGS / "kuberay"
 
@@ -133,12 +136,11 @@ def test_launcher_config_structure():
     assert "." in cfg["file_mounts"].values()
 
 
-def test_launcher_installs_cuda_torch_then_the_package():
-    commands = _load(CONFIGS / "gpu_cluster.yaml")["setup_commands"]
-    torch_at = next(i for i, c in enumerate(commands) if "torch==2.13.0" in c)
-    assert "download.pytorch.org/whl/cu" in commands[torch_at]
-    package_at = next(i for i, c in enumerate(commands) if "pip install" in c and "datasel-ray" in c)
-    assert torch_at < package_at
+def test_launcher_runs_the_cluster_image():
+    cfg = _load(CONFIGS / "gpu_cluster.yaml")
+    assert _is_cluster_image(cfg["docker"]["image"])
+    assert not any("torch==" in c for c in cfg["setup_commands"]), "torch comes from the image (Dockerfile)"
+    assert any("pip install" in c and "--no-deps" in c and "~/datasel-ray" in c for c in cfg["setup_commands"])
 
 
 def test_launcher_config_passes_ray_schema():
@@ -197,3 +199,93 @@ def test_rayservice_args_validate_as_serve_options():
     serve_config = yaml.safe_load(_load(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
     options = serve_app.ServeOptions.model_validate(serve_config["applications"][0]["args"])
     assert options.num_gpus == 1 and options.autoscaling_config["max_replicas"] >= 1
+
+
+# --- cluster image (Dockerfile) ----------------------------------------------------------------------------------
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pin(name: str) -> str:
+    deps = _pyproject()["project"]["dependencies"]
+    pins = [m.group(1) for d in deps if (m := re.fullmatch(rf"{re.escape(name)}(?:\[[^\]]*\])?==(\S+)", d))]
+    assert len(pins) == 1, f"pyproject.toml must pin {name}==X exactly once, found {pins}"
+    return pins[0]
+
+
+def _dockerfile() -> tuple[dict[str, str], list[str], str]:
+    """``(ARG defaults, FROM lines, text)`` of the Dockerfile; continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    args = {}
+    for line in lines:
+        if line.split()[0].upper() == "ARG" and "=" in line:
+            name, value = line.split(None, 1)[1].split("=", 1)
+            assert name not in args, f"ARG {name} has two defaults"
+            args[name] = value.strip()
+    froms = [line for line in lines if line.split()[0].upper() == "FROM"]
+    return args, froms, text
+
+
+CLUSTER_IMAGE = f"datasel-ray:{_pyproject()['project']['version']}-cu128"
+
+
+def _is_cluster_image(image: str) -> bool:
+    """The image built from the Dockerfile, with or without the registry prefix the README's sed adds."""
+    return image == CLUSTER_IMAGE or image.endswith(f"/{CLUSTER_IMAGE}")
+
+
+def test_dockerfile_pins_agree_with_pyproject():
+    specifiers = pytest.importorskip("packaging.specifiers")
+    args, froms, _ = _dockerfile()
+    assert args["RAY_VERSION"] == _pin("ray")
+    assert args["TORCH_VERSION"] == _pin("torch")
+    match = re.fullmatch(r"py3(\d+)", args["PYTHON_TAG"])
+    assert match, f"PYTHON_TAG must look like py311, got {args['PYTHON_TAG']!r}"
+    python = f"3.{match.group(1)}"
+    requires = specifiers.SpecifierSet(_pyproject()["project"]["requires-python"])
+    assert requires.contains(f"{python}.0"), f"Python {python} is outside requires-python {requires}"
+    assert f"PYTHON ?= python{python}" in (ROOT / "Makefile").read_text()
+
+
+def test_dockerfile_builds_from_the_pinned_ray_image_for_either_variant():
+    args, froms, text = _dockerfile()
+    assert froms == ["FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${VARIANT}"]
+    assert args["VARIANT"] == "gpu" and args["CUDA"].startswith("cu")
+    assert text.index("ARG RAY_VERSION=") < text.index("FROM ") < text.index("ARG TORCH_VERSION=")
+    assert re.search(r"^ARG RAY_VERSION$", text, re.M) and re.search(r"^ARG VARIANT$", text, re.M), \
+        "ARGs used after FROM must be declared again after it"
+    run = text[text.index("RUN "):]
+    assert 'gpu) index="${CUDA}"' in run and "cpu) index=cpu" in run
+    assert 'torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${index}"' in run
+    assert run.index("torch==${TORCH_VERSION}") < run.index("pip install --no-cache-dir -e .")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def test_every_cluster_config_runs_the_cluster_image():
+    for name in ("raycluster.yaml", "rayjob.yaml", "rayservice.yaml"):
+        doc = _load(KUBERAY / name)
+        spec = doc["spec"]["rayClusterSpec"] if "rayClusterSpec" in doc["spec"] else doc["spec"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        images = {c["image"] for g in groups for c in _containers(g)}
+        assert len(images) == 1 and _is_cluster_image(images.pop()), name
+        assert "Dockerfile" in (KUBERAY / name).read_text().split("apiVersion")[0], name
+        assert spec["rayVersion"] == _pin("ray")
+    readme = (ROOT / "README.md").read_text()
+    assert "docker build" in readme and "--build-arg VARIANT=cpu" in readme and "docker push" in readme
+
+
+def test_rayjob_head_pod_holds_the_driver_in_16_gib():
+    doc = _load(KUBERAY / "rayjob.yaml")
+    head = _containers(doc["spec"]["rayClusterSpec"]["headGroupSpec"])[0]
+    assert head["resources"]["limits"]["memory"] == "16Gi"
+    header = (KUBERAY / "rayjob.yaml").read_text().split("apiVersion")[0]
+    assert "16 GiB" in header and "driver" in header
+
+
+def test_dockerfile_copies_the_package_before_entering_it():
+    _, _, text = _dockerfile()
+    assert text.index("COPY --chown=ray . /home/ray/datasel-ray") < text.index("WORKDIR /home/ray/datasel-ray")

@@ -7,8 +7,10 @@ Formats:
   top-level element, so a block is read by its own task without parsing the whole file.
 * ``jsonl``  — one record per line; a broken line becomes an ``invalid_json`` record, not a failed read.
 * ``parquet``— columns ``id``, ``image``, ``conversations`` (list of structs, or a JSON string), optional ``task``.
+  A block is a row range; reading it decodes only the row groups that range touches.
 
-A record's identity is ``(file_index, record_index)``; see :func:`datasel_ray.schema.make_row_id`.
+A record's identity is ``(file_index, record_index)``; see :func:`datasel_ray.schema.make_row_id`. Ingest records
+each file's format in ``samples/pool_files.json`` (:func:`write_pool_files`), and the subset is written back in it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datasel_ray.io.storage import Location
 
+POOL_FILES = "pool_files.json"  # in samples/: every pool file with the format ingest read it in
 FORMAT_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _SCAN_CHUNK = 8 << 20
 # A string runs to its closing quote, or to the end of the buffer when the chunk cut it (then it is carried).
@@ -90,6 +95,20 @@ def list_pool_files(path: str, fmt: str = "auto") -> list[PoolFile]:
     else:
         raise PoolError(f"pool.path '{path}' does not exist")
     return [PoolFile(i, str(f), detect_format(f.name) if fmt == "auto" else fmt) for i, f in enumerate(files)]
+
+
+def write_pool_files(loc: Location, files: list[PoolFile]) -> None:
+    """Record the pool files and the format each was read in (``samples/pool_files.json``), so that the subset
+    is written back in the format ingest used, whatever the file is called."""
+    loc.write_json({"files": [asdict(f) for f in files]})
+
+
+def read_pool_files(loc: Location) -> dict[str, PoolFile]:
+    """``{uri: PoolFile}`` as recorded by :func:`write_pool_files`; {} when ``loc`` does not exist."""
+    if not loc.exists():
+        return {}
+    recorded = loc.read_json()
+    return {f["uri"]: PoolFile(**f) for f in recorded.get("files", [])}
 
 
 def scan_json_array(loc: Location) -> list[tuple[int, int]]:
@@ -234,8 +253,29 @@ def _split_array_elements(data: bytes) -> list[bytes]:
     return out
 
 
+def read_parquet_records(loc: Location, indices: np.ndarray) -> pa.Table:
+    """Rows ``indices`` ((K,) int, any order, may repeat) of a parquet file, in that order, decoding only the
+    row groups that hold them."""
+    indices = np.asarray(indices, dtype=np.int64)
+    with loc.open_input() as handle:
+        reader = pq.ParquetFile(handle)
+        sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= starts[-1]):
+            raise PoolError(f"{loc}: record indices must be in [0, {starts[-1]}), got {indices.min()}..{indices.max()}"
+                            f" (the file changed since it was ingested?)")
+        groups = np.unique(np.searchsorted(starts, indices, side="right") - 1)
+        if len(groups) == 0:
+            return reader.schema_arrow.empty_table()
+        table = reader.read_row_groups(groups.tolist())
+    offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
+    group_of = np.searchsorted(starts, indices, side="right") - 1
+    local = offsets[np.searchsorted(groups, group_of)] + (indices - starts[group_of])
+    return table.take(pa.array(local))
+
+
 def _read_parquet_block(loc: Location, spec: BlockSpec) -> Iterator[RawRecord]:
-    table = pq.ParquetFile(loc.open_input()).read().slice(spec.start, spec.num_records)
+    table = loc.read_parquet_rows(spec.start, spec.num_records)
     for i, row in enumerate(table.to_pylist()):
         conv = row.get("conversations")
         if isinstance(conv, str):

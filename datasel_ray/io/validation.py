@@ -11,6 +11,7 @@ import json
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -80,7 +81,7 @@ class RecordValidator:
         turns = [(t.role.lower(), t.value) for t in record.conversations]
         self._check_turns(turns)
         image_path = self._check_image(record.image) if record.image else ""
-        task = self.resolver.resolve(raw.value, record.image)
+        task = self.resolver.resolve(raw.value, record.image, raw.record_index)
         if task is None:
             raise _Reject(Reason.UNKNOWN_TASK, f"task: no '{self.resolver.task_field}' field and no prefix rule "
                                                f"matches image '{record.image}' (set pool.default_task or pool.task_map)")
@@ -179,6 +180,37 @@ def _canonical_role(role: str) -> str:
 def _short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def first_seen_duplicates(row_ids: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose pool ``id`` an earlier row already used, with that first row.
+
+    ``row_ids``: (N,) int64, the stable row ids (pool order: file, then record index); ``sample_ids``: (N,) str,
+    the pool's ``id`` as a string, ``""`` for a row without one (never a duplicate). Returns ``(dup, first)``,
+    two (D,) int64 arrays of positions into the inputs: ``dup[k]`` is a row whose id the row at ``first[k]`` (the
+    smallest row id carrying it) already used, ascending by the row id of ``dup``. The answer depends only on the
+    row ids, not on the order of the inputs, so it is the same however the ingest tasks were scheduled.
+    """
+    row_ids = np.asarray(row_ids)
+    sample_ids = np.asarray(sample_ids, dtype=object)
+    if row_ids.ndim != 1 or row_ids.shape != sample_ids.shape:
+        raise ValueError(f"row_ids and sample_ids must be 1-D arrays of the same length, got shapes "
+                         f"{row_ids.shape} and {sample_ids.shape}")
+    order = np.argsort(row_ids, kind="stable")
+    ids = sample_ids[order]
+    with_id = order[ids != ""]
+    if len(with_id) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first_index, inverse = np.unique(sample_ids[with_id].astype(str), return_index=True, return_inverse=True)
+    first = with_id[first_index][inverse.reshape(-1)]
+    is_dup = first != with_id
+    return with_id[is_dup].astype(np.int64), first[is_dup].astype(np.int64)
+
+
+def duplicate_id_message(sample_id: str, first_source: str, first_index: int) -> str:
+    """The quarantine message of a row whose ``id`` was first used by record ``first_index`` of ``first_source``."""
+    return (f"id: {sample_id!r} was already used by record {first_index} of {first_source}; ids must be unique "
+            f"in the pool, only the first valid row with an id is kept")
 
 
 def quarantine_row(row_id: int, source_file: str, source_index: int, phase: str, reason: str, message: str,

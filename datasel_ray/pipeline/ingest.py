@@ -2,24 +2,38 @@
 
 Each pool file is split into blocks (:mod:`datasel_ray.io.pool`); one Ray task validates a block and writes
 one samples shard and one quarantine shard named after the block, atomically. A re-run skips blocks whose
-two shards exist, so a killed ingest resumes. Invariant checked at the end: rows in = samples + quarantined.
+two shards exist, so a killed ingest resumes.
+
+Duplicate ids are found after every block is done, by one pass over the ``(row_id, id)`` columns of
+``samples/`` (:func:`quarantine_duplicate_ids`): the first valid row of an id in pool order (file, then
+record index) is kept, every later one moves to ``quarantine/ingest/<block>.duplicate_id.parquet`` with reason
+``duplicate_id``. The outcome depends on the row ids only, never on which task finished first; the pass is
+idempotent, so a killed or repeated ingest converges to the same shards.
+
+Invariant checked at the end: rows in = samples + quarantined.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from datasel_ray import schema
 from datasel_ray.config import PoolConfig, RunConfig
-from datasel_ray.io.pool import BlockSpec, list_pool_files, plan_blocks, read_block
+from datasel_ray.io.pool import POOL_FILES, BlockSpec, list_pool_files, plan_blocks, read_block, write_pool_files
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
-from datasel_ray.io.tasks import TaskResolver
-from datasel_ray.io.validation import Limits, RecordValidator
+from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
+from datasel_ray.io.validation import (Limits, RecordValidator, duplicate_id_message, first_seen_duplicates,
+                                       quarantine_row)
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 SAMPLES_SCHEMA = pa.schema([
     (schema.ROW_ID, pa.int64()),
@@ -55,9 +69,10 @@ def resolve_image_root(pool: PoolConfig) -> str:
 class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
-    def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None):
+    def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None,
+                 index_blocks: bool = False):
         cfg = PoolConfig.model_validate(pool)
-        resolver = TaskResolver(cfg.task_map, cfg.default_task, cfg.task_field)
+        resolver = TaskResolver.for_pool(cfg, index_blocks=index_blocks)
         self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images))
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
@@ -106,7 +121,9 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     """Run the ingest phase; returns counts ``{rows_in, samples, quarantined, by_reason}``."""
     started = time.monotonic()
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
+    write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
+    tasks = task_source(cfg.pool, files, blocks)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
     progress = Progress("ingest", total, run_dir / "progress.json", already_done=total - sum(
@@ -115,17 +132,82 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
             "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
-            "row_group_rows": cfg.extract.shard_rows})
+            "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks"})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
     progress.finish()
+    quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)
     counts = ingest_counts(run_dir)
     if counts["samples"] + counts["quarantined"] != total:
         raise RuntimeError(f"ingest lost rows: {total} read but {counts['samples']} samples + "
                            f"{counts['quarantined']} quarantined (stale shards from another pool in {run_dir}?)")
     counts["rows_in"] = total
+    counts["tasks"] = tasks
     counts["seconds"] = round(time.monotonic() - started, 3)
     return counts
+
+
+DUPLICATES_SUFFIX = ".duplicate_id.parquet"
+
+
+def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None) -> int:
+    """Move every row whose ``id`` an earlier valid row (in row-id order) already used from ``samples/`` to
+    ``quarantine/ingest/<block>.duplicate_id.parquet``; returns the number of rows moved by this call.
+
+    Reads only the ``row_id``, ``sample_id``, ``source_file`` and ``source_index`` columns of every samples
+    shard, then rewrites just the shards that hold a duplicate. Each duplicates shard is written (merged with
+    what an earlier, interrupted pass wrote) before its samples shard is rewritten, so a pass killed in between
+    is completed by the next one with the same result.
+    """
+    shards = (run_dir / "samples").list(".parquet")
+    if not shards:
+        return 0
+    columns = [schema.ROW_ID, schema.SAMPLE_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX]
+    tables = [f.read_parquet(columns) for f in shards]
+    shard_of = np.repeat(np.arange(len(shards)), [t.num_rows for t in tables])
+    ids = pa.concat_tables(tables)
+    row_ids = ids.column(schema.ROW_ID).to_numpy()
+    dup, first = first_seen_duplicates(row_ids, np.asarray(ids.column(schema.SAMPLE_ID).to_pylist(), dtype=object))
+    if len(dup) == 0:
+        return 0
+    sample_ids = ids.column(schema.SAMPLE_ID)
+    sources = ids.column(schema.SOURCE_FILE)
+    indices = ids.column(schema.SOURCE_INDEX)
+    message = {int(row_ids[d]): duplicate_id_message(sample_ids[int(d)].as_py(), sources[int(f)].as_py(),
+                                                     indices[int(f)].as_py()) for d, f in zip(dup, first)}
+    for s in np.unique(shard_of[dup]):
+        shard = shards[int(s)]
+        table = shard.read_parquet()
+        is_dup = np.isin(table.column(schema.ROW_ID).to_numpy(), np.fromiter(message, np.int64))
+        moved = table.filter(pa.array(is_dup)).select([schema.ROW_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX,
+                                                       schema.RAW])
+        rows = [quarantine_row(r[schema.ROW_ID], r[schema.SOURCE_FILE], r[schema.SOURCE_INDEX], "ingest",
+                               schema.Reason.DUPLICATE_ID, message[r[schema.ROW_ID]], r[schema.RAW])
+                for r in moved.to_pylist()]
+        target = run_dir / "quarantine" / "ingest" / (shard.name[:-len(".parquet")] + DUPLICATES_SUFFIX)
+        quarantined = pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
+        if target.exists():
+            earlier = target.read_parquet()
+            again = pc.is_in(earlier.column(schema.ROW_ID), quarantined.column(schema.ROW_ID))
+            earlier = earlier.filter(pc.invert(again))
+            quarantined = pa.concat_tables([earlier, quarantined]).sort_by(schema.ROW_ID)
+        target.write_parquet(quarantined)
+        shard.write_parquet(table.filter(pa.array(~is_dup)), row_group_rows=row_group_rows)
+    return len(dup)
+
+
+def task_source(pool: PoolConfig, files: list, blocks: list[BlockSpec]) -> dict:
+    """How tasks are inferred: ``{"recipe", "from", "why"?}``; ``from`` is ``index_blocks`` when the pool is
+    ``llava_v1_5_mix665k.json`` under ``task_recipe: llava_665k``, else ``rules``, with ``why`` saying
+    what made a ``llava_665k`` pool fall back to the per-row rules."""
+    if pool.task_recipe != "llava_665k":
+        return {"recipe": pool.task_recipe, "from": "rules"}
+    why = llava_665k_mismatch(files, blocks)
+    if why is None:
+        return {"recipe": pool.task_recipe, "from": "index_blocks"}
+    log.info("pool.task_recipe=llava_665k: tasks from image folders and response-format prompts, not the "
+             "llava_v1_5_mix665k.json index blocks, because %s", why)
+    return {"recipe": pool.task_recipe, "from": "rules", "why": why}
 
 
 def ingest_counts(run_dir: RunDir) -> dict:

@@ -79,28 +79,39 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
 
 
 def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> list[str]:
-    """The selected records, exactly as read, in each source file's own format and order."""
+    """The selected records, exactly as read, in each source file's own format and order.
+
+    ``selected_ids``: (K,) int64 row ids. The format of each source file is the one ingest read it in
+    (``samples/pool_files.json``), so a pool ``data.txt`` ingested with ``pool.format: jsonl`` comes back as
+    JSONL under the same name. Parquet sources are read back row group by row group, only the groups holding
+    a selected row.
+    """
+    from datasel_ray.io.pool import POOL_FILES, read_parquet_records, read_pool_files
+
     samples = load_table(run_dir, "samples", [schema.ROW_ID, schema.RAW, schema.SOURCE_FILE, schema.SOURCE_INDEX])
     ids = column_to_numpy(samples.column(schema.ROW_ID))
     keep = np.isin(ids, selected_ids)
     rows = samples.filter(pa.array(keep))
+    recorded = read_pool_files(run_dir / "samples" / POOL_FILES)
+    # run directories ingested before pool_files.json existed: the configured format, else the suffix
+    configured = run_dir.load_manifest().get("config", {}).get("pool", {}).get("format", "auto")
     written = []
     for source in sorted(set(rows.column(schema.SOURCE_FILE).to_pylist())):
         part = rows.filter(pc.equal(rows.column(schema.SOURCE_FILE), source))
         part = part.sort_by(schema.SOURCE_INDEX)
         src = Location.parse(source)
         target = out / src.name
-        fmt = detect_format(src.name)
+        if source in recorded:
+            fmt = recorded[source].format
+        else:
+            fmt = detect_format(src.name) if configured == "auto" else configured
         raws = part.column(schema.RAW).to_pylist()
         if fmt == "json":
             target.write_text("[\n" + ",\n".join(raws) + "\n]\n")
         elif fmt == "jsonl":
             target.write_text("".join(r + "\n" for r in raws))
         else:
-            import pyarrow.parquet as pq
-
-            original = pq.ParquetFile(src.open_input()).read()
-            target.write_parquet(original.take(pa.array(part.column(schema.SOURCE_INDEX).to_numpy())))
+            target.write_parquet(read_parquet_records(src, part.column(schema.SOURCE_INDEX).to_numpy()))
         written.append(str(target))
     return written
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from datasel_ray.io import pool as pool_io
@@ -49,3 +50,55 @@ def test_not_an_array_and_truncated_files_are_refused(tmp_path):
 def test_missing_pool_is_a_clear_error(tmp_path):
     with pytest.raises(PoolError, match="does not exist"):
         list_pool_files(str(tmp_path / "nope.json"))
+
+
+class _GroupSpy:
+    """Counts the row groups decoded through ``pq.ParquetFile``; a whole-file ``read`` fails the test."""
+
+    def __init__(self, monkeypatch):
+        import pyarrow.parquet as pq
+
+        self.groups: list[list[int]] = []
+        spy = self
+
+        class SpyParquetFile(pq.ParquetFile):
+            def read_row_groups(self, row_groups, *args, **kwargs):
+                spy.groups.append(list(row_groups))
+                return super().read_row_groups(row_groups, *args, **kwargs)
+
+            def read(self, *args, **kwargs):
+                raise AssertionError("read the whole parquet file")
+
+        monkeypatch.setattr(pq, "ParquetFile", SpyParquetFile)
+
+
+def _parquet_pool(tmp_path, n=45, group=7):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+            for i in range(n)]
+    path = tmp_path / "pool.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group)
+    return path, rows
+
+
+def test_parquet_blocks_decode_only_their_row_groups(tmp_path, monkeypatch):
+    path, rows = _parquet_pool(tmp_path)  # groups of 7 rows: [0-6] [7-13] ... [42-44]
+    blocks = plan_blocks(list_pool_files(str(path)), records_per_block=10)
+    spy = _GroupSpy(monkeypatch)
+    read = [[r.value for r in read_block(b)] for b in blocks]
+    assert [v for block in read for v in block] == rows
+    assert spy.groups == [[0, 1], [1, 2], [2, 3, 4], [4, 5], [5, 6]]
+
+
+def test_read_parquet_records_keeps_the_order_and_reads_only_needed_groups(tmp_path, monkeypatch):
+    from datasel_ray.io.storage import Location
+
+    path, rows = _parquet_pool(tmp_path)
+    spy = _GroupSpy(monkeypatch)
+    table = pool_io.read_parquet_records(Location.parse(str(path)), np.array([44, 3, 5, 3, 15]))
+    assert table.to_pylist() == [rows[44], rows[3], rows[5], rows[3], rows[15]]
+    assert spy.groups == [[0, 2, 6]]
+    with pytest.raises(PoolError, match=r"record indices must be in \[0, 45\), got 3..45"):
+        pool_io.read_parquet_records(Location.parse(str(path)), np.array([3, 45]))
