@@ -431,8 +431,9 @@ def select(x: np.ndarray, budget: float | int, config=None, seed: int = 1234, *,
         centroids, labels = spherical_kmeans(
             x, k, niter=cfg.niter, seed=cfg.seed if cfg.seed is not None else seed, train_sample=cfg.train_sample,
             reduce_dim=cfg.reduce_dim, reduce_method=cfg.reduce_method)
-        if cfg.reduce_dim is not None and cfg.transferability == "reference":
-            # the layer layout is lost after projection: recompute the centroids in the original space
+        if cfg.reduce_dim is not None and cfg.reduce_dim < x.shape[1]:
+            # S is a property of the original feature space (and the reference mode needs its layer layout):
+            # clustering-space centroids are replaced by original-space cluster means, as in the pipeline
             centroids = cluster_means(x, labels, len(centroids)).astype(np.float32)
     elif centroids is None:
         raise ValueError("centroids must be given together with labels")

@@ -94,7 +94,7 @@ class SampleParser:
 
     def __init__(self, cfg: RunConfig, tasks: list[str], image_roots: list[str], limits: ScoringLimits):
         pool = cfg.pool
-        self.resolver = TaskResolver(pool.task_map, pool.default_task, pool.task_field)
+        self.resolver = TaskResolver.for_pool(pool)
         record_limits = Limits(pool.max_turns, pool.max_chars, check_images=False)
         self.validators = [RecordValidator(root, self.resolver, record_limits) for root in image_roots]
         self.text_validator = RecordValidator(image_roots[0] if image_roots else "/", self.resolver, record_limits)
