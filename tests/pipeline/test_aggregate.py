@@ -168,7 +168,7 @@ def test_random_projection_recovers_known_clusters_as_well_as_pca_and_no_reducti
     from datasel_ray.clustering import spherical_kmeans
 
     rng = np.random.default_rng(0)
-    k, d, n = 20, 2048, 3000
+    k, d, n = 12, 384, 1200  # faiss PCA costs O(d^3): keep d small here
     centres = rng.standard_normal((k, d))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     truth = rng.integers(0, k, n)
@@ -178,7 +178,7 @@ def test_random_projection_recovers_known_clusters_as_well_as_pca_and_no_reducti
         return float(np.mean([_ari(truth, spherical_kmeans(x, k, niter=20, seed=s, **kw)[1]) for s in (1, 2, 3)]))
 
     full = mean_ari()
-    pca = mean_ari(reduce_dim=64, reduce_method="pca")
-    rand = mean_ari(reduce_dim=64, reduce_method="random")
+    pca = mean_ari(reduce_dim=48, reduce_method="pca")
+    rand = mean_ari(reduce_dim=48, reduce_method="random")
     assert full > 0.8
     assert rand >= min(full, pca) - 0.05, (full, pca, rand)
