@@ -129,82 +129,111 @@ def generate_features(n_rows: int | StoreSpec, seed: int = 0, columns=None, **kw
     unknown = want - set(ALL_COLUMNS)
     if unknown:
         raise ValueError(f"unknown columns {sorted(unknown)}")
-    N, d, h, k = spec.n_rows, spec.coincide_dim, spec.hidden, spec.proj_dim
+    N = spec.n_rows
     lat = _Latents(spec)
     names = task_names(spec.n_tasks)
-    text_only = spec.n_tasks - 1
-    out: dict[str, np.ndarray] = {"row_id": np.arange(N, dtype=np.int64)}
-    task_code = np.empty(N, dtype=np.int64)
-    shapes = {"coincide_vector": ((N, d), np.float16), "last_token": ((N, h), np.float16),
-              "grad_proj": ((N, k), np.float32), "grad_norm": ((N,), np.float32), "tau": ((N,), np.float32),
-              "informativeness": ((N,), np.float32), "answer_loss": ((N,), np.float32), "n_turns": ((N,), np.int32),
-              "n_image_tokens": ((N,), np.int32), "n_text_tokens": ((N,), np.int32),
-              "n_answer_tokens": ((N,), np.int32)}
-    for name, (shape, dtype) in shapes.items():
-        if name in want:
-            out[name] = np.empty(shape, dtype=dtype)
+    out: dict[str, np.ndarray] = {}
     for c, s in enumerate(range(0, N, spec.chunk_rows)):
-        e = min(N, s + spec.chunk_rows)
-        rows = e - s
-        task, concept, dup = _chunk_structure(spec, lat, c, rows)
-        task_code[s:e] = task
-
-        def rng_for(name):
-            return np.random.default_rng([spec.seed, _STREAM[name], c])
-
-        if "coincide_vector" in want:
-            r = rng_for("coincide_vector")
-            x = lat.cv[task, concept] + (spec.noise / np.sqrt(d)) * r.standard_normal((rows, d), dtype=np.float32)
-            to = task == text_only
-            if to.any():
-                xv = x[to].reshape(-1, spec.n_layers, 2, h)
-                xv[:, :, 0, :] = 0.0
-                x[to] = xv.reshape(-1, d)
-            _apply_dups(x, dup, r, 1e-3 / np.sqrt(d))
-            if to.any():
-                xv = x[to].reshape(-1, spec.n_layers, 2, h)
-                xv[:, :, 0, :] = 0.0
-                x[to] = xv.reshape(-1, d)
-            out["coincide_vector"][s:e] = _unit(x).astype(np.float16)
-            del x
-        if "last_token" in want:
-            r = rng_for("last_token")
-            base = lat.lt[task, concept]
-            x = base + np.linalg.norm(base, axis=1, keepdims=True) * (spec.noise / np.sqrt(h)) * \
-                r.standard_normal((rows, h), dtype=np.float32)
-            _apply_dups(x, dup, r, 1e-2)
-            out["last_token"][s:e] = x.astype(np.float16)
-        if "grad_proj" in want:
-            r = rng_for("grad_proj")
-            g = lat.gmean[task] * 3.0 + r.standard_normal((rows, k), dtype=np.float32)
-            _apply_dups(g, dup, r, 1e-3)
-            out["grad_proj"][s:e] = g
-        if "grad_norm" in want:
-            r = rng_for("grad_norm")
-            out["grad_norm"][s:e] = (lat.gscale[task] * np.exp(0.4 * r.standard_normal(rows))).astype(np.float32)
-        if "tau" in want or "informativeness" in want:
-            r = rng_for("tau")
-            z = lat.tau_mu[task] + 0.5 * r.standard_normal(rows)
-            tau = 1.0 / (1.0 + np.exp(-z))
-            tau = np.clip(tau, 1e-3, 1 - 1e-3)
-            if "tau" in want:
-                out["tau"][s:e] = tau
-            if "informativeness" in want:
-                inf = np.maximum(0.05, 4.0 - 3.0 * tau + 0.2 * r.standard_normal(rows))
-                out["informativeness"][s:e] = inf
-        if "n_turns" in want:
-            out["n_turns"][s:e] = rng_for("n_turns").integers(1, 4, size=rows)
-        if "n_image_tokens" in want:
-            out["n_image_tokens"][s:e] = np.where(task == text_only, 0, 16)
-        if "n_text_tokens" in want:
-            out["n_text_tokens"][s:e] = rng_for("n_text_tokens").integers(20, 300, size=rows)
-        if "n_answer_tokens" in want:
-            out["n_answer_tokens"][s:e] = rng_for("n_answer_tokens").integers(5, 150, size=rows)
-        if "answer_loss" in want:
-            out["answer_loss"][s:e] = rng_for("answer_loss").gamma(4.0, 0.4, size=rows)
-    out["task"] = names[task_code]
+        part = generate_chunk(spec, lat, c, s, min(N, s + spec.chunk_rows), want)
+        for name, values in part.items():
+            if name not in out:
+                out[name] = np.empty((N, *values.shape[1:]), dtype=values.dtype)
+            out[name][s:s + len(values)] = values
+    out["task"] = names[out.pop("task_code")]
     order = ["row_id", "task"] + [c for c in ALL_COLUMNS if c in out and c not in ("row_id", "task")]
     return {name: out[name] for name in order}
+
+
+def generate_chunk(spec: StoreSpec, lat: "_Latents", c: int, s: int, e: int, want: set[str]) -> dict[str, np.ndarray]:
+    """Rows ``[s, e)`` = chunk ``c`` of the store (every column from its own seeded stream of that chunk)."""
+    d, h, k = spec.coincide_dim, spec.hidden, spec.proj_dim
+    text_only = spec.n_tasks - 1
+    rows = e - s
+    part: dict[str, np.ndarray] = {"row_id": np.arange(s, e, dtype=np.int64)}
+    task, concept, dup = _chunk_structure(spec, lat, c, rows)
+    part["task_code"] = task
+
+    def rng_for(name):
+        return np.random.default_rng([spec.seed, _STREAM[name], c])
+
+    if "coincide_vector" in want:
+        r = rng_for("coincide_vector")
+        x = lat.cv[task, concept] + (spec.noise / np.sqrt(d)) * r.standard_normal((rows, d), dtype=np.float32)
+        to = task == text_only
+        if to.any():
+            xv = x[to].reshape(-1, spec.n_layers, 2, h)
+            xv[:, :, 0, :] = 0.0
+            x[to] = xv.reshape(-1, d)
+        _apply_dups(x, dup, r, 1e-3 / np.sqrt(d))
+        if to.any():
+            xv = x[to].reshape(-1, spec.n_layers, 2, h)
+            xv[:, :, 0, :] = 0.0
+            x[to] = xv.reshape(-1, d)
+        part["coincide_vector"] = _unit(x).astype(np.float16)
+        del x
+    if "last_token" in want:
+        r = rng_for("last_token")
+        base = lat.lt[task, concept]
+        x = base + np.linalg.norm(base, axis=1, keepdims=True) * (spec.noise / np.sqrt(h)) * \
+            r.standard_normal((rows, h), dtype=np.float32)
+        _apply_dups(x, dup, r, 1e-2)
+        part["last_token"] = x.astype(np.float16)
+    if "grad_proj" in want:
+        r = rng_for("grad_proj")
+        g = lat.gmean[task] * 3.0 + r.standard_normal((rows, k), dtype=np.float32)
+        _apply_dups(g, dup, r, 1e-3)
+        part["grad_proj"] = g
+    if "grad_norm" in want:
+        r = rng_for("grad_norm")
+        part["grad_norm"] = (lat.gscale[task] * np.exp(0.4 * r.standard_normal(rows))).astype(np.float32)
+    if "tau" in want or "informativeness" in want:
+        r = rng_for("tau")
+        z = lat.tau_mu[task] + 0.5 * r.standard_normal(rows)
+        tau = 1.0 / (1.0 + np.exp(-z))
+        tau = np.clip(tau, 1e-3, 1 - 1e-3)
+        if "tau" in want:
+            part["tau"] = tau
+        if "informativeness" in want:
+            inf = np.maximum(0.05, 4.0 - 3.0 * tau + 0.2 * r.standard_normal(rows))
+            part["informativeness"] = inf
+    if "n_turns" in want:
+        part["n_turns"] = rng_for("n_turns").integers(1, 4, size=rows)
+    if "n_image_tokens" in want:
+        part["n_image_tokens"] = np.where(task == text_only, 0, 16)
+    if "n_text_tokens" in want:
+        part["n_text_tokens"] = rng_for("n_text_tokens").integers(20, 300, size=rows)
+    if "n_answer_tokens" in want:
+        part["n_answer_tokens"] = rng_for("n_answer_tokens").integers(5, 150, size=rows)
+    if "answer_loss" in want:
+        part["answer_loss"] = rng_for("answer_loss").gamma(4.0, 0.4, size=rows)
+    return {name: v.astype(_DTYPES[name]) if name in _DTYPES else v for name, v in part.items()}
+
+
+_DTYPES = {"grad_norm": np.float32, "tau": np.float32, "informativeness": np.float32, "answer_loss": np.float32,
+           "n_turns": np.int32, "n_image_tokens": np.int32, "n_text_tokens": np.int32, "n_answer_tokens": np.int32}
+
+
+def write_store(run_dir: str | Path, spec: StoreSpec, columns=None, shard_rows: int = 4096) -> Path:
+    """``features/`` shards (extract-phase layout) + ``samples/`` of a generated store, written chunk by chunk:
+    memory stays at one chunk of ``spec.chunk_rows`` rows, whatever the store's size."""
+    run_dir = Path(run_dir)
+    want = set(ALL_COLUMNS if columns is None else columns) | {"row_id", "task"}
+    lat = _Latents(spec)
+    names = task_names(spec.n_tasks)
+    tasks = np.empty(spec.n_rows, dtype=object)
+    shard = 0
+    for c, s in enumerate(range(0, spec.n_rows, spec.chunk_rows)):
+        part = generate_chunk(spec, lat, c, s, min(spec.n_rows, s + spec.chunk_rows), want)
+        part["task"] = names[part.pop("task_code")]
+        tasks[s:s + len(part["task"])] = part["task"]
+        order = ["row_id", "task"] + [c for c in ALL_COLUMNS if c in part and c not in ("row_id", "task")]
+        feats = {name: part[name] for name in order}
+        for lo in range(0, len(feats["row_id"]), shard_rows):
+            write_features(run_dir, {k: v[lo:lo + shard_rows] for k, v in feats.items()}, shard_rows=shard_rows,
+                           first_shard=shard)
+            shard += 1
+    write_samples(run_dir, np.arange(spec.n_rows, dtype=np.int64), tasks)
+    return run_dir
 
 
 def write_samples(run_dir: str | Path, row_ids: np.ndarray, tasks: np.ndarray) -> Path:
@@ -225,7 +254,8 @@ def write_samples(run_dir: str | Path, row_ids: np.ndarray, tasks: np.ndarray) -
     return path
 
 
-def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows: int = 65536) -> list[Path]:
+def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows: int = 65536,
+                   first_shard: int = 0) -> list[Path]:
     """``features/part-*.parquet`` shards in the extract phase's layout (vectors as fixed-size lists)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -245,7 +275,7 @@ def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows
                                                                part.shape[1])
             else:
                 cols[name] = pa.array(part)
-        path = root / f"part-{i:05d}.parquet"
+        path = root / f"part-{first_shard + i:06d}.parquet"
         pq.write_table(pa.table(cols), path)
         paths.append(path)
     return paths
