@@ -258,7 +258,9 @@ def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows
                    first_shard: int = 0) -> list[Path]:
     """``features/part-*.parquet`` shards in the extract phase's layout (vectors as fixed-size lists)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from datasel_ray.io.storage import Location
+    from datasel_ray.pipeline.feature_store import vector_column
 
     root = Path(run_dir) / "features"
     root.mkdir(parents=True, exist_ok=True)
@@ -271,12 +273,11 @@ def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows
             if name == "task":
                 cols[name] = pa.array(part.astype(str))
             elif part.ndim == 2:
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(part).reshape(-1)),
-                                                               part.shape[1])
+                cols[name] = vector_column(part)
             else:
                 cols[name] = pa.array(part)
         path = root / f"part-{first_shard + i:06d}.parquet"
-        pq.write_table(pa.table(cols), path)
+        Location.parse(str(path)).write_parquet(pa.table(cols))
         paths.append(path)
     return paths
 

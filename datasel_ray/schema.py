@@ -7,7 +7,7 @@ file. They are stable across re-ingests of the same pool and sort in pool order.
 
 from __future__ import annotations
 
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2  # 2: vectors as datasel.vector columns (io/vectors.py) instead of fixed-size lists
 
 ROW_ID = "row_id"
 TASK = "task"

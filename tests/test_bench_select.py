@@ -54,7 +54,7 @@ def test_write_run_dir(tmp_path):
     f = generate_features(500, seed=0)
     write_run_dir(tmp_path / "run", f)
     feats = pq.read_table(tmp_path / "run" / "features" / "part-00000.parquet")
-    assert feats.num_rows == 500 and feats.schema.field("coincide_vector").type.list_size == 1024
+    assert feats.num_rows == 500 and feats.schema.field("coincide_vector").type.width == 1024
     samples = pq.read_table(tmp_path / "run" / "samples" / "part-00000.parquet")
     assert samples.column_names[:1] == ["row_id"] and {"raw", "source_file", "source_index"} <= set(
         samples.column_names)

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from datasel_ray.io import vectors  # noqa: F401  (registers the vector column type before any parquet read)
+
 
 def _is_uri(path: str) -> bool:
     return "://" in path
@@ -121,9 +123,11 @@ class Location:
 
     def write_parquet(self, table: pa.Table, row_group_rows: int | None = None) -> None:
         """Write a parquet file atomically; ``row_group_rows`` bounds the rows per row group (readers of a row
-        range decode only the groups it touches, see :meth:`read_parquet_rows`)."""
+        range decode only the groups it touches, see :meth:`read_parquet_rows`). Vector columns are stored
+        uncompressed (float noise does not compress; zstd would only cost time), the rest with zstd."""
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows)
+        compression = {f.name: "none" if isinstance(f.type, vectors.VectorType) else "zstd" for f in table.schema}
+        pq.write_table(table, sink, compression=compression or "zstd", row_group_size=row_group_rows)
         self.write_bytes(sink.getvalue())
 
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:

@@ -1,6 +1,6 @@
 """Reads ``features/`` and ``samples/`` into numpy arrays sorted by row id.
 
-Vector columns (fixed-size lists) come back as 2-D arrays in their stored dtype (fp16 for activations);
+Vector columns (:mod:`datasel_ray.io.vectors`; fixed-size lists of older runs too) come back as 2-D arrays in their stored dtype (fp16 for activations);
 methods cast per block where they need more precision.
 """
 
@@ -13,12 +13,19 @@ import pyarrow.compute as pc
 from datasel_ray import schema
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import read_parquet_dir
+from datasel_ray.io.vectors import VectorType, vector_array, vector_numpy
 
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A pyarrow column as numpy; fixed-size lists become 2-D arrays [N, width]."""
+    """A pyarrow column as numpy; vector columns (and fixed-size lists) become 2-D arrays [N, width]."""
     if isinstance(column, pa.ChunkedArray):
+        if isinstance(column.type, VectorType):
+            if column.num_chunks == 0:
+                return np.zeros((0, column.type.width), dtype=np.dtype(column.type.dtype_name))
+            return np.concatenate([vector_numpy(c) for c in column.chunks])
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column.type, VectorType):
+        return vector_numpy(column)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
         flat = column.flatten().to_numpy(zero_copy_only=False)
@@ -28,10 +35,10 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def vector_column(values: np.ndarray) -> pa.FixedSizeListArray:
-    """A 2-D array [N, width] as a fixed-size-list column (the inverse of :func:`column_to_numpy`)."""
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+def vector_column(values: np.ndarray) -> pa.ExtensionArray:
+    """A 2-D array [N, width] as a vector column (:mod:`datasel_ray.io.vectors`; the inverse of
+    :func:`column_to_numpy`)."""
+    return vector_array(values)
 
 
 def load_table(run_dir: RunDir, sub: str, columns: list[str] | None = None) -> pa.Table:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from datasel_ray import schema
 from datasel_ray.io.storage import Location
+from datasel_ray.io.vectors import VectorType
 from datasel_ray.pipeline.feature_store import column_to_numpy
 
 __all__ = ["FeatureStore", "Partition", "read_shard"]
@@ -70,7 +71,10 @@ class FeatureStore:
         with files[0].open_input() as handle:
             arrow_schema = pq.ParquetFile(handle).schema_arrow
         self.columns = list(arrow_schema.names)
-        self.widths = {f.name: f.type.list_size for f in arrow_schema if pa.types.is_fixed_size_list(f.type)}
+        self.widths = {f.name: f.type.width if isinstance(f.type, VectorType) else f.type.list_size
+                       for f in arrow_schema if isinstance(f.type, VectorType) or pa.types.is_fixed_size_list(f.type)}
+        self.itemsize = {f.name: np.dtype(f.type.dtype_name).itemsize if isinstance(f.type, VectorType)
+                         else f.type.value_type.bit_width // 8 for f in arrow_schema if f.name in self.widths}
         all_ids = np.concatenate(ids)
         order = np.argsort(all_ids, kind="stable")
         self.row_ids = all_ids[order]
@@ -98,11 +102,7 @@ class FeatureStore:
 
     def row_bytes(self, columns: list[str]) -> int:
         """Bytes per row of ``columns`` as stored (vectors: width x item size; scalars: 8)."""
-        total = 0
-        for c in columns:
-            total += self.widths.get(c, 1) * (2 if c in (schema.COINCIDE_VECTOR, schema.LAST_TOKEN) else
-                                              4 if c in self.widths else 8)
-        return total
+        return sum(self.widths[c] * self.itemsize[c] if c in self.widths else 8 for c in columns)
 
     def partitions(self, columns: list[str], partition_bytes: int) -> list[Partition]:
         """Consecutive shards grouped so that each partition's ``columns`` stay under ``partition_bytes``

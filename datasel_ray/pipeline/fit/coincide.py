@@ -75,18 +75,24 @@ def clustering_space(x: np.ndarray, projection: tuple[np.ndarray, np.ndarray] | 
 
 # ------------------------------------------------------------------------------------------ partition tasks
 def _gather(item: dict) -> dict[str, np.ndarray]:
-    """Rows at positions ``item["want"]`` of the partition, as float32 (clustering space when ``unit``)."""
+    """Rows at positions ``item["want"]`` of the partition, as float32 (clustering space when ``unit``). With
+    ``unit``, the clustering-space vectors of every row of the partition are also kept in ``item["keep"]`` for
+    the assignment step (they are ``reduce_dim`` wide: the projection then runs once per row)."""
     projection = _load_npz(item["projection"]) if item["projection"] else None
-    pos_out, x_out = [], []
+    pos_out, x_out, keep = [], [], []
     for path, pos in zip(item["files"], item["pos"]):
-        keep = np.flatnonzero(np.isin(pos, item["want"]))
-        if not len(keep):
+        wanted = np.flatnonzero(np.isin(pos, item["want"]))
+        if not len(wanted) and not item.get("keep"):
             continue
         x = read_shard(path, [schema.COINCIDE_VECTOR])[schema.COINCIDE_VECTOR]
         x = clustering_space(x, (projection["A"], projection["b"]) if projection else None) if item["unit"] \
             else np.asarray(x, dtype=np.float32)
-        pos_out.append(pos[keep])
-        x_out.append(x[keep])
+        if item.get("keep"):
+            keep.append(x)
+        pos_out.append(pos[wanted])
+        x_out.append(x[wanted])
+    if item.get("keep"):
+        Location.parse(item["keep"]).write_npy(np.concatenate(keep))
     width = item["width"]
     return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
             "x": np.concatenate(x_out) if x_out else np.zeros((0, width), np.float32)}
@@ -98,12 +104,17 @@ def _assign(item: dict) -> dict[str, np.ndarray]:
 
     centroids = np.load(item["centroids"])
     buckets = np.load(item["buckets"])
-    projection = _load_npz(item["projection"]) if item["projection"] else None
+    kept = Location.parse(item["unit"])
+    unit_all = kept.read_npy() if kept.exists() else None
+    start = 0
     pos_all, lab_all, ids_all, x_all = [], [], [], []
     for path, pos in zip(item["files"], item["pos"]):
         cols = read_shard(path, [schema.COINCIDE_VECTOR])
         x = cols[schema.COINCIDE_VECTOR]
-        unit = clustering_space(x, (projection["A"], projection["b"]) if projection else None)
+        if unit_all is not None:
+            unit, start = unit_all[start:start + len(x)], start + len(x)
+        else:
+            unit = clustering_space(x, load_projection(Location.parse(item["stats"])))
         lab_all.append(assign_nearest(unit, centroids))
         pos_all.append(pos)
         ids_all.append(cols[schema.ROW_ID])
@@ -173,8 +184,10 @@ def _check_driver_rows(ctx: FitContext, rows: int, width: int, what: str) -> Non
 
 
 def _gather_rows(ctx: FitContext, step: str, want: np.ndarray, projection: str | None, unit: bool,
-                 width: int) -> np.ndarray:
+                 width: int, keep: Location | None = None) -> np.ndarray:
     items, keys = _partition_items(ctx, want=want, projection=projection, unit=unit, width=width)
+    for item in items:
+        item["keep"] = str(keep / f"{item['key']}.npy") if keep is not None else None
     results = ctx.map(step, _gather, items, keys)
     pos = np.concatenate([r["pos"] for r in results])
     x = np.concatenate([r["x"] for r in results])
@@ -212,7 +225,8 @@ def fit(ctx: FitContext) -> dict:
     rows = kmeans_train_rows(n, k, cfg.train_sample, seed)
     rows = np.arange(n) if rows is None else rows
     _check_driver_rows(ctx, len(rows), dim, "k-means training")
-    train_unit = _gather_rows(ctx, "coincide:train-rows", rows, projection_path, True, dim)
+    keep = work / "unit" if dim != F else None  # projected rows, reused by the assignment
+    train_unit = _gather_rows(ctx, "coincide:train-rows", rows, projection_path, True, dim, keep)
     import faiss
 
     centroids = train_spherical_kmeans(train_unit, k, cfg.niter, seed, faiss.get_num_gpus() > 0)
@@ -223,7 +237,9 @@ def fit(ctx: FitContext) -> dict:
     (work / "buckets.npy").write_npy(buckets)
 
     items, keys = _partition_items(ctx, centroids=str(stats / layout.CENTROIDS), buckets=str(work / "buckets.npy"),
-                                   projection=projection_path, work=str(work / "buckets"))
+                                   stats=str(stats), work=str(work / "buckets"))
+    for item in items:
+        item["unit"] = str(work / "unit" / f"{item['key']}.npy")
     labels = np.empty(n, dtype=np.int64)
     for r in ctx.map("coincide:assign", _assign, items, keys):
         labels[r["pos"]] = r["cluster"]
@@ -253,6 +269,7 @@ def fit(ctx: FitContext) -> dict:
         layout.CLUSTER: np.arange(k, dtype=np.int64), layout.SIZE: size, "density": D, "transferability": S,
         "probability": P, layout.BUCKET: buckets.astype(np.int64), layout.OFFSET: offset}))
     ctx.work(NAME, "buckets").delete()
+    ctx.work(NAME, "unit").delete()
     return {"clusters": int(k), "nonempty_clusters": int(len(nonempty)), "n_layers": n_layers, "kmeans_seed": seed,
             "kmeans_train_rows": int(len(rows)), "cluster_dim": int(dim), "buckets": int(len(bucket_ids))}
 
