@@ -107,16 +107,60 @@ def worker(store: Path, method: str, overrides: dict, out: Path) -> None:
         node[parts[-1]] = value
     cfg = load_config(None, nested)
     ray_adapter.ensure_ray(cfg.ray)
+    RunDir(str(run)).init(cfg)
     t0 = time.monotonic()
     agg = run_aggregate(cfg, RunDir(str(run)), quiet=True)
     t1 = time.monotonic()
     sel = run_select(cfg, RunDir(str(run)), quiet=True)
     t2 = time.monotonic()
+    state = serve_state_memory(run, method)
     out.write_text(json.dumps({"aggregate_seconds": t1 - t0, "select_seconds": t2 - t1, "aggregate": agg,
-                               "select": sel, "config": cfg.model_dump(mode="json", include={
+                               "select": sel, "serve_state": state, "config": cfg.model_dump(mode="json", include={
                                    "coincide", "datatailor", "tive", "aggregate", "select"})}, default=str))
     ray_adapter.shutdown_ray()
     shutil.rmtree(run, ignore_errors=True)
+
+
+def serve_state_memory(run: Path, method: str, samples: int = 256) -> dict | None:
+    """RSS a serve replica adds for the run's frozen state of ``method``: load it and score ``samples`` pool rows
+    through ``score_new`` (filling the member cache), in a fresh subprocess (so the phases' memory is not
+    counted). The replica's model is the same for every run and is not loaded."""
+    if method not in ("coincide", "datatailor", "tive"):
+        return None
+    code = f"""
+import json, resource, sys, psutil, numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.pipeline.store import FeatureStore, read_shard
+rss0 = psutil.Process().memory_info().rss
+from datasel_ray.scoring.state import RunStats
+stats = RunStats.load(RunDir({str(run)!r}))
+rss_loaded = psutil.Process().memory_info().rss
+state = stats.states[{method!r}]
+store = FeatureStore(RunDir({str(run)!r}) / "features")
+done = 0
+for path in store.files[::max(1, len(store.files) // 16)]:
+    cols = read_shard(path, ["last_token", "informativeness", "n_turns", "task"]
+                      if {method!r} == "datatailor" else [{{"coincide": "coincide_vector", "tive": "grad_proj"}}[{method!r}], "task"])
+    for i in range(min(16, len(cols["row_id"]))):
+        if {method!r} == "coincide":
+            state.score_new(cols["coincide_vector"][i])
+        elif {method!r} == "datatailor":
+            state.score_new(cols["last_token"][i], float(cols["informativeness"][i]), int(cols["n_turns"][i]),
+                            str(cols["task"][i]))
+        else:
+            state.score_new(cols["grad_proj"][i], str(cols["task"][i]))
+        done += 1
+    if done >= {samples}:
+        break
+rss1 = psutil.Process().memory_info().rss
+print(json.dumps({{"state_rss_mb": (rss_loaded - rss0) / 2**20, "state_and_cache_rss_mb": (rss1 - rss0) / 2**20,
+                  "scored": done, "cache_rows": stats.cache.rows}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class TreeSampler(threading.Thread):
