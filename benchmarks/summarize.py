@@ -48,23 +48,43 @@ def gradients_table(rec: dict) -> str:
     ])
 
 
-def select_table(rec: dict) -> str:
-    table = rec["metrics"]["table"]
-    summary = rec["metrics"]["summary"]
-    sizes = [str(s) for s in rec["params"]["sizes"]]
-    lines = [f"`bench_select` ({rec['date'][:10]}; aggregate + select on generated feature stores, 20 tasks, "
-             f"tiny-model dims)", "",
-             "| method | " + " | ".join(f"{int(s):,} rows: s / peak MB" for s in sizes) +
-             " | post-clustering exponent (target ≤ 1.2) |",
-             "|---|" + "---|" * (len(sizes) + 1)]
-    for method, by_size in table.items():
-        cells = []
-        for size in sizes:
-            r = by_size.get(size, {})
-            ok = r.get("status") == "ok"
-            cells.append(f"{r['seconds']:.1f} / {r['peak_rss_mb']:,.0f}" if ok else r.get("status", "-"))
-        exponent = summary.get(method, {}).get("post_clustering_exponent")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'-' if exponent is None else f'{exponent:.2f}'} |")
+def records(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_table(_rec: dict) -> str:
+    """The latest partitioned-pipeline record of each (dims, method) (records with per-cell results)."""
+    latest_of: dict[tuple, dict] = {}
+    for rec in records("bench_select"):
+        if "cells" not in rec["metrics"]:
+            continue
+        for method in rec["params"]["methods"]:
+            latest_of[(rec["params"]["dims"], method)] = rec
+    lines = ["`bench_select` (partitioned aggregate + select on generated stores, 20 tasks; per-process peak RSS "
+             "of the driver and every Ray worker)", "",
+             "| dims | method | date | rows | seconds (phases / cell) | max process peak RSS MB | serve state MB "
+             "| time exponent | RSS growth | targets met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (dims, method), rec in sorted(latest_of.items()):
+        pm = rec["metrics"]["per_method"][method]
+        targets = pm.get("targets", {})
+        met = ", ".join(k for k, v in targets.items() if v) or "-"
+        missed = [k for k, v in targets.items() if not v]
+        for cell in (c for c in rec["metrics"]["cells"] if c["method"] == method):
+            if "error" in cell:
+                lines.append(f"| {dims} | {method} | {rec['date'][:10]} | {cell['rows']:,} | failed | - | - | - | - | - |")
+                continue
+            state = (cell.get("serve_state") or {}).get("state_and_cache_rss_mb")
+            phase = cell["aggregate_seconds"] + cell["select_seconds"]
+            exp = pm.get("time_exponent")
+            growth = pm.get("rss_growth")
+            lines.append(f"| {dims} | {method} | {rec['date'][:10]} | {cell['rows']:,} | {phase:.0f} / "
+                         f"{cell['seconds']:.0f} | {cell['max_process_peak_rss_mb']:,.0f} | "
+                         f"{'-' if state is None else f'{state:.0f}'} | {'-' if exp is None else f'{exp:.2f}'} | "
+                         f"{'-' if growth is None else f'{growth:+.0%}'} | {met}"
+                         f"{' (missed: ' + ', '.join(missed) + ')' if missed else ''} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from datasel_ray.config import PHASES, ConfigError, RunConfig, load_config, merge_dicts
+from datasel_ray.methods.registry import method_names
 
 
 def _parse_set(items: list[str] | None) -> dict:
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task-recipe", choices=TASK_RECIPES,
                            help="how tasks are inferred (pool.task_recipe; README, Tasks)")
         if phase == "select":
-            p.add_argument("--method", action="append", help="method name(s), repeatable or comma-separated")
+            p.add_argument("--method", action="append", help=f"method name(s), repeatable or comma-separated: "
+                           f"{', '.join(method_names())}")
             p.add_argument("--budget", type=float, help="fraction of the pool (< 1) or a row count (>= 1)")
         p.set_defaults(func=_phase_command(phase))
 
