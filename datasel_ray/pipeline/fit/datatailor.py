@@ -56,11 +56,9 @@ def _preassign(item: dict) -> dict[str, np.ndarray]:
     from datasel_ray.clustering import assign_nearest, precluster_sums
 
     centroids = {int(t): np.load(p) for t, p in item["centroids"].items()}
-    task_codes = item["task_codes"]
     out: dict[str, np.ndarray] = {}
     pos_all, pre_all = [], []
-    for path, pos in zip(item["files"], item["pos"]):
-        codes = task_codes[pos]
+    for path, pos, codes in zip(item["files"], item["pos"], item["codes"]):
         big = np.flatnonzero(np.isin(codes, list(centroids)))
         if not len(big):
             continue
@@ -79,7 +77,7 @@ def _preassign(item: dict) -> dict[str, np.ndarray]:
 
 
 def _regroup(item: dict) -> dict[str, np.ndarray]:
-    group_of_pos = np.load(item["groups"])
+    group_of_pos = np.load(item["groups"], mmap_mode="r")
     buckets = np.load(item["buckets"])
     ids, x, v, groups = [], [], [], []
     for path, pos in zip(item["files"], item["pos"]):
@@ -172,7 +170,9 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
             loc.write_npy(train_preclusters(xs[np.searchsorted(pos, rows)], m, seed + int(t)))
         centroid_paths[int(t)] = str(loc)
     del xs
-    items, keys = _partition_items(ctx, [schema.LAST_TOKEN], centroids=centroid_paths, task_codes=store.task_codes)
+    items, keys = _partition_items(ctx, [schema.LAST_TOKEN], centroids=centroid_paths)
+    for item in items:
+        item["codes"] = [store.task_codes[p] for p in item["pos"]]
     results = ctx.map("datatailor:preclusters", _preassign, items, keys)
     pre = np.full(store.n, -1, dtype=np.int64)
     ward_of_pre: dict[int, np.ndarray] = {}

@@ -30,18 +30,18 @@ SUM_GROUP_SHARDS = 32
 
 def _task_sums(item: dict) -> dict[str, np.ndarray]:
     total = np.zeros((item["n_tasks"], item["width"]))
-    for path, pos in zip(item["files"], item["pos"]):
+    for path, codes in zip(item["files"], item["codes"]):
         g = read_shard(path, [schema.GRAD_PROJ])[schema.GRAD_PROJ]
-        total += tive.normalised_task_sums(g, item["task_codes"][pos], item["n_tasks"])
+        total += tive.normalised_task_sums(g, codes, item["n_tasks"])
     return {"sums": total}
 
 
 def _instance_values(item: dict) -> dict[str, np.ndarray]:
     means = np.load(item["means"])
     pos_out, val_out = [], []
-    for path, pos in zip(item["files"], item["pos"]):
+    for path, pos, codes in zip(item["files"], item["pos"], item["codes"]):
         g = read_shard(path, [schema.GRAD_PROJ])[schema.GRAD_PROJ]
-        val_out.append(tive.instance_values_against(g, item["task_codes"][pos], means))
+        val_out.append(tive.instance_values_against(g, codes, means))
         pos_out.append(pos)
     return {"pos": np.concatenate(pos_out), "value": np.concatenate(val_out)}
 
@@ -60,8 +60,8 @@ def fit(ctx: FitContext) -> dict:
     sizes = np.bincount(store.task_codes, minlength=T).astype(np.int64)
     groups = [list(range(s, min(s + SUM_GROUP_SHARDS, len(store.files))))
               for s in range(0, len(store.files), SUM_GROUP_SHARDS)]
-    items = [{"files": [store.files[s] for s in g], "pos": [store.shard_pos[s] for s in g], "n_tasks": T,
-              "width": k, "task_codes": store.task_codes} for g in groups]
+    items = [{"files": [store.files[s] for s in g], "codes": [store.task_codes[store.shard_pos[s]] for s in g],
+              "n_tasks": T, "width": k} for g in groups]
     total = np.zeros((T, k))
     for r in ctx.map("tive:task-sums", _task_sums, items, [f"{i:05d}" for i in range(len(groups))]):
         total += r["sums"]
@@ -72,7 +72,8 @@ def fit(ctx: FitContext) -> dict:
     means_path.write_npy(means)
     parts = store.partitions([schema.GRAD_PROJ], ctx.partition_bytes)
     items = [{"files": [store.files[s] for s in p.shards], "pos": [store.shard_pos[s] for s in p.shards],
-              "means": str(means_path), "task_codes": store.task_codes} for p in parts]
+              "codes": [store.task_codes[store.shard_pos[s]] for s in p.shards], "means": str(means_path)}
+             for p in parts]
     inst = np.empty(store.n, dtype=np.float32)
     for r in ctx.map("tive:instance-values", _instance_values, items, [p.key for p in parts]):
         inst[r["pos"]] = r["value"]
