@@ -53,40 +53,49 @@ def test_write_run_dir(tmp_path):
 
     f = generate_features(500, seed=0)
     write_run_dir(tmp_path / "run", f)
-    feats = pq.read_table(tmp_path / "run" / "features" / "part-00000.parquet")
+    feats = pq.read_table(tmp_path / "run" / "features" / "part-000000.parquet")
     assert feats.num_rows == 500 and feats.schema.field("coincide_vector").type.width == 1024
     samples = pq.read_table(tmp_path / "run" / "samples" / "part-00000.parquet")
     assert samples.column_names[:1] == ["row_id"] and {"raw", "source_file", "source_index"} <= set(
         samples.column_names)
 
 
-@pytest.mark.timeout(300)
-def test_bench_record_structure(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("BENCH_SELECT_CACHE", str(tmp_path / "cache"))
-    import bench_select
+def test_write_store_equals_generate_features(tmp_path):
+    from feature_store_gen import StoreSpec, write_store
 
-    results = tmp_path / "bench.jsonl"
-    record = bench_select.main(["--sizes", "600,1200", "--methods", "tive,random", "--oracle-sizes", "300",
-                                "--oracle-methods", "tive", "--results", str(results)])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed == record
-    lines = results.read_text().splitlines()
-    assert len(lines) == 1
-    stored = json.loads(lines[0])
-    assert "date" in stored and stored["benchmark"] == "bench_select" and stored["params"] == record["params"]
-    assert record["params"]["sizes"] == [600, 1200]
+    from datasel_ray.pipeline.store import FeatureStore, read_shard
+    from datasel_ray.io.storage import Location
+
+    spec = StoreSpec(1300, seed=2, n_tasks=4, chunk_rows=500)
+    write_store(tmp_path / "s", spec, ["coincide_vector", "tau"], shard_rows=200)
+    store = FeatureStore(Location.parse(str(tmp_path / "s" / "features")))
+    f = generate_features(spec, columns=["coincide_vector", "tau"])
+    got = np.concatenate([read_shard(p, ["coincide_vector"])["coincide_vector"] for p in store.files])
+    np.testing.assert_array_equal(got, f["coincide_vector"])
+    np.testing.assert_array_equal(store.tasks.astype(str), f["task"].astype(str))
+    assert store.widths == {"coincide_vector": 1024} and len(store.files) == 8  # 500-row chunks, 200-row shards
+
+
+@pytest.mark.timeout(900)
+def test_bench_record_structure(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_select.py"), "--dims", "tiny", "--sizes", "800,1600",
+                           "--methods", "tive,random", "--n-tasks", "5", "--no-record", "--cache",
+                           str(tmp_path / "cache")], capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["benchmark"] == "bench_select" and record["params"]["dims"] == "tiny"
+    assert record["params"]["stores"]["1600"]["spec"]["hidden"] == 128  # dims recorded from the spec
     m = record["metrics"]
-    for method in ("tive", "random"):
-        for n in ("600", "1200"):
-            row = m["table"][method][n]
-            assert row["status"] == "ok", m["runs"][method][n]
-            assert 0 < row["seconds"] < 120
-            assert 10 < row["peak_rss_mb"] < 4096 and row["peak_tree_rss_mb"] > 0
-    tive_run = m["runs"]["tive"]["1200"]
-    assert tive_run["selected"] == tive_run["budget_rows"] == 240
-    assert {"tive.select", "tive.instance_values", "write_subset"} <= set(tive_run["steps"])
-    assert tive_run["steps"]["tive.select"]["seconds"] > 0
-    assert isinstance(m["summary"]["tive"]["post_clustering_exponent"], float)
-    assert set(m["summary"]["tive"]["post_clustering_seconds"]) == {"600", "1200"}
-    assert m["oracle"]["tive"]["300"]["agree"] is True
-    assert m["targets"]["tive"]["seconds_le_900"] and m["targets"]["tive"]["peak_rss_le_12gb"]
+    assert m["failed"] == [] and len(m["cells"]) == 4
+    for cell in m["cells"]:
+        assert cell["exit"] == 0 and cell["max_process_peak_rss_mb"] > 0
+        assert cell["select"][cell["method"]]["selected"] == cell["select"][cell["method"]]["budget_rows"] == \
+            round(0.2 * cell["rows"])
+    tive_cell = next(c for c in m["cells"] if c["method"] == "tive" and c["rows"] == 1600)
+    assert tive_cell["aggregate"]["tive"]["proj_dim"] == 512
+    assert tive_cell["serve_state"]["scored"] > 0
+    assert isinstance(m["per_method"]["tive"]["time_exponent"], float)
+    assert set(m["per_method"]["tive"]["targets"]) == {"rss_le_4gib", "rss_growth_le_10pct", "exponent_le_1_15",
+                                                       "largest_within_target_minutes"}
