@@ -167,13 +167,6 @@ def _prototypes(item: dict) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def _partition_items(ctx: FitContext, **extra) -> tuple[list[dict], list[str]]:
-    parts = ctx.store.partitions([schema.COINCIDE_VECTOR], ctx.partition_bytes)
-    items = [{"files": [ctx.store.files[s] for s in p.shards], "pos": [ctx.store.shard_pos[s] for s in p.shards],
-              "key": p.key, **extra} for p in parts]
-    return items, [p.key for p in parts]
-
-
 def _check_driver_rows(ctx: FitContext, rows: int, width: int, what: str) -> None:
     need = rows * width * 4
     limit = int(ctx.cfg.aggregate.driver_bytes)
@@ -185,7 +178,8 @@ def _check_driver_rows(ctx: FitContext, rows: int, width: int, what: str) -> Non
 
 def _gather_rows(ctx: FitContext, step: str, want: np.ndarray, projection: str | None, unit: bool,
                  width: int, keep: Location | None = None) -> np.ndarray:
-    items, keys = _partition_items(ctx, want=want, projection=projection, unit=unit, width=width)
+    items, keys = ctx.partition_items([schema.COINCIDE_VECTOR], want=want, projection=projection, unit=unit,
+                                      width=width)
     for item in items:
         item["keep"] = str(keep / f"{item['key']}.npy") if keep is not None else None
     results = ctx.map(step, _gather, items, keys)
@@ -236,8 +230,9 @@ def fit(ctx: FitContext) -> dict:
     buckets = bucket_plan(estimated, store.row_bytes([schema.COINCIDE_VECTOR]), ctx.partition_bytes)
     (work / "buckets.npy").write_npy(buckets)
 
-    items, keys = _partition_items(ctx, centroids=str(stats / layout.CENTROIDS), buckets=str(work / "buckets.npy"),
-                                   stats=str(stats), work=str(work / "buckets"))
+    items, keys = ctx.partition_items([schema.COINCIDE_VECTOR], centroids=str(stats / layout.CENTROIDS),
+                                      buckets=str(work / "buckets.npy"), stats=str(stats),
+                                      work=str(work / "buckets"))
     for item in items:
         item["unit"] = str(work / "unit" / f"{item['key']}.npy")
     labels = np.empty(n, dtype=np.int64)

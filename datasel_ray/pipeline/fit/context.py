@@ -75,6 +75,14 @@ class FitContext:
     def scalars(self, columns: list[str]) -> dict[str, np.ndarray]:
         return self.store.scalars(columns, self.executor)
 
+    def partition_items(self, columns: list[str], **extra: Any) -> tuple[list[dict], list[str]]:
+        """One task item per partition of ``columns`` (its shard files and their rows' positions, plus
+        ``extra``) and the partitions' keys."""
+        parts = self.store.partitions(columns, self.partition_bytes)
+        items = [{"files": [self.store.files[s] for s in p.shards],
+                  "pos": [self.store.shard_pos[s] for s in p.shards], "key": p.key, **extra} for p in parts]
+        return items, [p.key for p in parts]
+
     def selection_key(self, *parts: Any) -> str:
         """A short hash naming the work folder of a select step (budget + method config)."""
         text = json.dumps(parts, sort_keys=True, default=str)

@@ -131,13 +131,6 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def _partition_items(ctx: FitContext, columns: list[str], **extra) -> tuple[list[dict], list[str]]:
-    parts = ctx.store.partitions(columns, ctx.partition_bytes)
-    items = [{"files": [ctx.store.files[s] for s in p.shards], "pos": [ctx.store.shard_pos[s] for s in p.shards],
-              "key": p.key, **extra} for p in parts]
-    return items, [p.key for p in parts]
-
-
 def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Pre-cluster path for the large tasks: per row of a large task, its Ward cluster within the task."""
     from datasel_ray.clustering import precluster_train_rows, train_preclusters, ward_from_preclusters
@@ -156,7 +149,7 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
         raise ValueError(f"datatailor: pre-cluster training would hold {len(want)} x {d} float32 = "
                          f"{need / 2**30:.1f} GiB on the driver (aggregate.driver_bytes): lower "
                          f"datatailor.precluster_train_rows")
-    items, keys = _partition_items(ctx, [schema.LAST_TOKEN], want=want, width=d)
+    items, keys = ctx.partition_items([schema.LAST_TOKEN], want=want, width=d)
     got = ctx.map("datatailor:train-rows", _gather, items, keys)
     pos = np.concatenate([r["pos"] for r in got])
     xs = np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")]
@@ -170,7 +163,7 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
             loc.write_npy(train_preclusters(xs[np.searchsorted(pos, rows)], m, seed + int(t)))
         centroid_paths[int(t)] = str(loc)
     del xs
-    items, keys = _partition_items(ctx, [schema.LAST_TOKEN], centroids=centroid_paths)
+    items, keys = ctx.partition_items([schema.LAST_TOKEN], centroids=centroid_paths)
     for item in items:
         item["codes"] = [store.task_codes[p] for p in item["pos"]]
     results = ctx.map("datatailor:preclusters", _preassign, items, keys)
@@ -229,8 +222,8 @@ def fit(ctx: FitContext) -> dict:
     buckets = bucket_plan(np.array(sizes), row_bytes, ctx.partition_bytes)
     (work / "groups.npy").write_npy(group)
     (work / "buckets.npy").write_npy(buckets)
-    items, keys = _partition_items(ctx, [schema.LAST_TOKEN], groups=str(work / "groups.npy"),
-                                   buckets=str(work / "buckets.npy"), work=str(work / "buckets"))
+    items, keys = ctx.partition_items([schema.LAST_TOKEN], groups=str(work / "groups.npy"),
+                                      buckets=str(work / "buckets.npy"), work=str(work / "buckets"))
     ctx.map("datatailor:regroup", _regroup, items, keys)
     opts = {"cut": cfg.cut, "cut_ratio": cfg.cut_ratio, "dense_max_rows": cfg.dense_max_rows}
     bucket_ids = np.unique(buckets)
