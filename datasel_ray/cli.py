@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from datasel_ray import console
 from datasel_ray.config import PHASES, ConfigError, RunConfig, load_config, merge_dicts
 
 
@@ -128,7 +129,8 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datasel", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything: library warnings, Ray and Ray Data/Train logs at INFO, tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate a LLaVA-format pool with images and ground truth")
@@ -192,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every missing SIMD variant at INFO
+    console.install()
     started = time.monotonic()
     try:
         return args.func(args)
