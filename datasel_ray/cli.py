@@ -15,6 +15,9 @@ from datasel_ray import console
 from datasel_ray.config import PHASES, ConfigError, RunConfig, load_config, merge_dicts
 
 
+VERBOSE_HELP = "show everything: library warnings, progress bars, Ray and Ray Data/Train logs at INFO, tracebacks"
+
+
 def _parse_set(items: list[str] | None) -> dict:
     """``["a.b=1", "c=x"]`` → ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML scalars)."""
     out: dict = {}
@@ -129,9 +132,16 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datasel", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show everything: library warnings, Ray and Ray Data/Train logs at INFO, tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_with_verbose(*args, **kwargs):  # -v also after the command: `datasel demo -v`
+        p = add_parser(*args, **kwargs)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        return p
+
+    sub.add_parser = add_with_verbose
 
     p = sub.add_parser("synth", help="generate a LLaVA-format pool with images and ground truth")
     p.add_argument("--out", required=True)

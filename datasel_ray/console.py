@@ -38,6 +38,9 @@ LOG_FILTERS: tuple[tuple[str, str], ...] = (
 
 # Loggers lowered to WARNING: their INFO lines describe Ray's or a library's internals, not the run.
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.serve", "faiss", "matplotlib")
+# Ray modules whose logger is named by the file path (``logging.getLogger(__file__)``), relative to ray's package:
+# Ray Train's worker context logs every reported result at INFO.
+QUIET_RAY_FILE_LOGGERS = ("train/v2/_internal/execution/context.py",)
 
 # huggingface_hub reads this when transformers is first imported: no per-file weight loading/saving bars.
 _HF_PROGRESS_ENV = "HF_HUB_DISABLE_PROGRESS_BARS"
@@ -73,11 +76,27 @@ def install() -> None:
             logger.addFilter(_DropPrefix(prefix))
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "ray" in sys.modules:
+        ray_dir = os.path.dirname(sys.modules["ray"].__file__)
+        for relative in QUIET_RAY_FILE_LOGGERS:
+            logging.getLogger(os.path.join(ray_dir, relative)).setLevel(logging.WARNING)
+        _pin_ray_address()
     os.environ.setdefault(_HF_PROGRESS_ENV, "1")
     if "transformers" in sys.modules:  # imported before this call: the environment variable came too late
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _pin_ray_address() -> None:
+    """Inside a Ray worker: RAY_ADDRESS = this cluster's GCS. Ray Train's placement-group cleaner looks the cluster
+    up by address and dies with "Found multiple active Ray instances" when another Ray runs on the same machine."""
+    import ray
+
+    if ray.is_initialized() and "RAY_ADDRESS" not in os.environ:
+        context = ray.get_runtime_context()
+        if context.worker.mode == ray.WORKER_MODE:
+            os.environ["RAY_ADDRESS"] = context.gcs_address
 
 
 def ray_init_kwargs() -> dict:
