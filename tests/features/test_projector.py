@@ -127,3 +127,21 @@ def test_bad_input_is_rejected():
         proj.project(torch.ones(2, 100, dtype=torch.int64))
     with pytest.raises(ValueError, match="rademacher, sparse"):
         make_projector("gaussian", 10, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+def test_cuda_projector_uses_the_cuda_generator_and_matches_its_matrix(kind):
+    proj = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024, device="cuda")
+    assert proj.fingerprint()["generator"] == "torch-cuda"
+    x = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0))
+    y = proj.project(x.half())  # cast to fp32 block by block on the GPU
+    assert y.device.type == "cuda" and y.dtype == torch.float32 and y.shape == (4, 128)
+    matrix = proj.materialize()
+    assert matrix.device.type == "cuda"
+    assert_projection_close(y.cpu(), x.half().float(), matrix.cpu())
+    again = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024, device="cuda")
+    assert torch.equal(again.materialize(), matrix)  # same seed and layout: the same matrix
+    cpu = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024)
+    assert cpu.fingerprint() != proj.fingerprint()  # Philox vs mt19937: a run must not mix them
+    assert not torch.equal(cpu.materialize(), matrix.cpu())
