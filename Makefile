@@ -32,7 +32,7 @@ test-fast: venv
 
 # On a machine with a CUDA GPU: the gpu tests and a short extraction throughput record.
 gpu-check: venv
-	PYTHON=$(PY) benchmarks/gpu_check.sh
+	$(PY) benchmarks/gpu_check.py
 
 bench: venv
 	$(PY) benchmarks/run_all.py

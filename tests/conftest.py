@@ -60,7 +60,7 @@ def _cuda_skip_reason() -> str | None:
     if torch.cuda.is_available():
         return None
     return (f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda or 'none'}); run benchmarks/gpu_check.sh on a GPU machine")
+            f"CUDA build {torch.version.cuda or 'none'}); run benchmarks/gpu_check.py on a GPU machine")
 
 
 def pytest_collection_modifyitems(config, items):
