@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         "ratio_end_to_end": round(end_to_end["ray_default"] / end_to_end["bare_loop_all_cpus"], 3),
         "ratio_steady_vs_1_thread": round(steady["ray_default"] / steady["bare_loop_1_thread"], 3),
         "target_ratio_steady": 0.95,
-        "ray_actor_torch_threads": result.get("torch_threads_per_actor"),
+        "ray_num_gpus_per_actor": result["num_gpus_per_actor"],
         "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
     }
     params = {"num_samples": n, "model": cfg.model.name_or_path, "extract": cfg.extract.model_dump(),
