@@ -17,6 +17,8 @@ def clean_console(monkeypatch):
     loggers = [logging.getLogger(name) for name, _ in console.LOG_FILTERS]
     saved = [(lg, list(lg.filters)) for lg in loggers]
     levels = {name: logging.getLogger(name).level for name in console.QUIET_LOGGERS}
+    for lg in loggers:  # the session's Ray start installed them in this process already
+        lg.filters[:] = [f for f in lg.filters if not isinstance(f, console._DropPrefix)]
     with warnings.catch_warnings():
         warnings.resetwarnings()
         yield

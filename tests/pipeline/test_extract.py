@@ -58,6 +58,7 @@ def _features(run_dir: str) -> pa.Table:
     return load_table(RunDir(run_dir), "features")
 
 
+@pytest.mark.integration  # a second driver process, killed mid-run
 def test_killed_driver_resumes_to_identical_features(tmp_path, ray_local):
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=160, seed=4, bad_rate=0.0))
     clean = _config(tmp_path, "clean", info.pool_path)
