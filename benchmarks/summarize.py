@@ -48,16 +48,19 @@ def extract_table(rec: dict) -> str:
 def gradients_table(rec: dict) -> str:
     m = rec["metrics"]
     return "\n".join([
-        f"`bench_gradients` ({rec['date'][:10]})",
+        f"`bench_gradients` ({rec['date'][:10]}; {rec['params']['torch_threads']} torch thread(s), batch "
+        f"{rec['params']['batch_size']}, load average "
+        f"{' -> '.join(map(str, m.get('load_average_1m_before_after_per_sample', ['?'])))})",
         "",
         "| measure | value |",
         "|---|---|",
-        f"| per-sample LoRA gradients, loop | {m['loop_samples_per_s']} samples/s ({m['loop_ms_per_sample']} ms) |",
-        f"| per-sample LoRA gradients, torch.func vmap, SDPA attention | {m['vmap_sdpa_samples_per_s']} samples/s "
-        f"({m['vmap_sdpa_ms_per_sample']} ms, {m['vmap_sdpa_over_loop']}×) |",
+        f"| per-sample LoRA gradients, loop | {m['loop_ms_per_sample']} ms wall, {m['loop_cpu_ms_per_sample']} ms CPU "
+        f"per sample |",
+        f"| per-sample LoRA gradients, torch.func vmap, SDPA attention | {m['vmap_sdpa_ms_per_sample']} ms wall, "
+        f"{m['vmap_sdpa_cpu_ms_per_sample']} ms CPU ({m['vmap_sdpa_over_loop_cpu']}× the loop in CPU time) |",
         f"| per-sample LoRA gradients, torch.func vmap, eager attention (default) | "
-        f"{m['vmap_eager_samples_per_s']} samples/s ({m['vmap_eager_ms_per_sample']} ms, "
-        f"{m['vmap_eager_over_loop']}×) |",
+        f"{m['vmap_eager_ms_per_sample']} ms wall, {m['vmap_eager_cpu_ms_per_sample']} ms CPU "
+        f"({m['vmap_eager_over_loop_cpu']}× the loop in CPU time) |",
         f"| dense Rademacher projector peak, 134M-param LoRA → 8192 | {m['dense_peak_mb']} MB (target ≤ 2048) |",
         f"| sparse JL projector peak | {m['sparse_peak_mb']} MB |",
         f"| sparse vs dense projection speed-up (same input) | {m['sparse_speedup']}× |",
