@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 DEMO_SAMPLES ?= 600
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-fast gpu-check bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,11 +21,18 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/datasel demo --workdir $(WORKDIR) --num-samples $(DEMO_SAMPLES)
 
+# CI (.ci/run): every test but the gpu ones, slow and integration included. pytest exits 5 when it collects
+# nothing: make fails then too.
 test: venv
+	$(PY) -m pytest -q -m "not gpu"
+
+# The default selection (pytest's addopts): no slow, integration or gpu tests.
+test-fast: venv
 	$(PY) -m pytest -q
 
-test-all: venv
-	$(PY) -m pytest -q -m "not gpu"
+# On a machine with a CUDA GPU: the gpu tests and a short extraction throughput record.
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 bench: venv
 	$(PY) benchmarks/run_all.py

@@ -5,10 +5,15 @@ Prints one JSON record ``{"params": {...}, "metrics": {...}}`` and appends it, w
 
 Metrics:
 
-- ``vmap_samples_per_s`` / ``loop_samples_per_s``: median over interleaved rounds (one batch each, after a
-  warm-up round) of :class:`LoraGradientFeaturizer` on the tiny LLaVA
-  (``datasel_ray.models.tiny.build_tiny_model``, or a self-built one if that module is missing), random token
-  ids with one image each, answer = last ``answer_tokens`` tokens, projection to ``small_proj_dim``.
+- ``loop_*`` / ``vmap_sdpa_*`` / ``vmap_eager_*`` (samples/s, ms per sample): median over interleaved
+  rounds (one batch each, after a warm-up round) of :class:`LoraGradientFeaturizer` on the tiny LLaVA
+  (``datasel_ray.models.tiny.build_tiny_model``, SDPA attention as loaded), random token ids with one image each,
+  answer = last ``answer_tokens`` tokens, projection to ``small_proj_dim``. ``vmap_sdpa`` keeps the model's SDPA
+  attention inside vmap (``vmap_attention=None``: functorch has no batching rule for the CPU flash kernel and
+  loops over the batch inside it), ``vmap_eager`` is the default (``vmap_attention="eager"``).
+  ``*_cpu_ms_per_sample``: the process's CPU time per sample (``time.process_time``); with ``--torch-threads 1``
+  it does not grow with other processes' load as wall time does, so ``*_over_loop_cpu`` is the ratio to trust on
+  a busy machine (the load average is recorded).
 - ``*_peak_mb``: the projectors' own working memory when projecting ``proj_batch`` samples of a LoRA gradient of
   7B size (grad_dim = 32 layers x 4 (q,k,v,o) x 2 (A,B) x 128 x 4096 = 134,217,728) to 8192 dims: peak process
   RSS (sampled by a thread every 2 ms) minus the RSS after the input was allocated. The input itself
@@ -23,10 +28,12 @@ Metrics:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,28 +85,14 @@ def _tiny_peft_model(lora: LoraConfig):
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    try:
-        from datasel_ray.models.tiny import build_tiny_model
+    from datasel_ray.models.tiny import build_tiny_model
 
-        path = build_tiny_model(Path(tempfile.gettempdir()) / "datasel-bench-tiny", seed=0)
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-        source = "datasel_ray.models.tiny"
-    except ImportError:
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-        torch.manual_seed(0)
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=32, patch_size=8),
-            text_config=LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                                    num_attention_heads=4, vocab_size=1024, max_position_embeddings=512),
-            image_token_index=3, vision_feature_layer=-2, vision_feature_select_strategy="default",
-            image_seq_length=16)
-        model = LlavaForConditionalGeneration(config)
-        source = "self-built LlavaForConditionalGeneration"
+    path = build_tiny_model(Path(tempfile.gettempdir()) / "datasel-bench-tiny", seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
     torch.manual_seed(0)  # init_lora_weights=False draws B at random
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, init_lora_weights=False,
                               target_modules=lora.target_modules)
-    return get_peft_model(model.eval(), peft_cfg), source
+    return get_peft_model(model.eval(), peft_cfg), "datasel_ray.models.tiny"
 
 
 def _random_batch(model, batch_size: int, answer_tokens: int, seed: int):
@@ -128,18 +121,33 @@ def bench_per_sample(args) -> tuple[dict, dict]:
     grad_dim = sum(p.numel() for n, p in model.named_parameters() if tive_param_filter(n))
     projector = RademacherProjector(grad_dim, args.small_proj_dim, seed=0)
     batch, lengths = _random_batch(model, args.batch_size, args.answer_tokens, seed=0)
-    methods = ("loop", "vmap")
-    featurizers = {m: LoraGradientFeaturizer(model, projector, method=m) for m in methods}
-    rates = {m: [] for m in methods}
-    for round_ in range(args.repeats + 1):  # interleaved rounds; round 0 is a warm-up
-        for method in methods:
-            start = time.perf_counter()
-            featurizers[method].compute(batch)
-            if round_:
-                rates[method].append(args.batch_size / (time.perf_counter() - start))
-    metrics = {f"{m}_samples_per_s": round(float(np.median(rates[m])), 2) for m in methods}
-    metrics["vmap_over_loop"] = round(metrics["vmap_samples_per_s"] / metrics["loop_samples_per_s"], 2)
-    params = {"model": source, "lora_r": LoraConfig().r, "tiny_grad_dim": grad_dim,
+    arms = {"loop": {"method": "loop"}, "vmap_sdpa": {"method": "vmap", "vmap_attention": None},
+            "vmap_eager": {"method": "vmap", "vmap_attention": "eager"}}
+    featurizers = {name: LoraGradientFeaturizer(model, projector, **kw) for name, kw in arms.items()}
+    wall = {name: [] for name in arms}
+    cpu = {name: [] for name in arms}
+    with warnings.catch_warnings():
+        # vmap_sdpa measures exactly the fallback that functorch warns about on every call
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        for round_ in range(args.repeats + 1):  # interleaved rounds; round 0 is a warm-up
+            for name in arms:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                featurizers[name].compute(batch)
+                if round_:
+                    wall[name].append((time.perf_counter() - start) / args.batch_size)
+                    cpu[name].append((time.process_time() - start_cpu) / args.batch_size)
+    metrics = {}
+    for name in arms:
+        seconds = float(np.median(wall[name]))
+        metrics[f"{name}_samples_per_s"] = round(1 / seconds, 2)
+        metrics[f"{name}_ms_per_sample"] = round(1000 * seconds, 2)
+        metrics[f"{name}_cpu_ms_per_sample"] = round(1000 * float(np.median(cpu[name])), 2)
+    for name in ("vmap_sdpa", "vmap_eager"):
+        metrics[f"{name}_over_loop"] = round(metrics["loop_ms_per_sample"] / metrics[f"{name}_ms_per_sample"], 2)
+        metrics[f"{name}_over_loop_cpu"] = round(
+            metrics["loop_cpu_ms_per_sample"] / metrics[f"{name}_cpu_ms_per_sample"], 2)
+    params = {"model": source, "model_attention": model.config.text_config._attn_implementation,
+              "lora_r": LoraConfig().r, "tiny_grad_dim": grad_dim,
               "batch_size": args.batch_size, "tokens_min_max": [int(lengths.min()), int(lengths.max())],
               "answer_tokens": args.answer_tokens, "small_proj_dim": args.small_proj_dim,
               "repeats": args.repeats, "torch_threads": torch.get_num_threads()}
@@ -196,12 +204,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--proj-batch", type=int, default=2)
     parser.add_argument("--dense-blocks", type=int, default=None)
     parser.add_argument("--nnz-per-col", type=int, default=4)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads (default: torch's, i.e. every CPU); 1 is robust to a busy machine")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     args.repeats = args.repeats or (2 if args.quick else 10)
     args.dense_blocks = args.dense_blocks or (2 if args.quick else 24)
 
+    load_before = os.getloadavg()[0]
     p1, m1 = bench_per_sample(args)
+    m1["load_average_1m_before_after_per_sample"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     p2, m2 = bench_projectors(args)
     record = {"params": {"quick": args.quick, **p1, **p2}, "metrics": {**m1, **m2}}
     emit_record("bench_gradients", record["params"], record["metrics"], save=not args.no_save)

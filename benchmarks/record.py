@@ -15,7 +15,7 @@ def emit_record(name: str, params: dict, metrics: dict, save: bool = True) -> di
     record = {
         "benchmark": name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"python": platform.python_version(), "cpus": _cpus()},
+        "machine": {"python": platform.python_version(), "cpus": machine_cpus()},
         "params": params,
         "metrics": metrics,
     }
@@ -40,7 +40,11 @@ def _finite(value):
     return value
 
 
-def _cpus() -> int:
+def machine_cpus() -> int:
+    """CPUs this process may run on (its affinity set), else the machine's count."""
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+_cpus = machine_cpus  # the name bench_select.py imports

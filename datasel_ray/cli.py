@@ -11,8 +11,12 @@ from pathlib import Path
 
 import yaml
 
+from datasel_ray import console
 from datasel_ray.config import PHASES, ConfigError, RunConfig, load_config, merge_dicts
 from datasel_ray.methods.registry import method_names
+
+
+VERBOSE_HELP = "show everything: library warnings, progress bars, Ray and Ray Data/Train logs at INFO, tracebacks"
 
 
 def _parse_set(items: list[str] | None) -> dict:
@@ -132,8 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     from datasel_ray.io.tasks import TASK_RECIPES
 
     parser = argparse.ArgumentParser(prog="datasel", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_with_verbose(*args, **kwargs):  # -v also after the command: `datasel demo -v`
+        p = add_parser(*args, **kwargs)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        return p
+
+    sub.add_parser = add_with_verbose
 
     p = sub.add_parser("synth", help="generate a LLaVA-format pool with images and ground truth")
     p.add_argument("--out", required=True)
@@ -199,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.set_verbose(args.verbose)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every missing SIMD variant at INFO
+    console.install()
     started = time.monotonic()
     try:
         return args.func(args)

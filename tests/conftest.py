@@ -52,3 +52,23 @@ def demo_run(tmp_path_factory, demo_pool, ray_local, tiny_model_dir):
     cfg.select.methods = ["coincide", "datatailor", "random", "random_per_task", "answer_loss"]
     results = run_phases(cfg, ["ingest", "extract", "aggregate", "select"], quiet=True)
     return cfg, results
+
+
+def _cuda_skip_reason() -> str | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"needs a CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}); run benchmarks/gpu_check.py on a GPU machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `gpu` test never runs on CPU: without a CUDA device it is skipped, with the reason."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _cuda_skip_reason()
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -76,6 +76,7 @@ def test_write_store_equals_generate_features(tmp_path):
     assert store.widths == {"coincide_vector": 1024} and len(store.files) == 8  # 500-row chunks, 200-row shards
 
 
+@pytest.mark.integration  # runs the benchmark's measurement subprocesses
 @pytest.mark.timeout(900)
 def test_bench_record_structure(tmp_path):
     import subprocess

@@ -18,19 +18,17 @@ Two implementations give the same numbers (tested):
   their output ``inputs_embeds`` is captured by a pre-hook on the ``language_model`` submodule, and only the
   language model + LM head are vmapped, with a prepared 4-D mask (causal x key padding; pad query rows attend
   to themselves so that no softmax row is empty) and ``position_ids = cumsum(mask) - 1``. Unsupported when a
-  selected parameter lives outside the language model or the attention is FlashAttention-2 (no 4-D mask);
-  ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
+  selected parameter lives outside the language model, or with ``vmap_attention=None`` on a model whose attention
+  is FlashAttention-2 (no 4-D mask); ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
+  The vmapped pass switches the language model to eager attention (``vmap_attention``) for its duration:
+  functorch has no batching rule for the CPU flash-SDPA kernel (forward or backward) and would run it one
+  sample at a time inside vmap. The batched no-grad embedding pass and every other forward keep the model's own
+  attention.
 
-Measured on this machine (2 CPUs, torch 2.13 CPU; ``benchmarks/bench_gradients.py``, median of 10
-interleaved rounds; the tiny LLaVA of ``datasel_ray.models.tiny`` (Llama hidden 128, 4 layers), batch of 8,
-56-79 tokens incl. 16 image tokens, 20 answer tokens, r8 LoRA on q/k/v/o, grad_dim 32,768, proj_dim 512):
-
-- SDPA attention (the model's default): loop 54.1 samples/s, vmap 68.0 samples/s (1.26x; a quick run gave
-  48.2 vs 75.0). With eager attention (one run): loop 50.1, vmap 78.4. vmap wins although functorch has no
-  batching rule for the CPU flash-SDPA kernel (it warns and loops inside); the gain is the batched vision tower
-  and embedding pass plus batched LoRA matmuls. ``"auto"`` therefore picks ``"vmap"``, with the loop as fallback.
-  For a 7B model on a GPU, vmap needs the activation memory of the whole batch (bound it with ``chunk_size``),
-  the loop that of one sample; re-measure there before trusting the CPU ratio.
+``"auto"`` picks ``"vmap"`` when supported: on the tiny model it is faster than the loop (the batched vision
+tower and embedding pass plus batched LoRA matmuls; loop vs vmap with SDPA vs vmap with eager attention in
+``benchmarks/results/bench_gradients.jsonl``). For a 7B model on a GPU, vmap needs the activation memory of the
+whole batch (bound it with ``chunk_size``), the loop that of one sample.
 
 Adam preconditioning (LESS ``adam`` gradient type; METHODS.md section 4): with the warm-up optimizer's
 ``exp_avg`` m and ``exp_avg_sq`` v (flattened in the same order), ``m' = 0.9 m + 0.1 g``,
@@ -45,6 +43,7 @@ no answer token gets a zero gradient, ``grad_norm = 0``, a zero projection and `
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,9 @@ from datasel_ray import schema
 from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY
 
 METHODS = ("auto", "vmap", "loop")
-# "auto" resolves to this when vmap is supported (measured faster, see the module docstring).
+# Attention implementations that take the prepared 4-D mask of the vmapped pass (None: the model's own).
+VMAP_ATTENTION = ("eager", "sdpa", None)
+# "auto" resolves to this when vmap is supported (benchmarks/bench_gradients.py compares them).
 _AUTO_PREFERENCE = "vmap"
 
 ADAM_BETA1 = 0.9
@@ -114,6 +115,8 @@ class LoraGradientFeaturizer:
         adam_state: LESS Adam preconditioning (see module docstring); None = SGD gradients (TIVE).
         method: ``"auto"`` | ``"vmap"`` | ``"loop"``.
         chunk_size: vmap chunk size (bounds activation memory); None = whole batch.
+        vmap_attention: attention implementation of the language model during the vmapped pass (``"eager"``
+            batches under vmap); None keeps the model's own. The loop path never switches.
     """
 
     def __init__(
@@ -124,9 +127,13 @@ class LoraGradientFeaturizer:
         adam_state: AdamState | None = None,
         method: str = "auto",
         chunk_size: int | None = None,
+        vmap_attention: str | None = "eager",
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown per-sample method '{method}'. Choose from: {', '.join(METHODS)}")
+        if vmap_attention not in VMAP_ATTENTION:
+            raise ValueError(f"Unknown vmap_attention {vmap_attention!r}. Choose from: eager, sdpa, None")
+        self.vmap_attention = vmap_attention
         self.model = model.eval()
         self.names = [n for n, _ in model.named_parameters() if param_filter(n)]
         if not self.names:
@@ -218,7 +225,6 @@ class LoraGradientFeaturizer:
         from torch.func import functional_call, grad_and_value, vmap
 
         embeds = self._input_embeddings(ids, mask, pixels, extra)
-        mask4 = self._prepared_mask(mask, embeds.dtype)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         model = self.model
@@ -228,8 +234,10 @@ class LoraGradientFeaturizer:
                 inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False))
             return answer_token_loss(out.logits[0], lab)
 
-        per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 0, 0), chunk_size=self.chunk_size)
-        grads, losses = per_sample(params, embeds, mask4, positions, labels)
+        with _text_attention(self.model, self.vmap_attention):
+            mask4 = self._prepared_mask(mask, embeds.dtype)
+            per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 0, 0), chunk_size=self.chunk_size)
+            grads, losses = per_sample(params, embeds, mask4, positions, labels)
         return [grads[n].reshape(ids.shape[0], -1) for n in self.names], losses
 
     # -- shared post-processing ----------------------------------------------------------------------------
@@ -283,7 +291,8 @@ class LoraGradientFeaturizer:
     def _vmap_support(self) -> tuple[str | None, str]:
         """Name of the language-model submodule (or None) and why vmap is unsupported ("" when supported)."""
         config = getattr(self.model, "config", None)
-        attn = getattr(getattr(config, "text_config", config), "_attn_implementation", None) or "sdpa"
+        attn = self.vmap_attention or getattr(getattr(config, "text_config", config), "_attn_implementation",
+                                              None) or "sdpa"
         if attn not in ("sdpa", "eager"):
             return None, f"attention implementation {attn!r} takes no prepared 4-D mask"
         names = [n for n, _ in self.model.named_modules() if n.split(".")[-1] == "language_model"]
@@ -331,6 +340,23 @@ class LoraGradientFeaturizer:
             return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min)[:, None]
         return allowed[:, None]
+
+
+@contextlib.contextmanager
+def _text_attention(model: nn.Module, implementation: str | None):
+    """Switch the language model's attention implementation (its config's ``_attn_implementation``, read at
+    every forward) for the duration of the block; None leaves it as is."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", config)
+    previous = getattr(text, "_attn_implementation", None)
+    if implementation is None or text is None or previous == implementation:
+        yield
+        return
+    text._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        text._attn_implementation = previous
 
 
 class _StopForward(Exception):

@@ -1,4 +1,4 @@
-"""Baselines: random (global / per task) and answer-loss ranking (pure numpy, plus a lazy optional vLLM path).
+"""Baselines: random (global / per task) and answer-loss ranking (pure numpy).
 
 Each selector returns a :class:`BaselineResult` with ascending int64 row positions and a float64[N] per-row
 score (higher = picked earlier). Deterministic given the seed.
@@ -12,7 +12,7 @@ import numpy as np
 
 from datasel_ray.methods.budget import allocate_proportional, resolve_budget
 
-__all__ = ["BaselineResult", "answer_loss_ranking", "random_global", "random_per_task", "vllm_answer_loss"]
+__all__ = ["BaselineResult", "answer_loss_ranking", "random_global", "random_per_task"]
 
 
 @dataclass
@@ -77,43 +77,3 @@ def answer_loss_ranking(loss: np.ndarray, budget: float | int, highest: bool = T
     order = np.lexsort((np.arange(n), key, nan))
     return BaselineResult(np.sort(order[:B]).astype(np.int64), loss)
 
-
-def vllm_answer_loss(prompts: list[str], answers: list[str], model: str, *, dtype: str = "auto",
-                     max_model_len: int | None = None, gpu_memory_utilization: float = 0.8) -> np.ndarray:
-    """Mean answer-token NLL (float32[N]) with vLLM prompt logprobs (text-only prompt + answer).
-
-    Optional fast path for large pools on GPU. Imports vLLM lazily; raises ``RuntimeError`` with the reason when
-    vLLM is not installed or no CUDA GPU is visible. NaN where the answer has no token.
-    """
-    if len(prompts) != len(answers):
-        raise ValueError(f"prompts and answers must have the same length, got {len(prompts)} and {len(answers)}")
-    try:
-        import vllm  # noqa: F401
-        from vllm import LLM, SamplingParams
-    except Exception as err:  # ImportError or a broken install
-        raise RuntimeError(f"vllm_answer_loss needs vLLM (pip install 'datasel-ray[vllm]'): {err}") from err
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except Exception as err:
-        raise RuntimeError(f"vllm_answer_loss needs a CUDA GPU; torch could not check: {err}") from err
-    if not has_cuda:
-        raise RuntimeError("vllm_answer_loss needs a CUDA GPU; none is visible (use the HF answer_loss feature)")
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
-    tok = llm.get_tokenizer()
-    full_ids, n_prompt = [], []
-    for p, a in zip(prompts, answers):
-        pi = tok(p, add_special_tokens=True)["input_ids"]
-        ai = tok(a, add_special_tokens=False)["input_ids"]
-        full_ids.append(pi + ai)
-        n_prompt.append(len(pi))
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in full_ids], params)
-    res = np.full(len(prompts), np.nan, dtype=np.float32)
-    for i, (o, ids, npr) in enumerate(zip(outs, full_ids, n_prompt)):
-        lps = o.prompt_logprobs or []
-        vals = [lps[j][ids[j]].logprob for j in range(max(npr, 1), len(ids)) if lps[j] is not None]
-        if vals:
-            res[i] = -float(np.mean(vals))
-    return res

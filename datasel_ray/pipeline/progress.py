@@ -37,6 +37,7 @@ class Progress:
         self.unit = unit
         self.start = time.monotonic()
         self._last = 0.0
+        self._printed: int | None = None  # rows shown by the last console line: a line is never repeated
         self._write(force=True)
 
     @property
@@ -80,8 +81,11 @@ class Progress:
         if not force and now - self._last < self.interval:
             return
         self._last = now
-        if not self.quiet:
-            print(self.line(), file=self.stream, flush=True)
+        if not self.quiet and self.done != self._printed:
+            # stream.write, not print: Ray Train replaces print in its workers with one that also logs the line
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            self._printed = self.done
         if self.file is not None:
             state = self.file.read_json() if self.file.exists() else {}
             state[self.phase] = self.snapshot(finished)

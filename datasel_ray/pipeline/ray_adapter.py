@@ -15,7 +15,11 @@ from typing import Any, Callable, Iterator
 import ray
 import ray.data
 
+from datasel_ray import console
 from datasel_ray.config import RayConfig
+
+# ``ray job submit`` passes the job's config (runtime_env included) to the driver in this variable.
+RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +30,15 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    console.install()  # before ray.init: its token-auth notice is logged while it starts
+    quiet = console.ray_init_kwargs()
+    if "worker_process_setup_hook" in os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, ""):
+        quiet.pop("runtime_env", None)  # the submitted job sets its own hook; ray.init refuses two
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **quiet)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, **quiet)
+    console.install()  # again: ray.init configured the "ray" logger and its children
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

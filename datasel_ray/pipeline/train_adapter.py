@@ -16,8 +16,10 @@ from typing import Any
 
 import ray.train
 import ray.train.torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+
+from datasel_ray import console
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def fit_torch(worker_fn: Callable[[dict, WorkerContext], None], worker_config: d
         _train_loop,
         train_loop_config={"worker_fn": worker_fn, "worker_config": worker_config},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(storage_path=storage_path, name=name),
+        run_config=RunConfig(storage_path=storage_path, name=name,
+                             logging_config=LoggingConfig(log_level=console.train_log_level())),
     )
     result = trainer.fit()
     if result.error is not None:

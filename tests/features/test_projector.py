@@ -14,11 +14,7 @@ from datasel_ray.features.projector import (
     block_seed,
     make_projector,
 )
-
-
-def _reference_project(projector, x):
-    """Plain projector: materialise the whole matrix from the same block generator, one matmul in float64."""
-    return (x.double() @ projector.materialize().double()).float()
+from numeric import assert_projection_close
 
 
 def _child_matrix(args):
@@ -36,7 +32,7 @@ def test_blockwise_equals_materialised_reference(kind):
     x = torch.randn(5, 1000)
     y = proj.project(x)
     assert y.dtype == torch.float32 and y.shape == (5, 64)
-    torch.testing.assert_close(y, _reference_project(proj, x), rtol=1e-5, atol=1e-4)
+    assert_projection_close(y, x, proj.materialize())
 
 
 def test_rademacher_entries_are_signs_without_scaling():
@@ -81,16 +77,16 @@ def test_half_inputs_are_computed_in_fp32(dtype):
     x = torch.randn(3, 512).to(dtype)
     y = proj.project(x)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, _reference_project(proj, x.float()), rtol=1e-5, atol=1e-4)
+    assert_projection_close(y, x.float(), proj.materialize())
 
 
 def test_pieces_equal_flat_input():
     proj = SparseJLProjector(450, 24, seed=2, nnz_per_col=3, block_rows=64)
     x = torch.randn(4, 450)
     pieces = [x[:, :10], x[:, 10:200], x[:, 200:201], x[:, 201:]]
-    torch.testing.assert_close(proj.project(pieces), proj.project(x), rtol=1e-6, atol=1e-6)
+    assert_projection_close(proj.project(pieces), x, proj.materialize())
     dense = RademacherProjector(450, 24, seed=2, block_rows=64)
-    torch.testing.assert_close(dense.project(pieces), dense.project(x), rtol=1e-6, atol=1e-5)
+    assert_projection_close(dense.project(pieces), x, dense.materialize())
 
 
 def test_sparse_structure_and_jl_norms():
@@ -120,7 +116,7 @@ def test_partial_block_ranges_add_up(kind):
     proj = make_projector(kind, 900, 16, seed=4, block_rows=100)
     x = torch.randn(3, 900)
     parts = proj.project(x, blocks=range(0, 4)) + proj.project(x, blocks=range(4, 9))
-    torch.testing.assert_close(parts, proj.project(x), rtol=1e-5, atol=1e-4)
+    assert_projection_close(parts, x, proj.materialize())
 
 
 def test_bad_input_is_rejected():
@@ -131,3 +127,21 @@ def test_bad_input_is_rejected():
         proj.project(torch.ones(2, 100, dtype=torch.int64))
     with pytest.raises(ValueError, match="rademacher, sparse"):
         make_projector("gaussian", 10, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+def test_cuda_projector_uses_the_cuda_generator_and_matches_its_matrix(kind):
+    proj = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024, device="cuda")
+    assert proj.fingerprint()["generator"] == "torch-cuda"
+    x = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0))
+    y = proj.project(x.half())  # cast to fp32 block by block on the GPU
+    assert y.device.type == "cuda" and y.dtype == torch.float32 and y.shape == (4, 128)
+    matrix = proj.materialize()
+    assert matrix.device.type == "cuda"
+    assert_projection_close(y.cpu(), x.half().float(), matrix.cpu())
+    again = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024, device="cuda")
+    assert torch.equal(again.materialize(), matrix)  # same seed and layout: the same matrix
+    cpu = make_projector(kind, grad_dim=5000, proj_dim=128, seed=3, block_rows=1024)
+    assert cpu.fingerprint() != proj.fingerprint()  # Philox vs mt19937: a run must not mix them
+    assert not torch.equal(cpu.materialize(), matrix.cpu())

@@ -32,18 +32,6 @@ def test_answer_loss_ranking_nan_last_and_perplexity_identical():
     np.testing.assert_array_equal(bl.answer_loss_ranking(ppl, 3).selected, bl.answer_loss_ranking(loss, 3).selected)
 
 
-def test_vllm_path_raises_clear_error_without_vllm_or_gpu():
-    try:
-        import vllm  # noqa: F401
-        import torch
-        if torch.cuda.is_available():
-            pytest.skip("vLLM and a GPU are present")
-    except ImportError:
-        pass
-    with pytest.raises(RuntimeError, match="vLLM|CUDA"):
-        bl.vllm_answer_loss(["q"], ["a"], model="x")
-
-
 def test_budget_helpers():
     assert resolve_budget(0.2, 665) == 133 and resolve_budget(50, 10) == 10 and resolve_budget(3, 10) == 3
     with pytest.raises(ValueError, match="budget"):

@@ -31,6 +31,22 @@ def test_faiss_spherical_kmeans_matches_numpy_lloyd_from_same_init():
     np.testing.assert_allclose(c_f, c_n, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_gpu_faiss_spherical_kmeans_matches_numpy_lloyd_from_same_init():
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("this faiss build has no GPU support (faiss.get_num_gpus() == 0; the project pins faiss-cpu): "
+                    "install faiss-gpu to test the GPU k-means path")
+    x = _blobs(600, seed=3)
+    init = x[:5].copy()
+    c_g, l_g = cl.spherical_kmeans(x, 5, niter=20, init_centroids=init, use_gpu=True)
+    c_n, l_n = cl.spherical_kmeans_numpy(x, init, niter=20)
+    np.testing.assert_array_equal(l_g, l_n)
+    np.testing.assert_allclose(c_g, c_n, atol=1e-4)
+    np.testing.assert_array_equal(cl.assign_nearest(x, c_g, use_gpu=True), cl.assign_nearest(x, c_g))
+
+
 def test_spherical_kmeans_contract():
     x = _blobs(300, seed=4)
     c, lab = cl.spherical_kmeans(x, 10, seed=1)

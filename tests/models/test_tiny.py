@@ -96,6 +96,7 @@ def test_loads_through_generic_path(two_builds):
     assert vlm.decoder_layers is vlm.model.model.language_model.layers
 
 
+@pytest.mark.slow  # generates answers for held-out samples with the tiny VLM
 def test_reference_model_is_pretrained_on_the_synthetic_tasks(tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import yaml
 
 from datasel_ray import schema
@@ -57,6 +58,7 @@ def _features(run_dir: str) -> pa.Table:
     return load_table(RunDir(run_dir), "features")
 
 
+@pytest.mark.integration  # a second driver process, killed mid-run
 def test_killed_driver_resumes_to_identical_features(tmp_path, ray_local):
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=160, seed=4, bad_rate=0.0))
     clean = _config(tmp_path, "clean", info.pool_path)
@@ -127,3 +129,25 @@ def test_samples_row_groups_follow_the_shard_size(demo_run):
             meta = pq.ParquetFile(handle).metadata
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         assert max(sizes) <= cfg.extract.shard_rows and sum(sizes) == meta.num_rows
+
+
+@pytest.mark.gpu
+def test_gpu_actors_extract_the_features_of_cpu_actors(tmp_path, ray_local):
+    """num_gpus_per_actor=1: the actor holds a GPU and runs the model on CUDA; features match CPU actors'."""
+    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=24, seed=5, bad_rate=0.0))
+    cpu, gpu = _config(tmp_path, "cpu", info.pool_path), _config(tmp_path, "gpu", info.pool_path)
+    cpu.extract.num_gpus_per_actor = 0
+    gpu.extract.num_gpus_per_actor = None  # default: 1 when the cluster has a GPU
+    results = {name: run_phases(c, ["ingest", "extract"], quiet=True)["extract"]
+               for name, c in (("cpu", cpu), ("gpu", gpu))}
+    assert results["gpu"]["num_gpus_per_actor"] == 1.0 and results["cpu"]["num_gpus_per_actor"] == 0.0
+    a, b = _features(cpu.run_dir), _features(gpu.run_dir)
+    np.testing.assert_array_equal(column_to_numpy(a.column(schema.ROW_ID)), column_to_numpy(b.column(schema.ROW_ID)))
+    # cuDNN runs the vision tower's patch convolution in TF32 by default (~1e-3 relative), and vectors are
+    # stored in fp16: relative bounds of that order; a wrong device transfer or image differs by far more
+    for name in (schema.COINCIDE_VECTOR, schema.LAST_TOKEN):
+        x, y = (column_to_numpy(t.column(name)).astype(np.float32) for t in (a, b))
+        np.testing.assert_allclose(y, x, rtol=1e-2, atol=1e-2 * float(np.abs(x).max()), err_msg=name)
+    for name in (schema.INFORMATIVENESS, schema.TAU, schema.ANSWER_LOSS):
+        x, y = (column_to_numpy(t.column(name)) for t in (a, b))
+        np.testing.assert_allclose(y, x, rtol=5e-3, err_msg=name)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import psutil
 
 from datasel_ray import schema
@@ -15,6 +16,8 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.pipeline.feature_store import load_table
 from datasel_ray.pipeline.runner import run_phases
 from datasel_ray.synthetic import SynthConfig, generate_pool
+
+pytestmark = pytest.mark.integration  # kills extraction worker processes of the session's Ray
 
 
 def _config(tmp_path, name, pool_path) -> RunConfig:

@@ -18,6 +18,8 @@ import yaml
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.ports import pick_unbound_ports
 
+pytestmark = pytest.mark.integration  # a second Ray head and a submitted job
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -44,6 +44,7 @@ def test_schedule_and_data_order():
     assert all((a == b).all() for a, b in zip(batches, batch_indices(5, 4, 3, seed=1)))
 
 
+@pytest.mark.slow  # two full fine-tuning runs of the tiny VLM
 def test_finetune_lowers_held_out_loss_and_is_deterministic(random_tiny):
     train = tiny.pretrain_samples(48, seed=123)
     held_out = tiny.pretrain_samples(14, seed=456)

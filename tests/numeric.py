@@ -1,0 +1,40 @@
+"""Float comparisons scaled to the values they are computed from (importable from every test: conftest's folder).
+
+A float32 sum of D terms differs from its float64 value by rounding of each term and of the additions, so the
+bound that holds on any BLAS and any summation order is a few float32 ulps of ``sum_j |term_j|``, not of the
+result: a projection ``x @ P`` of values around 1 can sum to 0.1 with an absolute error near 1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def assert_close_to_accumulation(actual, expected, scale, ulps: float = 16.0) -> None:
+    """``|actual - expected| <= ulps * eps32 * scale`` elementwise.
+
+    actual: float32 result [...]; expected: its float64 reference [...]; scale: ``sum_j |term_j|`` of the sum that
+    produced each element, same shape (``|x| @ |P|`` for a projection ``x @ P``).
+    """
+    a, e, s = _np(actual), _np(expected), _np(scale)
+    assert a.shape == e.shape == s.shape, (a.shape, e.shape, s.shape)
+    bound = ulps * EPS32 * s
+    excess = np.abs(a - e) - bound
+    worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.size else ()
+    assert not excess.size or excess[worst] <= 0, (
+        f"{int((excess > 0).sum())} of {excess.size} values differ by more than {ulps} float32 ulps of their "
+        f"accumulated magnitude; worst at {worst}: actual {a[worst]!r}, expected {e[worst]!r}, "
+        f"bound {bound[worst]:.3g}")
+
+
+def assert_projection_close(actual, x, matrix, ulps: float = 16.0) -> None:
+    """A float32 projection ``actual`` of ``x`` [B, D] by ``matrix`` [D, k] against the float64 product."""
+    x64, m64 = torch.as_tensor(_np(x)), torch.as_tensor(_np(matrix))
+    assert_close_to_accumulation(actual, (x64 @ m64).numpy(), (x64.abs() @ m64.abs()).numpy(), ulps)
