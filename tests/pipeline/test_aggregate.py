@@ -59,6 +59,7 @@ def _selection(run_dir: Path, method: str) -> tuple[np.ndarray, dict]:
     return np.load(run_dir / layout.SELECTIONS / method / layout.SELECTED_IDS), cols
 
 
+@pytest.mark.integration  # many Ray tasks on the session's local Ray
 def test_partitioned_ray_run_equals_in_process_run(tmp_path, store_feats, ray_local):
     _run(tmp_path / "local", store_feats, "local", 1 << 30)
     _run(tmp_path / "ray", store_feats, "ray", 1 << 17)  # ~128 KiB: many partitions and buckets
