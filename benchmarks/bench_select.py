@@ -166,7 +166,7 @@ print(json.dumps({{"state_rss_mb": (rss_loaded - rss0) / 2**20, "state_and_cache
 class TreeSampler(threading.Thread):
     """Peak RSS of every process in a process tree (psutil), sampled every ``interval`` seconds."""
 
-    def __init__(self, pid: int, interval: float = 0.5):
+    def __init__(self, pid: int, interval: float = 1.0):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peaks: dict[int, tuple[str, float]] = {}
@@ -176,16 +176,22 @@ class TreeSampler(threading.Thread):
         import psutil
 
         root = psutil.Process(self.pid)
+        names: dict[int, str] = {}
+        procs: dict[int, psutil.Process] = {}
         while not self.stop.is_set():
             try:
-                procs = [root, *root.children(recursive=True)]
+                for child in [root, *root.children(recursive=True)]:
+                    procs.setdefault(child.pid, child)
             except psutil.Error:
                 break
-            for p in procs:
+            for pid, p in list(procs.items()):
                 try:
                     rss = p.memory_info().rss / 2**20
-                    name = " ".join(p.cmdline()[:3])[-80:] or p.name()
+                    if pid not in names:  # the sampler's own cost: a command line is read once per process
+                        names[pid] = " ".join(p.cmdline()[:3])[-80:] or p.name()
+                    name = names[pid]
                 except psutil.Error:
+                    procs.pop(pid, None)
                     continue
                 if rss > self.peaks.get(p.pid, ("", 0.0))[1]:
                     self.peaks[p.pid] = (name, rss)
