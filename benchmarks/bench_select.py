@@ -219,8 +219,8 @@ def run_cell(store: Path, method: str, overrides: dict, timeout: float) -> dict:
     cell = {"method": method, "seconds": round(seconds, 2), "exit": proc.returncode,
             "driver_peak_rss_mb": round(driver, 1),
             "max_process_peak_rss_mb": round(max((p[1] for p in peaks), default=0.0), 1),
-            "max_ray_worker_peak_rss_mb": round(max((p[1] for p in peaks if "ray" in p[0].lower()
-                                                     and "worker" in p[0].lower()), default=0.0), 1),
+            "max_other_process_peak_rss_mb": round(max((r for pid, (_, r) in sampler.peaks.items()
+                                                        if pid != proc.pid), default=0.0), 1),
             "top_processes": [{"process": n, "peak_rss_mb": round(r, 1)} for n, r in peaks[:6]]}
     if proc.returncode != 0 or not out.exists() or not out.read_text():
         cell["error"] = log[-4000:]
