@@ -138,31 +138,27 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
     cfg = ctx.cfg.datatailor
     store = ctx.store
     d = store.widths[schema.LAST_TOKEN]
-    wanted = []
-    for t in big:
-        rows = np.flatnonzero(store.task_codes == t)
-        pick = precluster_train_rows(len(rows), cfg.precluster_train_rows, seed + int(t))
-        wanted.append(rows if pick is None else rows[pick])
-    want = np.sort(np.concatenate(wanted))
-    need = len(want) * d * 4
-    if need > ctx.cfg.aggregate.driver_bytes:
-        raise ValueError(f"datatailor: pre-cluster training would hold {len(want)} x {d} float32 = "
-                         f"{need / 2**30:.1f} GiB on the driver (aggregate.driver_bytes): lower "
-                         f"datatailor.precluster_train_rows")
-    items, keys = ctx.partition_items([schema.LAST_TOKEN], want=want, width=d)
-    got = ctx.map("datatailor:train-rows", _gather, items, keys)
-    pos = np.concatenate([r["pos"] for r in got])
-    xs = np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")]
-    pos = np.sort(pos)
     work = ctx.work(NAME, "preclusters")
     centroid_paths = {}
-    for t, rows in zip(big, wanted):
-        m = int(min(np.sum(store.task_codes == t), cfg.precluster_size))
+    for t in big:  # one task's training sample on the driver at a time
+        rows = np.flatnonzero(store.task_codes == t)
+        pick = precluster_train_rows(len(rows), cfg.precluster_train_rows, seed + int(t))
+        want = rows if pick is None else rows[pick]
+        need = len(want) * d * 4
+        if need > ctx.cfg.aggregate.driver_bytes:
+            raise ValueError(f"datatailor: pre-cluster training of task {store.task_names[t]!r} would hold "
+                             f"{len(want)} x {d} float32 = {need / 2**30:.1f} GiB on the driver "
+                             f"(aggregate.driver_bytes): lower datatailor.precluster_train_rows")
         loc = work / f"centroids-{int(t):05d}.npy"
         if not loc.exists():
-            loc.write_npy(train_preclusters(xs[np.searchsorted(pos, rows)], m, seed + int(t)))
+            items, keys = ctx.partition_items([schema.LAST_TOKEN], want=want, width=d)
+            got = ctx.map(f"datatailor:train-rows:{store.task_names[t]}", _gather, items, keys)
+            pos = np.concatenate([r["pos"] for r in got])
+            xs = np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")]
+            del got
+            loc.write_npy(train_preclusters(xs, int(min(len(rows), cfg.precluster_size)), seed + int(t)))
+            del xs
         centroid_paths[int(t)] = str(loc)
-    del xs
     items, keys = ctx.partition_items([schema.LAST_TOKEN], centroids=centroid_paths)
     for item in items:
         item["codes"] = [store.task_codes[p] for p in item["pos"]]
