@@ -7,7 +7,7 @@ Metrics:
 
 - ``vmap_samples_per_s`` / ``loop_samples_per_s``: median over interleaved rounds (one batch each, after a
   warm-up round) of :class:`LoraGradientFeaturizer` on the tiny LLaVA
-  (``datasel_ray.models.tiny.build_tiny_model``, or a self-built one if that module is missing), random token
+  (``datasel_ray.training.recipes.tiny.build_tiny_model``, or a self-built one if that module is missing), random token
   ids with one image each, answer = last ``answer_tokens`` tokens, projection to ``small_proj_dim``.
 - ``*_peak_mb``: the projectors' own working memory when projecting ``proj_batch`` samples of a LoRA gradient of
   7B size (grad_dim = 32 layers x 4 (q,k,v,o) x 2 (A,B) x 128 x 4096 = 134,217,728) to 8192 dims: peak process
@@ -79,11 +79,11 @@ def _tiny_peft_model(lora: LoraConfig):
     from transformers import AutoModelForImageTextToText
 
     try:
-        from datasel_ray.models.tiny import build_tiny_model
+        from datasel_ray.training.recipes.tiny import build_tiny_model
 
         path = build_tiny_model(Path(tempfile.gettempdir()) / "datasel-bench-tiny", seed=0)
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-        source = "datasel_ray.models.tiny"
+        source = "datasel_ray.training.recipes.tiny"
     except ImportError:
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
         torch.manual_seed(0)

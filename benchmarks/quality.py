@@ -8,7 +8,7 @@ budget:
 
 - ground truth (:func:`datasel_ray.evaluation.selection_quality`): ``dup`` (share of selected rows repeating a
   near-duplicate group already selected), ``noise`` (share of noisy rows), ``coverage`` (share of tasks hit);
-- training: the tiny LLaVA at its **random initialisation** (``datasel_ray.models.tiny`` config, seed 0, no
+- training: the tiny LLaVA at its **random initialisation** (``datasel_ray.training.recipes.tiny`` config, seed 0, no
   pretraining; the pretrained reference model already knows the tasks from clean data, so it would hide the
   effect of the subset) is trained with :func:`datasel_ray.training.finetune.finetune` for the same number of
   steps, batch size and schedule on the subset and on the full pool (all good rows), then evaluated on a clean
@@ -102,7 +102,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.models import tiny
+    from datasel_ray.training.recipes import tiny
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import run_phases
     from datasel_ray.training.finetune import FinetuneConfig, evaluate_answers, finetune, prepare_samples
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
                       "trained": "all parameters"},
             "eval": {"held_out_per_task": args.eval_per_task, "held_out_seed": "90000 + seed",
                      "accuracy": "greedy exact match after strip/lower, per assistant turn"},
-            "reference_model": "tiny (pretrained, datasel_ray.models.tiny)",
+            "reference_model": "tiny (pretrained, datasel_ray.training.recipes.tiny)",
             "cpus": os.cpu_count(),
         },
         "metrics": {**_aggregate(per_seed),

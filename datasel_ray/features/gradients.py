@@ -22,7 +22,7 @@ Two implementations give the same numbers (tested):
   ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
 
 Measured on this machine (2 CPUs, torch 2.13 CPU; ``benchmarks/bench_gradients.py``, median of 10
-interleaved rounds; the tiny LLaVA of ``datasel_ray.models.tiny`` (Llama hidden 128, 4 layers), batch of 8,
+interleaved rounds; the tiny LLaVA of ``datasel_ray.training.recipes.tiny`` (Llama hidden 128, 4 layers), batch of 8,
 56-79 tokens incl. 16 image tokens, 20 answer tokens, r8 LoRA on q/k/v/o, grad_dim 32,768, proj_dim 512):
 
 - SDPA attention (the model's default): loop 54.1 samples/s, vmap 68.0 samples/s (1.26x; a quick run gave

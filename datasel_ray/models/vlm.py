@@ -8,7 +8,8 @@ Two halves, so CPU preprocessing never loads weights:
   activations (``self_attn.o_proj`` outputs, COINCIDE Eq. 2-3), the pre-final-norm output of the last decoder
   block (DataTailor Eq. 2 features) and the mean answer-token cross-entropy.
 
-The tiny offline model (:mod:`datasel_ray.models.tiny`) goes through exactly the same code.
+The models this project builds offline (``tiny``, ``smol-llava``; :mod:`datasel_ray.models.loading`) go through
+exactly the same code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models.tiny import resolve_model_path
+from datasel_ray.models.loading import resolve_model_path
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
