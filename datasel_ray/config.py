@@ -44,13 +44,38 @@ class PoolConfig(_Section):
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
 
 
+REFERENCE_MAX_LENGTH = 2048
+
+
 class ModelConfig(_Section):
-    """The reference model. ``tiny`` builds (once) and loads the offline tiny LLaVA."""
+    """The reference model. ``tiny`` builds (once) and loads the offline tiny LLaVA; ``smol-llava`` the offline
+    real one (:data:`datasel_ray.models.loading.BUILT_MODELS`); anything else is an HF checkpoint.
+
+    Preprocessing follows the three reference repositories (LLaVA's ``train.py`` as used by COINCIDE, DataTailor
+    and TIVE) for real checkpoints, with a switch back to this project's earlier behaviour each:
+
+    - ``pad_to_square``: ``expand2square``, each image padded to a square with the processor's mean colour
+      before the processor (the references' ``image_aspect_ratio="pad"``); ``false``: the processor's own
+      resize / crop only. Default (``null``): on for real checkpoints, off for ``tiny``.
+    - ``image_first``: ``<image>`` moved to the front of the first human turn, as the references'
+      ``preprocess_multimodal`` (placeholder removed, turn stripped, ``"<image>\\n"`` prepended); ``false``: kept
+      where the row writes it. Default (``null``): on for real checkpoints, off for ``tiny``.
+    - ``max_length``: samples cut to ``min(max_length, the model's own limit)`` tokens; default 2048, the
+      references' ``model_max_length``; ``null``: the model's own limit.
+    """
 
     name_or_path: str = TINY_MODEL
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_length: int | None = Field(None, ge=8, description="Token context; default: the model's own limit.")
+    max_length: int | None = Field(
+        REFERENCE_MAX_LENGTH, ge=8, description="Token context: min(max_length, the model's limit); null: the "
+        "model's limit. 2048 is the references' model_max_length.")
+    pad_to_square: bool | None = Field(
+        None, description="Pad images to a square with the processor's mean colour before the processor "
+        "(LLaVA expand2square); null: on for real checkpoints, off for tiny.")
+    image_first: bool | None = Field(
+        None, description="Move <image> to the front of the first human turn (LLaVA preprocess_multimodal); "
+        "null: on for real checkpoints, off for tiny.")
     coincide_layers: list[int] | None = Field(
         None, description="0-based decoder layers hooked for COINCIDE; default: ~5 evenly spaced layers.")
     image_size: int | None = Field(None, ge=8, description="Resize images to this square size before the processor.")
@@ -58,6 +83,17 @@ class ModelConfig(_Section):
     max_padding: float | None = Field(
         0.25, ge=0, description="Split each model batch into passes of similar length so that pad tokens stay "
         "below this share of real tokens; null: one padded pass per batch.")
+
+    @property
+    def is_reference_checkpoint(self) -> bool:
+        """True for every model but the test-only ``tiny`` one: the references' preprocessing applies."""
+        return self.name_or_path != TINY_MODEL
+
+    def resolved_pad_to_square(self) -> bool:
+        return self.is_reference_checkpoint if self.pad_to_square is None else self.pad_to_square
+
+    def resolved_image_first(self) -> bool:
+        return self.is_reference_checkpoint if self.image_first is None else self.image_first
 
 
 class ExtractConfig(_Section):
