@@ -127,7 +127,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from datasel_ray.demo import run_demo
 
-    run_demo(Path(args.workdir), num_samples=args.num_samples, seed=args.seed, tive=not args.no_tive)
+    run_demo(Path(args.workdir), num_samples=args.num_samples, seed=args.seed, tive=not args.no_tive, model=args.model)
     return 0
 
 
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tive", action="store_true", help="skip the TIVE warm-up and gradients")
+    p.add_argument("--model", default="tiny", help="reference model: tiny (default), smol-llava or an HF checkpoint")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("status", help="progress and phase status of a run directory")
