@@ -56,7 +56,8 @@ class ModelConfig(_Section):
 
     - ``pad_to_square``: ``expand2square``, each image padded to a square with the processor's mean colour
       before the processor (the references' ``image_aspect_ratio="pad"``); ``false``: the processor's own
-      resize / crop only. Default (``null``): on for real checkpoints, off for ``tiny``.
+      resize / crop only. Default (``null``): on for real checkpoints whose processor makes one tile per image,
+      off for ``tiny`` and for any-resolution processors (LLaVA-NeXT ``image_sizes``, Qwen2-VL).
     - ``image_first``: ``<image>`` moved to the front of the first human turn, as the references'
       ``preprocess_multimodal`` (placeholder removed, turn stripped, ``"<image>\\n"`` prepended); ``false``: kept
       where the row writes it. Default (``null``): on for real checkpoints, off for ``tiny``.
@@ -145,22 +146,56 @@ class DataTailorConfig(_Section):
         2000, ge=2, description="Large tasks: k-means pre-clusters, then Ward on their centroids.")
 
 
+LM_ATTENTION_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+LM_LINEAR_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# The TIVE warm-up recipes (TiveConfig.warmup_preset); a field set explicitly in the config wins over its preset.
+WARMUP_PRESETS: dict[str, dict] = {
+    # this project's CPU recipe: constant lr 2e-4, batch 8, no accumulation, LoRA r8/alpha16 on the LM's
+    # attention projections, projector frozen
+    "cpu": {"learning_rate": 2e-4, "lr_schedule": "constant", "warmup_ratio": 0.0, "effective_batch_size": None,
+            "train_projector": False, "lora": {"r": 8, "alpha": 16, "target_modules": LM_ATTENTION_MODULES}},
+    # RUCAIBox/TIVE finetune_lora.sh (LLaVA-1.5 LoRA): lr 2e-5, cosine with 3% warm-up, effective batch 128
+    # (gradient accumulation over warmup_batch_size x workers), LoRA r128/alpha256 on every linear layer of the
+    # LM, the multimodal projector trained
+    "reference": {"learning_rate": 2e-5, "lr_schedule": "cosine", "warmup_ratio": 0.03, "effective_batch_size": 128,
+                  "train_projector": True, "lora": {"r": 128, "alpha": 256, "target_modules": LM_LINEAR_MODULES}},
+}
+
+
 class LoraConfig(_Section):
-    """LoRA adapter of the TIVE warm-up (paper r128/alpha256, scaled down for the tiny model)."""
+    """LoRA adapter of the TIVE warm-up; fields left unset take the warm-up preset's values
+    (:data:`WARMUP_PRESETS`: ``cpu`` r8/alpha16 on attention, ``reference`` r128/alpha256 on all LM linears)."""
 
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    target_modules: str = LM_ATTENTION_MODULES
 
 
 class TiveConfig(_Section):
-    """TIVE (Liu et al., 2024) warm-up, gradients and selection. Defaults follow RUCAIBox/TIVE."""
+    """TIVE (Liu et al., 2024) warm-up, gradients and selection. Defaults follow RUCAIBox/TIVE.
+
+    ``warmup_preset`` picks the warm-up recipe (:data:`WARMUP_PRESETS`): ``reference`` is TIVE's (lr 2e-5,
+    cosine with 3% warm-up, effective batch 128 by gradient accumulation, LoRA r128/alpha256 on all linear
+    layers of the LM, projector trained); ``cpu`` is this project's CPU recipe (constant lr 2e-4, no
+    accumulation, LoRA r8/alpha16 on the LM's attention projections, projector frozen); ``auto`` (default):
+    ``reference`` for real checkpoints, ``cpu`` for ``tiny``. Fields of the recipe set explicitly in the config
+    (``learning_rate``, ``lr_schedule``, ``warmup_ratio``, ``effective_batch_size``, ``train_projector``,
+    ``lora.*``) override the preset; :meth:`resolved` gives the values the warm-up uses.
+    """
 
     enabled: bool = True
     warmup_fraction: float = Field(0.08, gt=0, le=1)
+    warmup_preset: Literal["auto", "reference", "cpu"] = "auto"
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of optimizer steps of linear lr warm-up.")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer step, reached by gradient accumulation over "
+        "warmup_batch_size x num_workers; null: one batch per step.")
+    train_projector: bool = Field(False, description="Train the multimodal projector with the LoRA adapter.")
     epochs: int = Field(1, ge=1)
     warmup_batch_size: int = Field(8, ge=1)
     num_workers: int = Field(1, ge=1)
@@ -173,6 +208,28 @@ class TiveConfig(_Section):
     overflow: Literal["cap", "oversample"] = "cap"
     temperature: float = Field(1000.0, gt=0, description="lambda of softmax(I / lambda); reference 1000.")
     sampling: Literal["softmax", "topk"] = "softmax"
+
+    def preset_name(self, model: ModelConfig) -> str:
+        """The concrete preset: ``warmup_preset``, or for ``auto`` ``reference`` / ``cpu`` by the model."""
+        if self.warmup_preset != "auto":
+            return self.warmup_preset
+        return "reference" if model.is_reference_checkpoint else "cpu"
+
+    def resolved(self, model: ModelConfig) -> "TiveConfig":
+        """A copy with the preset's values in every recipe field not set explicitly, and the concrete preset."""
+        preset = WARMUP_PRESETS[self.preset_name(model)]
+        update = {k: v for k, v in preset.items() if k != "lora" and k not in self.model_fields_set}
+        lora = {k: v for k, v in preset["lora"].items() if k not in self.lora.model_fields_set}
+        update["lora"] = self.lora.model_copy(update=lora)
+        update["warmup_preset"] = self.preset_name(model)
+        return self.model_copy(update=update)
+
+    def accumulation_steps(self) -> int:
+        """Batches per optimizer step: ``ceil(effective_batch_size / (warmup_batch_size * num_workers))``, 1 when
+        ``effective_batch_size`` is null."""
+        if self.effective_batch_size is None:
+            return 1
+        return max(1, -(-self.effective_batch_size // (self.warmup_batch_size * self.num_workers)))
 
 
 class SelectConfig(_Section):

@@ -230,7 +230,9 @@ class VLMProcessor:
     @classmethod
     def load(cls, model_cfg: ModelConfig) -> VLMProcessor:
         """Load the processor of ``model_cfg.name_or_path``; context = ``min(max_length, the model's limit)``
-        (either when the other is unknown); preprocessing switches resolved from ``model_cfg``."""
+        (either when the other is unknown); preprocessing switches resolved from ``model_cfg``, except that
+        ``pad_to_square`` left unset stays off for processors with other image inputs than ``pixel_values``
+        (LLaVA-NeXT any-resolution tiles, Qwen2-VL patches: the references pad only single-tile LLaVA inputs)."""
         from transformers import AutoConfig, AutoProcessor
 
         path = resolve_model_path(model_cfg.name_or_path)
@@ -240,8 +242,12 @@ class VLMProcessor:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         limits = [n for n in (model_cfg.max_length, getattr(text_config, "max_position_embeddings", None))
                   if n is not None]
-        return cls(processor, max_length=min(limits) if limits else None,
-                   pad_to_square=model_cfg.resolved_pad_to_square(), image_first=model_cfg.resolved_image_first())
+        out = cls(processor, max_length=min(limits) if limits else None, image_first=model_cfg.resolved_image_first())
+        pad = model_cfg.resolved_pad_to_square()
+        if model_cfg.pad_to_square is None and pad and out.extra_image_inputs():
+            pad = False  # any-resolution processors (LLaVA-NeXT tiles, Qwen2-VL patches) take the aspect ratio as is
+        out.pad_colour = processor_mean_colour(processor) if pad else None
+        return out
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
