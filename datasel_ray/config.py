@@ -149,7 +149,7 @@ class DataTailorConfig(_Section):
 LM_ATTENTION_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 LM_LINEAR_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-# The TIVE warm-up recipes (TiveConfig.warmup_preset); a field set explicitly in the config wins over its preset.
+# The TIVE warm-up recipes (TiveConfig.warmup_preset); a field set to a non-default value wins over its preset.
 WARMUP_PRESETS: dict[str, dict] = {
     # this project's CPU recipe: constant lr 2e-4, batch 8, no accumulation, LoRA r8/alpha16 on the LM's
     # attention projections, projector frozen
@@ -180,9 +180,9 @@ class TiveConfig(_Section):
     cosine with 3% warm-up, effective batch 128 by gradient accumulation, LoRA r128/alpha256 on all linear
     layers of the LM, projector trained); ``cpu`` is this project's CPU recipe (constant lr 2e-4, no
     accumulation, LoRA r8/alpha16 on the LM's attention projections, projector frozen); ``auto`` (default):
-    ``reference`` for real checkpoints, ``cpu`` for ``tiny``. Fields of the recipe set explicitly in the config
-    (``learning_rate``, ``lr_schedule``, ``warmup_ratio``, ``effective_batch_size``, ``train_projector``,
-    ``lora.*``) override the preset; :meth:`resolved` gives the values the warm-up uses.
+    ``reference`` for real checkpoints, ``cpu`` for ``tiny``. Recipe fields (``learning_rate``, ``lr_schedule``,
+    ``warmup_ratio``, ``effective_batch_size``, ``train_projector``, ``lora.*``) set to a value other than their
+    default override the preset; :meth:`resolved` gives the values the warm-up uses.
     """
 
     enabled: bool = True
@@ -216,10 +216,13 @@ class TiveConfig(_Section):
         return "reference" if model.is_reference_checkpoint else "cpu"
 
     def resolved(self, model: ModelConfig) -> "TiveConfig":
-        """A copy with the preset's values in every recipe field not set explicitly, and the concrete preset."""
+        """A copy with the preset's values in every recipe field left at its default value, and the concrete
+        preset (so a config file that spells out the defaults, as ``example_run.yaml``, still gets the preset)."""
         preset = WARMUP_PRESETS[self.preset_name(model)]
-        update = {k: v for k, v in preset.items() if k != "lora" and k not in self.model_fields_set}
-        lora = {k: v for k, v in preset["lora"].items() if k not in self.lora.model_fields_set}
+        update = {k: v for k, v in preset.items()
+                  if k != "lora" and getattr(self, k) == type(self).model_fields[k].default}
+        lora = {k: v for k, v in preset["lora"].items()
+                if getattr(self.lora, k) == type(self.lora).model_fields[k].default}
         update["lora"] = self.lora.model_copy(update=lora)
         update["warmup_preset"] = self.preset_name(model)
         return self.model_copy(update=update)

@@ -41,6 +41,8 @@ def test_explicit_fields_override_the_preset_and_cpu_switches_back():
     assert TiveConfig(effective_batch_size=20).accumulation_steps() == 3  # ceil(20 / 8)
     again = real.resolved(ModelConfig(name_or_path="org/llava"))
     assert again == real
+    spelled_out = TiveConfig.model_validate(TiveConfig().model_dump())
+    assert spelled_out.resolved(ModelConfig(name_or_path="org/llava")).lora.r == 128
 
 
 def test_lr_factor_warms_up_linearly_then_decays_by_a_cosine_to_zero():
