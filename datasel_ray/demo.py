@@ -2,7 +2,8 @@
 
 ``--model`` picks the reference model: ``tiny`` (default, a few minutes) or a real checkpoint such as
 ``smol-llava``, for which :func:`estimate_run_seconds` first times the model on a few samples and prints an
-estimate of the whole run.
+estimate of the whole run. The demo's TIVE warm-up uses the ``cpu`` preset for every model (the ``reference``
+preset's r128 adapter makes CPU gradients slow).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0, model
         "pool": {"path": str(pool_path), "task_map": task_map, "records_per_block": 200},
         "extract": {"batch_size": 8, "shard_rows": 64, "min_actors": 1, "max_actors": 1},
         "model": {"name_or_path": model},
-        "tive": {"enabled": tive},
+        "tive": {"enabled": tive, "warmup_preset": "cpu"},
         "select": {"methods": DEMO_METHODS + (["tive"] if tive else []), "budget": 0.2},
         "ray": {"num_cpus": 2},
     })
