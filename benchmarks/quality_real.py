@@ -33,6 +33,7 @@ JSON record and appends it, dated, to ``benchmarks/results/quality_real.jsonl``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -213,6 +214,7 @@ def run(args, workdir: Path, timings: dict) -> dict:
                 "acc_by_task": ev["accuracy"], "loss_by_task": ev["loss"]}
         per_seed.append(out)
         print(f"quality_real: seed {seed} done after {time.perf_counter() - t0:.0f}s", flush=True)
+        (workdir / "partial.json").write_text(json.dumps(_aggregate(per_seed, budgets), default=str))
     timings["train_eval_s"] = round(time.perf_counter() - t0, 1)
     return _aggregate(per_seed, budgets)
 
