@@ -20,10 +20,11 @@ Parts, all installed by the Makefile, nothing downloaded at build or run time:
 
 Build (LLaVA stage 1, feature alignment): vision tower and language model frozen, the projector trained for
 :data:`ALIGN_STEPS` AdamW steps of :data:`ALIGN_BATCH_SIZE` on :data:`ALIGN_SAMPLES` samples of easy-VQA's train
-split (package ``easy-vqa`` 1.0): its open questions about the shape's colour and kind, plus a generated caption
-task per image (``"Describe the image in a few words."`` -> ``"a blue rectangle"``, from the image's own colour
-and shape answers). One CPU thread and fixed seeds, so the same seed gives the same weights on any machine. The
-model is saved in float32 as an ordinary HF folder.
+split (package ``easy-vqa`` 1.0): its open questions about the shape's colour and kind, and as every third sample
+a generated caption task (``"Describe the image in a few words."`` -> ``"a blue rectangle"``, from the image's own
+colour and shape answers). Training runs on one CPU thread with fixed seeds, the recipe that makes the tiny
+model's builds bit-identical (for smol-llava no test compares two builds: one takes minutes). The model is saved
+in float32 as an ordinary HF folder.
 
 The alignment corpus is pinned like the tiny model's: :data:`ALIGN_CORPUS_VERSION` and :data:`ALIGN_CORPUS_DIGEST`
 (sha256 of the selected questions, answers and image bytes); the fingerprint covers the pin, and a fresh build
@@ -197,7 +198,8 @@ def _expected_marker(seed: int) -> dict:
 def build(out_dir: str | Path, seed: int = 0, align: bool = True) -> Path:
     """Build (once) smol-llava in ``out_dir`` and return its path (idempotent and atomic, as the tiny model).
 
-    ``align=False`` writes the unaligned model (random projector) to ``out_dir`` unconditionally, for tests.
+    ``align=False`` writes the unaligned model (pretrained tower and LM, seeded random projector) to ``out_dir``
+    unconditionally: the target model of ``benchmarks/quality_real.py``.
     Raises :class:`AlignCorpusChanged` before training when the corpus is not the pinned one.
     """
     if not align:
