@@ -27,7 +27,9 @@ Protocol (issue #14, item 4; the papers' protocol, scaled to a CPU):
   ``protocol.discriminates`` records the verdict. Methods are never tuned to the pool.
 
 Any failure fails the benchmark: the record holds ``metrics.error`` and the script exits with status 1. Prints one
-JSON record and appends it, dated, to ``benchmarks/results/quality_real.jsonl``.
+JSON record and appends it, dated, to ``benchmarks/results/quality_real.jsonl``. A run stopped early leaves the
+aggregate of its finished seeds in ``WORKDIR/partial.json``; ``--emit-partial`` (same arguments) records it with
+``metrics.error`` naming the seeds completed.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def _parse(argv):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--emit-partial", action="store_true",
+                   help="record the per-seed aggregate a stopped run left in WORKDIR/partial.json, as a failed run")
     return p.parse_args(argv)
 
 
@@ -214,7 +218,9 @@ def run(args, workdir: Path, timings: dict) -> dict:
                 "acc_by_task": ev["accuracy"], "loss_by_task": ev["loss"]}
         per_seed.append(out)
         print(f"quality_real: seed {seed} done after {time.perf_counter() - t0:.0f}s", flush=True)
-        (workdir / "partial.json").write_text(json.dumps(_aggregate(per_seed, budgets), default=str))
+        (workdir / "partial.json").write_text(json.dumps(
+            {**_aggregate(per_seed, budgets), "seeds_completed": seeds[:len(per_seed)],
+             "timings_s": timings}, default=str))
     timings["train_eval_s"] = round(time.perf_counter() - t0, 1)
     return _aggregate(per_seed, budgets)
 
@@ -243,10 +249,16 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="datasel-quality-real-"))
     os.environ.setdefault("DATASEL_HOME", str(workdir / "home"))
-    params = {k: v for k, v in vars(args).items() if k not in ("workdir", "no_save")}
+    params = {k: v for k, v in vars(args).items() if k not in ("workdir", "no_save", "emit_partial")}
     params.update({"reference_model": "smol-llava", "target": "smol-llava unaligned (seed 0), projector trained",
                    "image_size": 128, "visual_tokens": 4, "max_length": 2048})
     timings: dict = {}
+    if args.emit_partial:
+        partial = json.loads((workdir / "partial.json").read_text())
+        seeds_done = sorted({int(s) for s in partial.pop("seeds_completed", [])})
+        return emit_record("quality_real", params, {
+            **partial, "error": f"stopped before every seed finished: seeds completed {seeds_done}"},
+            save=not args.no_save)
     try:
         metrics = run(args, workdir, timings)
     except Exception as exc:  # noqa: BLE001 - any failure fails the benchmark, recorded with its error
