@@ -74,7 +74,9 @@ def _parse(argv):
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--emit-partial", action="store_true",
-                   help="record the per-seed aggregate a stopped run left in WORKDIR/partial.json, as a failed run")
+                   help="record the per-seed aggregate a stopped run left in WORKDIR/partial.json, as a failed run "
+                   "(--seeds: the seeds it completed, when partial.json does not list them)")
+    p.add_argument("--note", default="", help="with --emit-partial: appended to the recorded error")
     return p.parse_args(argv)
 
 
@@ -249,15 +251,15 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="datasel-quality-real-"))
     os.environ.setdefault("DATASEL_HOME", str(workdir / "home"))
-    params = {k: v for k, v in vars(args).items() if k not in ("workdir", "no_save", "emit_partial")}
+    params = {k: v for k, v in vars(args).items() if k not in ("workdir", "no_save", "emit_partial", "note")}
     params.update({"reference_model": "smol-llava", "target": "smol-llava unaligned (seed 0), projector trained",
                    "image_size": 128, "visual_tokens": 4, "max_length": 2048})
     timings: dict = {}
     if args.emit_partial:
         partial = json.loads((workdir / "partial.json").read_text())
-        seeds_done = sorted({int(s) for s in partial.pop("seeds_completed", [])})
+        seeds_done = partial.pop("seeds_completed", None) or [int(x) for x in args.seeds.split(",")]
         return emit_record("quality_real", params, {
-            **partial, "error": f"stopped before every seed finished: seeds completed {seeds_done}"},
+            **partial, "error": f"stopped before every seed finished: seeds completed {seeds_done}. {args.note}"},
             save=not args.no_save)
     try:
         metrics = run(args, workdir, timings)
