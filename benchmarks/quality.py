@@ -2,13 +2,13 @@
 
 For each seed: generate a pool (:mod:`datasel_ray.synthetic`: 7 learnable tasks, near-duplicate groups, noisy
 and bad rows), run the real pipeline (:func:`datasel_ray.pipeline.runner.run_phases` on
-:func:`datasel_ray.demo.demo_config`, TIVE included unless it fails, in which case it is listed under
-``skipped`` with the error) at the first budget, then re-run ``select`` at each other budget. Per method and
-budget:
+:func:`datasel_ray.demo.demo_config`, TIVE included unless ``--no-tive``) at the first budget, then re-run
+``select`` at each other budget. A method that fails fails the benchmark: the record holds ``metrics.error`` (the
+exception) and the script exits with status 1. Per method and budget:
 
 - ground truth (:func:`datasel_ray.evaluation.selection_quality`): ``dup`` (share of selected rows repeating a
   near-duplicate group already selected), ``noise`` (share of noisy rows), ``coverage`` (share of tasks hit);
-- training: the tiny LLaVA at its **random initialisation** (``datasel_ray.models.tiny`` config, seed 0, no
+- training: the tiny LLaVA at its **random initialisation** (``datasel_ray.training.recipes.tiny`` config, seed 0, no
   pretraining; the pretrained reference model already knows the tasks from clean data, so it would hide the
   effect of the subset) is trained with :func:`datasel_ray.training.finetune.finetune` for the same number of
   steps, batch size and schedule on the subset and on the full pool (all good rows), then evaluated on a clean
@@ -102,7 +102,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.models import tiny
+    from datasel_ray.training.recipes import tiny
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import run_phases
     from datasel_ray.training.finetune import FinetuneConfig, evaluate_answers, finetune, prepare_samples
@@ -112,7 +112,6 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
     truth = load_ground_truth(info.ground_truth_path)
     pool_tasks = {r["task"] for r in truth if not r["bad_kind"]}
     timings: dict[str, float] = {}
-    skipped: dict[str, str] = {}
 
     t0 = time.perf_counter()
     tive = not args.no_tive
@@ -120,17 +119,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
     phases = ["ingest", "warmup", "extract", "aggregate", "select"] if tive else \
         ["ingest", "extract", "aggregate", "select"]
     cfg.select.budget = budgets[0]
-    try:
-        run_phases(cfg, phases, quiet=True)
-    except Exception as exc:  # noqa: BLE001 - TIVE wiring may be missing; fall back and say why
-        if not tive:
-            raise
-        skipped["tive"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        traceback.print_exc()
-        shutil.rmtree(workdir / f"run{seed}", ignore_errors=True)
-        cfg = demo_config(workdir / f"run{seed}", info.pool_path, tive=False, seed=seed)
-        cfg.select.budget = budgets[0]
-        run_phases(cfg, ["ingest", "extract", "aggregate", "select"], quiet=True)
+    run_phases(cfg, phases, quiet=True)
     methods = [m for m in METHODS if m in cfg.select.methods]
     run_dir = RunDir(cfg.run_dir)
     mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
@@ -179,7 +168,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
             "acc_by_task": ev["accuracy"], "loss_by_task": ev["loss"],
         }
     timings["train_eval_s"] = time.perf_counter() - t0
-    return {"results": out, "skipped": skipped, "timings": timings}
+    return {"results": out, "timings": timings}
 
 
 def tiny_model_cfg(path: Path):
@@ -215,19 +204,27 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="datasel-quality-"))
     os.environ.setdefault("DATASEL_HOME", str(workdir / "home"))
-    per_seed = [run_seed(args, seed, workdir / f"seed{seed}") for seed in seeds]
-    skipped = {k: v for s in per_seed for k, v in s["skipped"].items()}
+    params = {
+        "quick": args.quick, "num_samples": args.num_samples, "seeds": seeds, "budgets": args.budgets,
+        "methods": [m for m in METHODS if not (args.no_tive and m == "tive")],
+    }
+    try:
+        per_seed = [run_seed(args, seed, workdir / f"seed{seed}") for seed in seeds]
+    except Exception as exc:  # noqa: BLE001 - any method failure fails the benchmark, recorded with its error
+        traceback.print_exc()
+        emit_record("quality", params, {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                                        "total_s": round(time.perf_counter() - start, 1)}, save=not args.no_save)
+        sys.exit(1)
     record = {
         "bench": "quality",
         "params": {
-            "quick": args.quick, "num_samples": args.num_samples, "seeds": seeds, "budgets": args.budgets,
-            "methods": [m for m in METHODS if m not in skipped], "skipped": skipped,
+            **params,
             "train": {"init": "tiny LLaVA config, random init (seed 0, not pretrained)", "steps": args.steps,
                       "batch_size": args.batch_size, "lr": args.lr, "schedule": "warmup 10% + cosine to 0.1 lr",
                       "trained": "all parameters"},
             "eval": {"held_out_per_task": args.eval_per_task, "held_out_seed": "90000 + seed",
                      "accuracy": "greedy exact match after strip/lower, per assistant turn"},
-            "reference_model": "tiny (pretrained, datasel_ray.models.tiny)",
+            "reference_model": "tiny (pretrained, datasel_ray.training.recipes.tiny)",
             "cpus": os.cpu_count(),
         },
         "metrics": {**_aggregate(per_seed),

@@ -63,10 +63,22 @@ def cmd_synth(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from datasel_ray.models.tiny import build_tiny_model, default_tiny_model_dir
+    from datasel_ray.training.recipes.tiny import build_tiny_model, default_tiny_model_dir
 
     path = build_tiny_model(Path(args.out) if args.out else default_tiny_model_dir(), seed=args.seed)
     print(path)
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from datasel_ray.models.loading import BUILT_MODELS, recipe
+
+    if args.name not in BUILT_MODELS:
+        raise ConfigError(f"make-model: unknown model {args.name!r}. Choose from: {', '.join(sorted(BUILT_MODELS))}")
+    module = recipe(args.name)
+    started = time.monotonic()
+    path = module.build(Path(args.out) if args.out else module.default_dir(), seed=args.seed)
+    print(json.dumps({"model": args.name, "path": str(path), "seconds": round(time.monotonic() - started, 1)}))
     return 0
 
 
@@ -121,7 +133,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from datasel_ray.demo import run_demo
 
-    run_demo(Path(args.workdir), num_samples=args.num_samples, seed=args.seed, tive=not args.no_tive)
+    run_demo(Path(args.workdir), num_samples=args.num_samples, seed=args.seed, tive=not args.no_tive, model=args.model)
     return 0
 
 
@@ -162,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
+    p = sub.add_parser("make-model", help="build (once) a reference model this project builds offline")
+    p.add_argument("name", help="tiny or smol-llava")
+    p.add_argument("--out", help="output directory (default: under $DATASEL_HOME)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_model)
+
     for phase in PHASES:
         if phase == "report":
             continue
@@ -190,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tive", action="store_true", help="skip the TIVE warm-up and gradients")
+    p.add_argument("--model", default="tiny", help="reference model: tiny (default), smol-llava or an HF checkpoint")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("status", help="progress and phase status of a run directory")

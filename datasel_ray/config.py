@@ -51,13 +51,39 @@ class PoolConfig(_Section):
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
 
 
+REFERENCE_MAX_LENGTH = 2048
+
+
 class ModelConfig(_Section):
-    """The reference model. ``tiny`` builds (once) and loads the offline tiny LLaVA."""
+    """The reference model. ``tiny`` builds (once) and loads the offline tiny LLaVA; ``smol-llava`` the offline
+    real one (:data:`datasel_ray.models.loading.BUILT_MODELS`); anything else is an HF checkpoint.
+
+    Preprocessing follows the three reference repositories (LLaVA's ``train.py`` as used by COINCIDE, DataTailor
+    and TIVE) for real checkpoints, with a switch back to this project's earlier behaviour each:
+
+    - ``pad_to_square``: ``expand2square``, each image padded to a square with the processor's mean colour
+      before the processor (the references' ``image_aspect_ratio="pad"``); ``false``: the processor's own
+      resize / crop only. Default (``null``): on for real checkpoints whose processor makes one tile per image,
+      off for ``tiny`` and for any-resolution processors (LLaVA-NeXT ``image_sizes``, Qwen2-VL).
+    - ``image_first``: ``<image>`` moved to the front of the first human turn, as the references'
+      ``preprocess_multimodal`` (placeholder removed, turn stripped, ``"<image>\\n"`` prepended); ``false``: kept
+      where the row writes it. Default (``null``): on for real checkpoints, off for ``tiny``.
+    - ``max_length``: samples cut to ``min(max_length, the model's own limit)`` tokens; default 2048, the
+      references' ``model_max_length``; ``null``: the model's own limit.
+    """
 
     name_or_path: str = TINY_MODEL
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_length: int | None = Field(None, ge=8, description="Token context; default: the model's own limit.")
+    max_length: int | None = Field(
+        REFERENCE_MAX_LENGTH, ge=8, description="Token context: min(max_length, the model's limit); null: the "
+        "model's limit. 2048 is the references' model_max_length.")
+    pad_to_square: bool | None = Field(
+        None, description="Pad images to a square with the processor's mean colour before the processor "
+        "(LLaVA expand2square); null: on for real checkpoints, off for tiny.")
+    image_first: bool | None = Field(
+        None, description="Move <image> to the front of the first human turn (LLaVA preprocess_multimodal); "
+        "null: on for real checkpoints, off for tiny.")
     coincide_layers: list[int] | None = Field(
         None, description="0-based decoder layers hooked for COINCIDE; default: ~5 evenly spaced layers.")
     image_size: int | None = Field(None, ge=8, description="Resize images to this square size before the processor.")
@@ -65,6 +91,17 @@ class ModelConfig(_Section):
     max_padding: float | None = Field(
         0.25, ge=0, description="Split each model batch into passes of similar length so that pad tokens stay "
         "below this share of real tokens; null: one padded pass per batch.")
+
+    @property
+    def is_reference_checkpoint(self) -> bool:
+        """True for every model but the test-only ``tiny`` one: the references' preprocessing applies."""
+        return self.name_or_path != TINY_MODEL
+
+    def resolved_pad_to_square(self) -> bool:
+        return self.is_reference_checkpoint if self.pad_to_square is None else self.pad_to_square
+
+    def resolved_image_first(self) -> bool:
+        return self.is_reference_checkpoint if self.image_first is None else self.image_first
 
 
 class ExtractConfig(_Section):
@@ -120,22 +157,56 @@ class DataTailorConfig(_Section):
         "of the task (null: all), then every row is assigned.")
 
 
+LM_ATTENTION_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+LM_LINEAR_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# The TIVE warm-up recipes (TiveConfig.warmup_preset); a field set to a non-default value wins over its preset.
+WARMUP_PRESETS: dict[str, dict] = {
+    # this project's CPU recipe: constant lr 2e-4, batch 8, no accumulation, LoRA r8/alpha16 on the LM's
+    # attention projections, projector frozen
+    "cpu": {"learning_rate": 2e-4, "lr_schedule": "constant", "warmup_ratio": 0.0, "effective_batch_size": None,
+            "train_projector": False, "lora": {"r": 8, "alpha": 16, "target_modules": LM_ATTENTION_MODULES}},
+    # RUCAIBox/TIVE finetune_lora.sh (LLaVA-1.5 LoRA): lr 2e-5, cosine with 3% warm-up, effective batch 128
+    # (gradient accumulation over warmup_batch_size x workers), LoRA r128/alpha256 on every linear layer of the
+    # LM, the multimodal projector trained
+    "reference": {"learning_rate": 2e-5, "lr_schedule": "cosine", "warmup_ratio": 0.03, "effective_batch_size": 128,
+                  "train_projector": True, "lora": {"r": 128, "alpha": 256, "target_modules": LM_LINEAR_MODULES}},
+}
+
+
 class LoraConfig(_Section):
-    """LoRA adapter of the TIVE warm-up (paper r128/alpha256, scaled down for the tiny model)."""
+    """LoRA adapter of the TIVE warm-up; fields left unset take the warm-up preset's values
+    (:data:`WARMUP_PRESETS`: ``cpu`` r8/alpha16 on attention, ``reference`` r128/alpha256 on all LM linears)."""
 
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+    target_modules: str = LM_ATTENTION_MODULES
 
 
 class TiveConfig(_Section):
-    """TIVE (Liu et al., 2024) warm-up, gradients and selection. Defaults follow RUCAIBox/TIVE."""
+    """TIVE (Liu et al., 2024) warm-up, gradients and selection. Defaults follow RUCAIBox/TIVE.
+
+    ``warmup_preset`` picks the warm-up recipe (:data:`WARMUP_PRESETS`): ``reference`` is TIVE's (lr 2e-5,
+    cosine with 3% warm-up, effective batch 128 by gradient accumulation, LoRA r128/alpha256 on all linear
+    layers of the LM, projector trained); ``cpu`` is this project's CPU recipe (constant lr 2e-4, no
+    accumulation, LoRA r8/alpha16 on the LM's attention projections, projector frozen); ``auto`` (default):
+    ``reference`` for real checkpoints, ``cpu`` for ``tiny``. Recipe fields (``learning_rate``, ``lr_schedule``,
+    ``warmup_ratio``, ``effective_batch_size``, ``train_projector``, ``lora.*``) set to a value other than their
+    default override the preset; :meth:`resolved` gives the values the warm-up uses.
+    """
 
     enabled: bool = True
     warmup_fraction: float = Field(0.08, gt=0, le=1)
+    warmup_preset: Literal["auto", "reference", "cpu"] = "auto"
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of optimizer steps of linear lr warm-up.")
+    effective_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer step, reached by gradient accumulation over "
+        "warmup_batch_size x num_workers; null: one batch per step.")
+    train_projector: bool = Field(False, description="Train the multimodal projector with the LoRA adapter.")
     epochs: int = Field(1, ge=1)
     warmup_batch_size: int = Field(8, ge=1)
     num_workers: int = Field(1, ge=1)
@@ -148,6 +219,31 @@ class TiveConfig(_Section):
     overflow: Literal["cap", "oversample"] = "cap"
     temperature: float = Field(1000.0, gt=0, description="lambda of softmax(I / lambda); reference 1000.")
     sampling: Literal["softmax", "topk"] = "softmax"
+
+    def preset_name(self, model: ModelConfig) -> str:
+        """The concrete preset: ``warmup_preset``, or for ``auto`` ``reference`` / ``cpu`` by the model."""
+        if self.warmup_preset != "auto":
+            return self.warmup_preset
+        return "reference" if model.is_reference_checkpoint else "cpu"
+
+    def resolved(self, model: ModelConfig) -> "TiveConfig":
+        """A copy with the preset's values in every recipe field left at its default value, and the concrete
+        preset (so a config file that spells out the defaults, as ``example_run.yaml``, still gets the preset)."""
+        preset = WARMUP_PRESETS[self.preset_name(model)]
+        update = {k: v for k, v in preset.items()
+                  if k != "lora" and getattr(self, k) == type(self).model_fields[k].default}
+        lora = {k: v for k, v in preset["lora"].items()
+                if getattr(self.lora, k) == type(self.lora).model_fields[k].default}
+        update["lora"] = self.lora.model_copy(update=lora)
+        update["warmup_preset"] = self.preset_name(model)
+        return self.model_copy(update=update)
+
+    def accumulation_steps(self) -> int:
+        """Batches per optimizer step: ``ceil(effective_batch_size / (warmup_batch_size * num_workers))``, 1 when
+        ``effective_batch_size`` is null."""
+        if self.effective_batch_size is None:
+            return 1
+        return max(1, -(-self.effective_batch_size // (self.warmup_batch_size * self.num_workers)))
 
 
 class SelectConfig(_Section):

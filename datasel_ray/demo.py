@@ -1,12 +1,19 @@
-"""``datasel demo``: generated pool → every phase on a local Ray → a summary with ground-truth quality."""
+"""``datasel demo``: generated pool → every phase on a local Ray → a summary with ground-truth quality.
+
+``--model`` picks the reference model: ``tiny`` (default, a few minutes) or a real checkpoint such as
+``smol-llava``, for which :func:`estimate_run_seconds` first times the model on a few samples and prints an
+estimate of the whole run. The demo's TIVE warm-up uses the ``cpu`` preset for every model (the ``reference``
+preset's r128 adapter makes CPU gradients slow).
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from datasel_ray import schema
-from datasel_ray.config import RunConfig
+from datasel_ray.config import TINY_MODEL, RunConfig
 from datasel_ray.evaluation import pool_quality, random_expectation, selection_quality
 from datasel_ray.io.rundir import PHASE_ORDER, ManifestMismatch, RunDir
 from datasel_ray.io.tasks import TEXT_ONLY_KEY
@@ -18,7 +25,7 @@ from datasel_ray.synthetic import TASK_FOLDERS, TEXT_TASK, SynthConfig, generate
 DEMO_METHODS = ["coincide", "datatailor", "random"]
 
 
-def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0) -> RunConfig:
+def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0, model: str = TINY_MODEL) -> RunConfig:
     task_map = {f"{folder}/": task for folder, task in TASK_FOLDERS.items()}
     task_map[TEXT_ONLY_KEY] = TEXT_TASK
     phases = ["ingest", "warmup", "extract", "aggregate", "select", "report"] if tive else \
@@ -29,7 +36,8 @@ def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0) -> Ru
         "phases": phases,
         "pool": {"path": str(pool_path), "task_map": task_map, "records_per_block": 200},
         "extract": {"batch_size": 8, "shard_rows": 64, "min_actors": 1, "max_actors": 1},
-        "tive": {"enabled": tive},
+        "model": {"name_or_path": model},
+        "tive": {"enabled": tive, "warmup_preset": "cpu"},
         "select": {"methods": DEMO_METHODS + (["tive"] if tive else []), "budget": 0.2},
         "ray": {"num_cpus": 2},
     })
@@ -51,13 +59,64 @@ def reset_stale_run(cfg: RunConfig) -> str | None:
     return None
 
 
-def run_demo(workdir: Path, num_samples: int = 600, seed: int = 0, tive: bool = True) -> dict:
+def estimate_run_seconds(cfg: RunConfig, num_samples: int, probe_samples: int = 8) -> dict:
+    """Time the reference model on ``probe_samples`` clean generated samples and extrapolate to the run.
+
+    Timed: one no-grad feature pass over the probe batch (after one untimed pass) and one forward + backward
+    of the answer loss with every parameter trainable (an upper bound of the LoRA warm-up step and of one TIVE
+    per-sample gradient). Estimate: extract ``N * t_features / B``; with TIVE, warm-up ``warmup_fraction * N *
+    epochs * t_backward / B`` and gradients ``N * t_backward / B`` (the projection of the gradients is not
+    timed); plus ``overhead_s`` for Ray start-up and the other phases. Returns the seconds per part and
+    ``total_s``. Building a model that is not cached yet is not included.
+    """
+    from datasel_ray.models.vlm import ReferenceVLM
+    from datasel_ray.synthetic import plan_rows
+
+    vlm = ReferenceVLM.load(cfg.model, device="cpu")
+    synth = SynthConfig(num_samples=probe_samples, seed=derive_seed(cfg.seed, "demo", "probe"), duplicate_rate=0.0,
+                        noise_rate=0.0, bad_rate=0.0)
+    prepared = []
+    for row in plan_rows(synth):
+        image = row.sample.render(synth.image_size) if row.sample.picture is not None else None
+        prepared.append(vlm.processor.prepare(row.sample.conversations(), image))
+    vlm.forward_features(prepared)
+    started = time.perf_counter()
+    vlm.forward_features(prepared)
+    t_features = time.perf_counter() - started
+    batch = vlm.collate(prepared)
+    dtype = next(vlm.model.parameters()).dtype
+    started = time.perf_counter()
+    out = vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    **batch.image_kwargs("cpu", dtype), labels=batch.labels, use_cache=False)
+    out.loss.backward()
+    t_backward = time.perf_counter() - started
+    vlm.model.zero_grad(set_to_none=True)
+    per = len(prepared)
+    parts = {"extract_s": num_samples * t_features / per, "overhead_s": 60.0}
+    if cfg.tive.enabled:
+        parts["warmup_s"] = cfg.tive.warmup_fraction * num_samples * cfg.tive.epochs * t_backward / per
+        parts["tive_gradients_s"] = num_samples * t_backward / per
+    parts = {k: round(v, 1) for k, v in parts.items()}
+    parts["total_s"] = round(sum(parts.values()), 1)
+    parts["probe"] = {"samples": per, "features_s": round(t_features, 3), "forward_backward_s": round(t_backward, 3)}
+    return parts
+
+
+def run_demo(workdir: Path, num_samples: int = 600, seed: int = 0, tive: bool = True,
+             model: str = TINY_MODEL) -> dict:
     from datasel_ray.pipeline.runner import run_phases
 
     workdir = Path(workdir)
     pool_dir = workdir / "pool"
     info = generate_pool(pool_dir, SynthConfig(num_samples=num_samples, seed=seed))
-    cfg = demo_config(workdir, info.pool_path, tive, seed)
+    cfg = demo_config(workdir, info.pool_path, tive, seed, model=model)
+    if model != TINY_MODEL:
+        estimate = estimate_run_seconds(cfg, num_samples)
+        parts = ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f}" for k, v in estimate.items()
+                          if k.endswith("_s") and k != "total_s")
+        print(f"demo: reference model {model}, {num_samples} samples: estimated run time "
+              f"{estimate['total_s'] / 60:.0f} min ({parts} min; from a timed probe of "
+              f"{estimate['probe']['samples']} samples)", flush=True)
     stale = reset_stale_run(cfg)
     if stale:
         print(f"demo: starting the run afresh; the previous one no longer matches ({stale})")

@@ -1,5 +1,5 @@
-"""Reference VLM wrapper (any HF image-text-to-text model) and the offline tiny LLaVA builder."""
+"""Reference VLM wrapper (any HF image-text-to-text model) and model-name resolution; no training code."""
 
-from datasel_ray.models.tiny import build_tiny_model, default_tiny_model_dir, resolve_model_path
+from datasel_ray.models.loading import BUILT_MODELS, resolve_model_path
 
-__all__ = ["build_tiny_model", "default_tiny_model_dir", "resolve_model_path"]
+__all__ = ["BUILT_MODELS", "resolve_model_path"]

@@ -8,7 +8,8 @@ Two halves, so CPU preprocessing never loads weights:
   activations (``self_attn.o_proj`` outputs, COINCIDE Eq. 2-3), the pre-final-norm output of the last decoder
   block (DataTailor Eq. 2 features) and the mean answer-token cross-entropy.
 
-The tiny offline model (:mod:`datasel_ray.models.tiny`) goes through exactly the same code.
+The models this project builds offline (``tiny``, ``smol-llava``; :mod:`datasel_ray.models.loading`) go through
+exactly the same code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models.tiny import resolve_model_path
+from datasel_ray.models.loading import resolve_model_path
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -113,14 +114,19 @@ class SampleActivations:
     answer_loss: float
 
 
-def conversation_to_messages(conversations: list[dict], with_image: bool) -> list[dict]:
+def conversation_to_messages(conversations: list[dict], with_image: bool, image_first: bool = False) -> list[dict]:
     """Convert LLaVA-form turns (``from``/``value`` with ``<image>``) to chat-template messages.
 
     Content becomes ``[{"type": "image"}, {"type": "text", "text": ...}]`` items. With an image, the first
     ``<image>`` placeholder becomes the image item (LLaVA inserts one at the start of the first human turn when
     none is written); other placeholders and the newline that LLaVA writes next to them are dropped. Without an
     image every placeholder is dropped: text-only samples carry no image tokens.
+
+    ``image_first`` (the references' ``preprocess_multimodal``): with an image, every placeholder is removed,
+    the first human turn is stripped and the image item put at its front, wherever the row wrote ``<image>``.
     """
+    if with_image and image_first:
+        conversations = _image_to_front(conversations)
     has_placeholder = any(IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations)
     image_left = with_image
     messages = []
@@ -147,6 +153,47 @@ def conversation_to_messages(conversations: list[dict], with_image: bool) -> lis
     return messages
 
 
+def _image_to_front(conversations: list[dict]) -> list[dict]:
+    """Turns with every ``<image>`` removed and ``"<image>\\n"`` + the stripped text as the first human turn."""
+    out = []
+    placed = False
+    for turn in conversations:
+        key = "value" if "value" in turn else "content"
+        value = str(turn.get(key, "")).replace(IMAGE_PLACEHOLDER, "")
+        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        if role == "user" and not placed:
+            value = IMAGE_PLACEHOLDER + "\n" + value.strip()
+            placed = True
+        elif IMAGE_PLACEHOLDER in str(turn.get(key, "")):
+            value = value.strip()
+        out.append({**turn, key: value})
+    return out
+
+
+def expand2square(image, background: tuple[int, int, int]):
+    """LLaVA's ``expand2square``: ``image`` (PIL) centred on a square canvas of its longer side filled with
+    ``background`` (RGB 0-255); a square image is returned as is."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background if image.mode == "RGB" else background[0])
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def processor_mean_colour(processor) -> tuple[int, int, int]:
+    """The image processor's ``image_mean`` as RGB 0-255 (``int(x * 255)`` per channel, as LLaVA)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    mean = getattr(image_processor, "image_mean", None)
+    if mean is None or len(mean) != 3:
+        raise ValueError(f"model.pad_to_square needs the image processor's image_mean (3 values), got {mean!r}; "
+                         "set model.pad_to_square=false")
+    return tuple(int(x * 255) for x in mean)
+
+
 def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().is_dir()
 
@@ -160,12 +207,20 @@ def _load_kwargs(model_cfg: ModelConfig, path: str) -> dict:
 
 
 class VLMProcessor:
-    """Chat template + tokenizer + image processor of a reference model; no weights."""
+    """Chat template + tokenizer + image processor of a reference model; no weights.
 
-    def __init__(self, processor, max_length: int | None = None):
+    ``pad_to_square``: :func:`expand2square` with the processor's mean colour before the processor;
+    ``image_first``: ``<image>`` moved to the front of the first human turn (see :func:`conversation_to_messages`);
+    both off by default here, set from :class:`ModelConfig` by :meth:`load`.
+    """
+
+    def __init__(self, processor, max_length: int | None = None, pad_to_square: bool = False,
+                 image_first: bool = False):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
+        self.image_first = image_first
+        self.pad_colour = processor_mean_colour(processor) if pad_to_square else None
         token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
         self.image_token_id = int(getattr(processor, "image_token_id", None)
                                   or self.tokenizer.convert_tokens_to_ids(token))
@@ -174,18 +229,25 @@ class VLMProcessor:
 
     @classmethod
     def load(cls, model_cfg: ModelConfig) -> VLMProcessor:
-        """Load the processor of ``model_cfg.name_or_path``; context = ``max_length`` or the model's limit."""
+        """Load the processor of ``model_cfg.name_or_path``; context = ``min(max_length, the model's limit)``
+        (either when the other is unknown); preprocessing switches resolved from ``model_cfg``, except that
+        ``pad_to_square`` left unset stays off for processors with other image inputs than ``pixel_values``
+        (LLaVA-NeXT any-resolution tiles, Qwen2-VL patches: the references pad only single-tile LLaVA inputs)."""
         from transformers import AutoConfig, AutoProcessor
 
         path = resolve_model_path(model_cfg.name_or_path)
         kwargs = _load_kwargs(model_cfg, path)
         processor = AutoProcessor.from_pretrained(path, **kwargs)
-        max_length = model_cfg.max_length
-        if max_length is None:
-            config = AutoConfig.from_pretrained(path, **kwargs)
-            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            max_length = getattr(text_config, "max_position_embeddings", None)
-        return cls(processor, max_length=max_length)
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits = [n for n in (model_cfg.max_length, getattr(text_config, "max_position_embeddings", None))
+                  if n is not None]
+        out = cls(processor, max_length=min(limits) if limits else None, image_first=model_cfg.resolved_image_first())
+        pad = model_cfg.resolved_pad_to_square()
+        if model_cfg.pad_to_square is None and pad and out.extra_image_inputs():
+            pad = False  # any-resolution processors (LLaVA-NeXT tiles, Qwen2-VL patches) take the aspect ratio as is
+        out.pad_colour = processor_mean_colour(processor) if pad else None
+        return out
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
@@ -226,7 +288,9 @@ class VLMProcessor:
         context) but never inside the image span: :class:`ContextTooShortError` when the span alone does not fit.
         :class:`ChatTemplateError` when the template does not render conversation prefixes as token prefixes.
         """
-        messages = conversation_to_messages(conversations, with_image=image is not None)
+        messages = conversation_to_messages(conversations, with_image=image is not None, image_first=self.image_first)
+        if image is not None and self.pad_colour is not None:
+            image = expand2square(image, self.pad_colour)
         full_text = self.render(messages)
         ids, pixels, image_inputs = self._encode(full_text, image)
         to_full = self._prefix_mapper(self._text_ids(full_text), ids)

@@ -87,7 +87,7 @@ def run_warmup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     if not quiet:
         log.info("warmup: training a LoRA adapter on %d rows (%d workers, gpu=%s)", len(ids),
                  cfg.tive.num_workers, use_gpu)
-    worker_config = {"model": cfg.model.model_dump(), "tive": cfg.tive.model_dump(), "seed": seed,
+    worker_config = {"model": cfg.model.model_dump(), "tive": cfg.tive.resolved(cfg.model).model_dump(), "seed": seed,
                      "samples_dir": str(run_dir / "samples"), "row_ids": ids.tolist(),
                      "progress_file": str(run_dir / "progress.json"), "quiet": quiet}
     storage = lora / RAY_TRAIN_DIR
@@ -231,7 +231,7 @@ def warmup_worker(config: dict, ctx) -> None:
     if not samples:
         raise RuntimeError(f"none of the {len(rows[schema.ROW_ID])} warm-up rows survived preprocessing")
     vlm = ReferenceVLM.load(model_cfg, device=ctx.device)
-    model = attach_lora(vlm.model, tive.lora, seed)
+    model = attach_lora(vlm.model, tive.lora, seed, train_projector=tive.train_projector)
     names = trainable_names(model)
     forward = ctx.prepare_model(model)
     lead = ctx.rank == 0
@@ -267,6 +267,8 @@ def warmup_worker(config: dict, ctx) -> None:
 
     train_lora(model, samples, vlm.processor.pad_token_id, learning_rate=tive.learning_rate, epochs=tive.epochs,
                batch_size=tive.warmup_batch_size, seed=seed, device=ctx.device, forward_model=forward,
-               rank=ctx.rank, world_size=ctx.world_size, on_step=on_step, on_epoch=on_epoch)
+               rank=ctx.rank, world_size=ctx.world_size, on_step=on_step, on_epoch=on_epoch,
+               schedule=tive.lr_schedule, warmup_ratio=tive.warmup_ratio,
+               accumulation_steps=tive.accumulation_steps())
     if progress is not None:
         progress.finish()

@@ -1,6 +1,6 @@
 """Full-parameter (or projector + LM) supervised fine-tuning of an HF image-text-to-text model, and evaluation.
 
-Plain torch, no Ray. Used to pretrain the tiny reference model (:mod:`datasel_ray.models.tiny`) and by the
+Plain torch, no Ray. Used to pretrain the built reference models (:mod:`datasel_ray.training.recipes`) and by the
 selection-quality benchmark (``benchmarks/quality.py``), which trains the same initialisation on each subset.
 
 Samples are LLaVA-form dicts ``{"conversations": [...], "image": PIL.Image | None, "task": str (optional)}``;

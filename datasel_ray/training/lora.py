@@ -11,7 +11,9 @@ Deviations from the reference code, all deliberate:
 - the optimizer state is saved keyed by parameter *name* (``{"state": {name: {"exp_avg", "exp_avg_sq",
   "step"}}}``), which is what LESS issues #4/#10/#44 show users need (index-keyed state cannot be mapped
   without the training script's parameter order);
-- no learning-rate schedule (LESS uses linear decay with 3% warm-up; TIVE LLaVA's cosine): a constant AdamW lr.
+- the learning-rate schedule is a choice: constant (the ``cpu`` warm-up preset) or linear warm-up + cosine decay
+  to 0 over the optimizer steps (TIVE LLaVA's, the ``reference`` preset); gradient accumulation reaches the
+  reference's effective batch (128) on small machines (:data:`datasel_ray.config.WARMUP_PRESETS`).
 
 The Ray Train wrapper (:mod:`datasel_ray.pipeline.train_adapter`) calls these functions on every worker.
 """
@@ -72,18 +74,24 @@ def select_warmup_rows(row_ids: np.ndarray, tasks: np.ndarray, fraction: float, 
 
 
 # -- model -------------------------------------------------------------------------------------------------
-def attach_lora(model: torch.nn.Module, lora: LoraConfig, seed: int) -> torch.nn.Module:
+PROJECTOR_MODULE = "multi_modal_projector"
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraConfig, seed: int, train_projector: bool = False) -> torch.nn.Module:
     """Wrap ``model`` in a peft LoRA adapter (``lora`` r/alpha/dropout/target regex); A is seeded.
 
-    Only LoRA parameters are trainable afterwards (peft freezes the base model). The default target regex
-    restricts LoRA to the language model (PITFALLS: a bare ``["q_proj", "v_proj"]`` also hits the CLIP tower).
+    Only LoRA parameters are trainable afterwards (peft freezes the base model), plus, with ``train_projector``,
+    a trained copy of the multimodal projector saved with the adapter (peft ``modules_to_save``; TIVE's
+    LLaVA LoRA recipe trains the projector too). The default target regex restricts LoRA to the language model
+    (PITFALLS: a bare ``["q_proj", "v_proj"]`` also hits the CLIP tower).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, bias="none")
+                            target_modules=lora.target_modules, bias="none",
+                            modules_to_save=[PROJECTOR_MODULE] if train_projector else None)
     peft_model = get_peft_model(model, config)
     if not any(p.requires_grad for p in peft_model.parameters()):
         raise ValueError(f"tive.lora.target_modules {lora.target_modules!r} matches no module of the model")
@@ -152,6 +160,9 @@ def train_lora(
     world_size: int = 1,
     on_step: Callable[[int, int, float, int], None] | None = None,
     on_epoch: Callable[[int, TrainLog, torch.optim.Optimizer], None] | None = None,
+    schedule: str = "constant",
+    warmup_ratio: float = 0.0,
+    accumulation_steps: int = 1,
 ) -> tuple[torch.optim.Optimizer, TrainLog]:
     """AdamW on the trainable (LoRA) parameters of ``model``, loss on answer tokens only.
 
@@ -165,44 +176,78 @@ def train_lora(
         forward_model: the module to call (e.g. a DDP wrapper of ``model``); default ``model``.
         on_step: ``(epoch, step, loss, samples_in_step)`` after each optimizer step.
         on_epoch: ``(epoch, log, optimizer)`` after each epoch (checkpointing / reporting).
+        schedule / warmup_ratio: ``constant``, or ``cosine``: the lr rises linearly over the first
+            ``ceil(warmup_ratio * total optimizer steps)`` steps, then decays by a cosine to 0 at the last step
+            (:func:`lr_factor`).
+        accumulation_steps: batches whose mean loss makes one optimizer step (the last group of an epoch may
+            be shorter); the effective batch is ``batch_size * world_size * accumulation_steps``.
 
-    A batch without answer tokens (possible only after truncation) is skipped. Returns the optimizer (its
-    state holds the AdamW moments) and the losses.
+    A batch without answer tokens (possible only after truncation) is skipped. ``step_loss`` holds one value
+    per optimizer step (the mean over its batches). Returns the optimizer (its state holds the AdamW moments)
+    and the losses.
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"Unknown lr schedule {schedule!r}. Choose from: constant, cosine.")
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
     forward = forward_model if forward_model is not None else model
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter")
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
+    per_epoch = math.ceil(len(epoch_batches(len(samples), batch_size, 0, seed, rank, world_size)) / accumulation_steps)
+    total_steps = per_epoch * epochs
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
     dtype = next(model.parameters()).dtype
     log = TrainLog()
     forward.train()
     for epoch in range(epochs):
         losses = []
-        for indices in epoch_batches(len(samples), batch_size, epoch, seed, rank, world_size):
-            batch = collate([samples[int(i)] for i in indices], pad_token_id)
-            labels = batch.labels.to(device)
-            if not bool((labels[:, 1:] != -100).any()) and world_size == 1:
-                continue
-            out = forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                          **batch.image_kwargs(device, dtype), use_cache=False)
-            loss = batch_answer_loss(out.logits, labels)
-            if not torch.isfinite(loss):  # no answer token on this rank; keep DDP in step with a zero gradient
-                loss = out.logits.sum() * 0.0
+        batches = epoch_batches(len(samples), batch_size, epoch, seed, rank, world_size)
+        for lo in range(0, len(batches), accumulation_steps):
+            group = batches[lo:lo + accumulation_steps]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            values, seen = [], 0
+            for indices in group:
+                batch = collate([samples[int(i)] for i in indices], pad_token_id)
+                labels = batch.labels.to(device)
+                if not bool((labels[:, 1:] != -100).any()) and world_size == 1:
+                    continue
+                out = forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                              **batch.image_kwargs(device, dtype), use_cache=False)
+                loss = batch_answer_loss(out.logits, labels)
+                if not torch.isfinite(loss):  # no answer token on this rank; keep DDP in step with a zero gradient
+                    loss = out.logits.sum() * 0.0
+                (loss / len(group)).backward()
+                values.append(float(loss.detach()))
+                seen += len(indices)
+            if not values:
+                continue
+            factor = lr_factor(log.steps, total_steps, warmup_steps) if schedule == "cosine" else 1.0
+            for group_params in optimizer.param_groups:
+                group_params["lr"] = learning_rate * factor
             optimizer.step()
-            value = float(loss.detach())
+            value = float(np.mean(values))
             losses.append(value)
             log.step_loss.append(value)
-            log.samples_seen += len(indices)
+            log.samples_seen += seen
             if on_step is not None:
-                on_step(epoch, log.steps, value, len(indices))
+                on_step(epoch, log.steps, value, seen)
         log.epoch_loss.append(float(np.mean(losses)) if losses else math.nan)
         if on_epoch is not None:
             on_epoch(epoch, log, optimizer)
     forward.eval()
     return optimizer, log
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the lr at optimizer step ``step`` (0-based): ``(step + 1) / warmup_steps`` during warm-up,
+    then ``0.5 * (1 + cos(pi * progress))`` with progress 0 at the first step after warm-up and 1 at the last
+    (HF ``get_cosine_schedule_with_warmup`` evaluated after each step)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps + 1) / span)))
 
 
 # -- saving ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from PIL import Image
 
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
-from datasel_ray.models import tiny
+from datasel_ray.training.recipes import tiny
 from datasel_ray.models.vlm import ReferenceVLM, collate
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]

@@ -8,7 +8,7 @@ import pytest
 
 from datasel_ray.config import RunConfig
 from datasel_ray.io.rundir import ManifestMismatch, RunDir, phase_fingerprint
-from datasel_ray.models import tiny
+from datasel_ray.training.recipes import tiny
 from datasel_ray.models.identity import model_identity
 
 

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models import tiny
-from datasel_ray.models.tiny import build_tiny_model, default_tiny_model_dir, resolve_model_path
+from datasel_ray.training.recipes import tiny
+from datasel_ray.models.loading import resolve_model_path
+from datasel_ray.training.recipes.tiny import build_tiny_model, default_tiny_model_dir
 from datasel_ray.models.vlm import ReferenceVLM
 
 
@@ -52,24 +53,56 @@ def test_build_is_idempotent_and_rebuilds_stale(two_builds, tmp_path, monkeypatc
 
 
 def test_a_changed_recipe_rebuilds(two_builds, tmp_path, monkeypatch):
-    """A cached model built from other pretraining data (e.g. before a generator change) is not reused."""
+    """A cached model built with another pretraining recipe is not reused."""
     monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)
     a, _ = two_builds
     old = json.loads((a / tiny.MARKER_FILE).read_text())
     assert old["recipe"] == tiny.recipe_fingerprint(0)
     copy = tmp_path / "copy"
     shutil.copytree(a, copy)
-    monkeypatch.setattr(tiny, "PRETRAIN_SAMPLES", tiny.PRETRAIN_SAMPLES - 16)
+    monkeypatch.setattr(tiny, "PRETRAIN_LR", tiny.PRETRAIN_LR / 2)
     assert tiny.recipe_fingerprint(0) != old["recipe"]
     build_tiny_model(copy, seed=0)
     assert json.loads((copy / tiny.MARKER_FILE).read_text())["recipe"] == tiny.recipe_fingerprint(0)
     assert (copy / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
 
 
+def test_the_pretraining_corpus_is_the_pinned_one():
+    assert tiny.corpus_digest(tiny.PRETRAIN_SAMPLES, tiny.PRETRAIN_DATA_SEED) == tiny.PRETRAIN_CORPUS_DIGEST
+    assert tiny.pretrain_corpus_spec() == {
+        "version": 1, "generator": "datasel_ray.synthetic.plan_rows", "num_samples": 1200, "seed": 10_000,
+        "duplicate_rate": 0.0, "noise_rate": 0.0, "bad_rate": 0.0, "digest": tiny.PRETRAIN_CORPUS_DIGEST}
+
+
+def test_a_changed_corpus_is_refused_not_rebuilt(two_builds, tmp_path, monkeypatch):
+    """Other corpus data under the same pinned version: the cached model is still reused (the fingerprint does
+    not follow the generator's output) and a fresh build raises before training."""
+    monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)
+    cached = tmp_path / "cached"
+    shutil.copytree(two_builds[0], cached)
+    before = tiny.recipe_fingerprint(0)
+    monkeypatch.setattr(tiny, "corpus_digest", lambda n, seed: "0" * 64)
+    assert tiny.recipe_fingerprint(0) == before
+    assert build_tiny_model(cached, seed=0) == cached.resolve()
+    with pytest.raises(tiny.PretrainCorpusChanged, match=r"has sha256 0{64}, the recipe pins bed17f5b"):
+        build_tiny_model(tmp_path / "fresh", seed=0)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_models_package_imports_no_training_or_synthetic_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, datasel_ray.models.vlm, datasel_ray.models.identity, datasel_ray.models.tiny; "
+            "print(sorted(m for m in sys.modules if m.startswith(('datasel_ray.training', 'datasel_ray.synthetic'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_resolve_model_path(two_builds, tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 6)  # the recipe of two_builds
     monkeypatch.setenv("DATASEL_HOME", str(tmp_path))
-    assert default_tiny_model_dir() == tmp_path / tiny.TINY_SUBDIR
+    assert default_tiny_model_dir() == tmp_path / tiny.TINY_SUBDIR == tmp_path / "tiny-llava-v1"
     shutil.copytree(two_builds[0], tmp_path / tiny.TINY_SUBDIR)  # already built: resolve must not rebuild
     assert resolve_model_path("tiny") == str(tmp_path / tiny.TINY_SUBDIR)
     assert resolve_model_path("org/some-vlm") == "org/some-vlm"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models import tiny
+from datasel_ray.training.recipes import tiny
 from datasel_ray.models.vlm import VLMProcessor
 from datasel_ray.training.finetune import (FinetuneConfig, batch_indices, evaluate_answers, finetune, lr_at,
                                            prepare_samples)

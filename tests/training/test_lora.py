@@ -74,7 +74,7 @@ def tiny_samples(tiny_model_dir):
 def _load_tiny():
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.models.tiny import resolve_model_path
+    from datasel_ray.models.loading import resolve_model_path
 
     return AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny"), local_files_only=True)
 
