@@ -177,7 +177,10 @@ def main() -> None:
                       ("bench_select", select_table), ("bench_serve", serve_table), ("quality", quality_table),
                       ("duplicate_sensitivity", duplicate_table)):
         rec = latest(name)
-        print(fmt(rec) if rec else f"`{name}`: no record yet")
+        try:
+            print(fmt(rec) if rec else f"`{name}`: no record yet")
+        except KeyError as err:  # a record written before the benchmark measured this field
+            print(f"`{name}`: the latest record ({rec['date'][:10]}) has no {err}: re-run the benchmark")
         print()
 
 

