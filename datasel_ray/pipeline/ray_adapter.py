@@ -125,16 +125,10 @@ def _aggregations(aggregations: dict[str, list[str]]) -> list:
     return aggs
 
 
-def groupby_aggregate(table, key: str, aggregations: dict[str, list[str]]):
-    """Per-key statistics with Ray Data ``groupby(...).aggregate(...)``; returns a pyarrow Table.
-
-    ``aggregations`` maps a column to any of ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``.
-    """
-    return _to_table(ray.data.from_arrow(table).groupby(key).aggregate(*_aggregations(aggregations)))
-
-
 def groupby_aggregate_files(files: list[str], columns: list[str], key: str, aggregations: dict[str, list[str]]):
-    """:func:`groupby_aggregate` over ``columns`` of parquet ``files`` read by Ray Data (not by the driver)."""
+    """Per-key statistics with Ray Data ``groupby(...).aggregate(...)`` over ``columns`` of parquet ``files``
+    read by Ray Data (not by the driver); returns a pyarrow Table. ``aggregations`` maps a column to any of
+    ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``."""
     ds = ray.data.read_parquet(files, columns=columns)
     return _to_table(ds.groupby(key).aggregate(*_aggregations(aggregations)))
 
