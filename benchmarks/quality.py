@@ -86,7 +86,9 @@ def _pool_samples(pool_path: Path, image_root: Path, truth: list[dict]) -> dict[
     return out
 
 
-def _rel(sub: dict, full: dict, invert: bool) -> float:
+def rel_score(sub: dict, full: dict, invert: bool) -> float:
+    """Mean over tasks of a subset's metric relative to the full pool's, in percent (``invert`` for losses:
+    full / subset); tasks the full pool scores 0 on (or a subset without a finite loss) are left out."""
     vals = []
     for task, f in full.items():
         s = sub.get(task, math.nan)
@@ -163,8 +165,8 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
         out[f"{m}@{budget:g}"] = {
             "rows": q["selected"], "dup": q["duplicate_rate"], "noise": q["noise_rate"],
             "coverage": q["task_coverage"], "acc": ev["accuracy_mean"], "loss": ev["loss_mean"],
-            "rel_acc": _rel(ev["accuracy"], full["accuracy"], invert=False),
-            "rel_loss": _rel(ev["loss"], full["loss"], invert=True),
+            "rel_acc": rel_score(ev["accuracy"], full["accuracy"], invert=False),
+            "rel_loss": rel_score(ev["loss"], full["loss"], invert=True),
             "acc_by_task": ev["accuracy"], "loss_by_task": ev["loss"],
         }
     timings["train_eval_s"] = time.perf_counter() - t0

@@ -45,6 +45,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import rel_score  # noqa: E402
 from record import emit_record  # noqa: E402
 
 import numpy as np
@@ -78,18 +79,6 @@ def _parse(argv):
                    "(--seeds: the seeds it completed, when partial.json does not list them)")
     p.add_argument("--note", default="", help="with --emit-partial: appended to the recorded error")
     return p.parse_args(argv)
-
-
-def _rel(sub: dict, full: dict, invert: bool) -> float:
-    vals = []
-    for task, f in full.items():
-        s = sub.get(task, math.nan)
-        if invert:
-            if s > 0 and not math.isnan(s):
-                vals.append(f / s * 100)
-        elif f > 0:
-            vals.append(s / f * 100)
-    return float(np.mean(vals)) if vals else math.nan
 
 
 def _pool(args, workdir: Path):
@@ -215,8 +204,8 @@ def run(args, workdir: Path, timings: dict) -> dict:
             out[f"{m}@{budget:g}"] = {
                 "rows": q["selected"], "dup": q["duplicate_rate"], "noise": q["noise_rate"],
                 "coverage": q["task_coverage"], "acc": ev["accuracy_mean"], "loss": ev["loss_mean"],
-                "rel_acc": _rel(ev["accuracy"], full["accuracy"], invert=False),
-                "rel_loss": _rel(ev["loss"], full["loss"], invert=True),
+                "rel_acc": rel_score(ev["accuracy"], full["accuracy"], invert=False),
+                "rel_loss": rel_score(ev["loss"], full["loss"], invert=True),
                 "acc_by_task": ev["accuracy"], "loss_by_task": ev["loss"]}
         per_seed.append(out)
         print(f"quality_real: seed {seed} done after {time.perf_counter() - t0:.0f}s", flush=True)
