@@ -46,9 +46,6 @@ DIMS = {"tiny": {"hidden": 128, "n_layers": 4, "proj_dim": 512},
         "real": {"hidden": 2048, "n_layers": 5, "proj_dim": 8192}}
 REAL_DIMS_SETTINGS = {"coincide.reduce_dim": 256, "coincide.reduce_method": "random",
                       "coincide.train_sample": 20000}
-METHOD_COLUMNS = {"coincide": ("coincide_vector", "last_token"),
-                  "datatailor": ("last_token", "informativeness", "tau", "n_turns"),
-                  "tive": ("grad_proj", "grad_norm"), "random": ()}
 BASE_COLUMNS = ("tau", "informativeness", "n_turns", "n_image_tokens", "n_text_tokens", "n_answer_tokens",
                 "answer_loss", "last_token")
 RSS_TARGET_MB = 4096.0
@@ -68,9 +65,13 @@ def store_spec(n: int, args) -> "StoreSpec":  # noqa: F821
 def ensure_store(spec, methods: list[str], cache: Path) -> Path:
     from feature_store_gen import write_store
 
-    columns = sorted(set(BASE_COLUMNS).union(*(METHOD_COLUMNS[m] for m in methods)))
-    key = "-".join(f"{k}{v}" for k, v in spec.as_dict().items()) + "-" + ",".join(columns)
-    d = cache / f"store-{abs(hash(key)) % 10**10}"
+    import hashlib
+
+    from datasel_ray.methods.registry import get_method
+
+    columns = sorted(set(BASE_COLUMNS).union(*(get_method(m).columns for m in methods)))
+    key = json.dumps({"spec": spec.as_dict(), "columns": columns}, sort_keys=True)
+    d = cache / f"store-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     marker = d / "spec.json"
     if marker.exists() and json.loads(marker.read_text()) == {"spec": spec.as_dict(), "columns": columns}:
         return d

@@ -63,7 +63,7 @@ METHOD_REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("coincide", "COINCIDE: spherical k-means, transferability/density cluster quotas, greedy MMD.",
-                   (schema.COINCIDE_VECTOR,), "datasel_ray.pipeline.fit.coincide", _STATE + "CoincideState"),
+                   (schema.COINCIDE_VECTOR, schema.LAST_TOKEN), "datasel_ray.pipeline.fit.coincide", _STATE + "CoincideState"),
         MethodSpec("datatailor", "DataTailor: informativeness, uniqueness, representativeness; per-task budgets.",
                    (schema.LAST_TOKEN, schema.INFORMATIVENESS, schema.TAU, schema.N_TURNS),
                    "datasel_ray.pipeline.fit.datatailor", _STATE + "DataTailorState"),
