@@ -156,9 +156,13 @@ class Location:
         np.save(sink, array, allow_pickle=False)
         self.write_bytes(sink.getvalue())
 
-    def read_npy(self):
+    def read_npy(self, mmap: bool = False):
+        """The array of a ``.npy`` file; ``mmap``: memory-mapped read-only where the file is local (rows are
+        then read from disk only when indexed)."""
         import numpy as np
 
+        if mmap and self.is_local:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
         return np.load(io.BytesIO(self.read_bytes()), allow_pickle=False)
 
     def delete(self) -> None:

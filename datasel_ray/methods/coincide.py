@@ -34,11 +34,16 @@ __all__ = [
     "match_member",
     "selection_probability",
     "select",
+    "transfer_columns",
     "transferability",
+    "transferability_block",
+    "transferability_from_sums",
+    "unit_rows",
     "would_select_new",
 ]
 
 _BLOCK = 1024  # rows per block in blocked kernel / cosine computations
+TRANSFER_BLOCK = _BLOCK  # centroids per block of Eq. 5's cosine matrix (library and pipeline merge the same blocks)
 _DENSE_MMD_MAX = 2048  # clusters up to this size use one dense kernel matrix in greedy MMD
 
 
@@ -66,6 +71,55 @@ def _check_labels(labels, n: int, k: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- Eq. 5
 
 
+def transfer_columns(width: int, n_layers: int | None, mode: str = "reference") -> np.ndarray:
+    """Columns of a centroid (float[K, width]) that transferability (Eq. 5) compares: int64[F'].
+
+    ``"reference"`` (code): the text halves ``t_l`` of every layer of the ``concat_l [v_l, t_l]`` layout
+    (``width = n_layers * 2 * h``, F' = width / 2); ``"paper"``: every column (F' = width)."""
+    if mode == "paper":
+        return np.arange(width, dtype=np.int64)
+    if mode != "reference":
+        raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
+    if n_layers is None or int(n_layers) < 1 or width % (2 * int(n_layers)):
+        raise ValueError(f"n_layers must be a positive integer dividing centroids.shape[1] / 2 "
+                         f"(F = {width}) in reference mode, got {n_layers!r}")
+    h = width // (2 * int(n_layers))
+    return (np.arange(int(n_layers))[:, None] * 2 * h + h + np.arange(h)[None, :]).reshape(-1)
+
+
+def unit_rows(c: np.ndarray) -> np.ndarray:
+    """float64 copy of ``c`` [K, F'] with unit rows; a zero row stays zero (cosine 0 with everything, as
+    sklearn's ``cosine_similarity``)."""
+    u = np.array(c, dtype=np.float64)
+    norms = np.linalg.norm(u, axis=1)
+    u /= np.where(norms > 0, norms, 1.0)[:, None]
+    return u
+
+
+def transferability_block(a: np.ndarray, b: np.ndarray, offset: int, mode: str = "reference",
+                          cos_threshold: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """Mergeable partial sums of Eq. 5 for unit rows ``a`` [Ba, F'] (global rows ``s..``) against unit rows ``b``
+    [Bb, F'] (global rows ``t..``), ``offset = s - t``: ``(tot, cnt)``, float64[Ba] and int64[Ba].
+
+    ``"reference"``: cosines ``C_ij <= cos_threshold`` summed and counted (the mask drops the self pair of a
+    non-zero row and near-duplicates); ``"paper"``: every ``C_ij`` with ``j != i`` summed, counted."""
+    cos = a @ b.T
+    if mode == "reference":
+        keep = ~(cos > cos_threshold)
+        return np.where(keep, cos, 0.0).sum(1), keep.sum(1).astype(np.int64)
+    rows = np.arange(len(a))
+    self_col = rows + offset
+    on = (self_col >= 0) & (self_col < len(b))
+    cos[rows[on], self_col[on]] = 0.0
+    return cos.sum(1), np.full(len(a), len(b), dtype=np.int64) - on
+
+
+def transferability_from_sums(tot: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    """S (float64[K]) from the merged :func:`transferability_block` sums: ``tot / cnt``, 0 where nothing is
+    counted (the reference's 0/0 when every pair is masked; the paper's K = 1)."""
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+
+
 def transferability(centroids: np.ndarray, n_layers: int | None = None, mode: str = "reference",
                     cos_threshold: float = 0.9) -> np.ndarray:
     """Transferability proxy S (Eq. 5): mean cosine of each centroid to the other centroids.
@@ -83,35 +137,22 @@ def transferability(centroids: np.ndarray, n_layers: int | None = None, mode: st
         cos_threshold: reference mask threshold (0.9).
 
     Returns:
-        float64[K]. Computed in row blocks: O(K · block) memory, O(K² F) time.
+        float64[K]. Summed over ``TRANSFER_BLOCK`` x ``TRANSFER_BLOCK`` blocks of C in row-block then column-block order
+        (:func:`transferability_block`), the order the partitioned pipeline merges in: O(K · F' + block²)
+        memory, O(K² F') time.
     """
     c = _check_x(centroids, "centroids")
     K, F = c.shape
-    if mode == "reference":
-        if n_layers is None or int(n_layers) < 1 or F % (2 * int(n_layers)):
-            raise ValueError(f"n_layers must be a positive integer dividing centroids.shape[1] / 2 "
-                             f"(F = {F}) in reference mode, got {n_layers!r}")
-        h = F // (2 * int(n_layers))
-        c = np.asarray(c, dtype=np.float64).reshape(K, int(n_layers), 2, h)[:, :, 1, :].reshape(K, -1)
-    elif mode == "paper":
-        c = np.asarray(c, dtype=np.float64)
-    else:
-        raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
-    norms = np.linalg.norm(c, axis=1)
-    cn = np.where(norms[:, None] > 0, c / np.where(norms > 0, norms, 1.0)[:, None], 0.0)
-    out = np.zeros(K, dtype=np.float64)
-    for s in range(0, K, _BLOCK):
-        cos = cn[s:s + _BLOCK] @ cn.T
-        if mode == "reference":
-            keep = ~(cos > cos_threshold)
-            cnt = keep.sum(1)
-            tot = np.where(keep, cos, 0.0).sum(1)
-            out[s:s + _BLOCK] = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
-        else:
-            rows = np.arange(s, min(s + _BLOCK, K))
-            cos[rows - s, rows] = 0.0
-            out[s:s + _BLOCK] = cos.sum(1) / (K - 1) if K > 1 else 0.0
-    return out
+    u = unit_rows(c[:, transfer_columns(F, n_layers, mode)])
+    tot = np.zeros(K, dtype=np.float64)
+    cnt = np.zeros(K, dtype=np.int64)
+    B = TRANSFER_BLOCK
+    for s in range(0, K, B):
+        for t in range(0, K, B):
+            part_tot, part_cnt = transferability_block(u[s:s + B], u[t:t + B], s - t, mode, cos_threshold)
+            tot[s:s + B] += part_tot
+            cnt[s:s + B] += part_cnt
+    return transferability_from_sums(tot, cnt)
 
 
 # ------------------------------------------------------------------------------------------- Eq. 6

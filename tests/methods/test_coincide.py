@@ -82,6 +82,26 @@ def test_two_identical_clusters_equal_S_D_P():
     assert S[0] == S[1] and D[0] == D[1] and P[0] == pytest.approx(P[1])
 
 
+@pytest.mark.parametrize("mode", ["reference", "paper"])
+def test_transferability_block_sums_merge_to_the_dense_formula(mode, monkeypatch):
+    rng = np.random.default_rng(8)
+    c = rng.normal(size=(11, 2 * 2 * 4))
+    c[3] = 0.0  # a zero centroid: cosine 0 with everything
+    c[7] = c[2]  # a duplicate: masked in reference mode
+    dense = co.transferability(c, n_layers=2, mode=mode)  # one block (K < TRANSFER_BLOCK)
+    monkeypatch.setattr(co, "TRANSFER_BLOCK", 3)  # 4 x 4 blocks, the last ones partial
+    blocked = co.transferability(c, n_layers=2, mode=mode)
+    if mode == "reference":
+        expected = oracles.transferability_reference(c, 2)
+    else:
+        u = c / np.where(np.linalg.norm(c, axis=1) > 0, np.linalg.norm(c, axis=1), 1)[:, None]
+        cos = u @ u.T
+        expected = (cos.sum(1) - np.diag(cos)) / (len(c) - 1)
+    np.testing.assert_allclose(dense, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(blocked, expected, rtol=1e-12, atol=1e-15)
+    assert blocked[3] == 0.0
+
+
 def test_transferability_reference_text_halves_and_no_image():
     # 2 layers x [visual(3), text(3)]; visual halves of the samples are zero (no image)
     rng = np.random.default_rng(7)

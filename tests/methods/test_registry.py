@@ -8,7 +8,7 @@ from datasel_ray.methods.registry import METHOD_REGISTRY, get_method
 
 def test_registry_covers_config_methods():
     assert set(METHOD_REGISTRY) == set(METHODS)
-    assert get_method("coincide").columns == ("coincide_vector",)
+    assert get_method("coincide").columns == ("coincide_vector", "last_token")
     assert get_method("datatailor").columns == ("last_token", "informativeness", "tau", "n_turns")
     assert get_method("random").columns == ()
     for spec in METHOD_REGISTRY.values():

@@ -73,9 +73,11 @@ def test_partitioned_ray_run_equals_in_process_run(tmp_path, store_feats, ray_lo
             np.testing.assert_array_equal(values, scores_ray[name], err_msg=f"{method}.{name}")
 
 
-def test_pipeline_equals_library_methods(tmp_path, store_feats):
+def test_pipeline_equals_library_methods(tmp_path, store_feats, monkeypatch):
     from datasel_ray.methods import coincide, datatailor, tive
     from datasel_ray.seeds import derive_seed
+
+    monkeypatch.setattr(coincide, "TRANSFER_BLOCK", 5)  # several row-block tasks merging column blocks
 
     cfg = _run(tmp_path / "run", store_feats, "local", 1 << 18)
     f = store_feats
@@ -100,10 +102,12 @@ def test_pipeline_equals_library_methods(tmp_path, store_feats):
     np.testing.assert_allclose(scores["score"], dt.score, rtol=1e-12)
 
 
-def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_path, store_feats):
+def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_path, store_feats, monkeypatch):
     from datasel_ray.methods import coincide
     from datasel_ray.scoring.state import CoincideState, MemberCache
     from datasel_ray.seeds import derive_seed
+
+    monkeypatch.setattr(coincide, "TRANSFER_BLOCK", 5)  # blocks of cluster means spanning several bucket files
 
     over = {"coincide": {"reduce_dim": 32, "reduce_method": "random", "train_sample": 1500}}
     cfg = _run(tmp_path / "run", store_feats, "local", 1 << 18, **over)

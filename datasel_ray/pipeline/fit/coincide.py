@@ -9,8 +9,9 @@ Where each step runs (``ctx.executor`` = Ray tasks on a cluster, this process fo
 3. *partition tasks* (hold only the centroids and the projection): assign every row to its nearest centroid and
    write it into its cluster's bucket (regroup by cluster);
 4. *bucket tasks*: per cluster, kernel sums, density D (Eq. 6) and the member file the online scorer reads;
-5. *driver*: transferability S (Eq. 5) from the centroids (original-space cluster means with ``reduce_dim``, so
-   the text halves exist), P = softmax(S / D / τ);
+5. *row-block tasks*: transferability S (Eq. 5) as mergeable block sums over the centroids (original-space
+   cluster means, written by the bucket tasks, with ``reduce_dim``: the clustering space has no text halves);
+   *driver*: P = softmax(S / D / τ) from K scalars;
 6. select — *driver*: cluster quotas from sizes (Algorithm 1); *bucket tasks*: greedy MMD prototypes (Eq. 7).
 
 The shard is the unit of every per-row kernel and the cluster (rows in row-id order) the unit of every cluster
@@ -126,28 +127,68 @@ def _assign(item: dict) -> dict[str, np.ndarray]:
 
 
 def _cluster_stats(item: dict) -> dict[str, np.ndarray]:
-    """Density, size and (with ``reduce_dim``) the original-space sum of every cluster of one bucket; writes the
-    bucket's member file (rows grouped by cluster, with each member's kernel sum)."""
+    """Density and size of every cluster of one bucket; writes the bucket's member file (rows grouped by
+    cluster, with each member's kernel sum) and, with ``reduce_dim``, the bucket's original-space cluster means
+    (float32, only the columns transferability compares) for the transferability step."""
     table = read_bucket(Location.parse(item["work"]), item["bucket"])
     ids = column_to_numpy(table.column(schema.ROW_ID))
     labels = column_to_numpy(table.column(layout.CLUSTER))
     x = column_to_numpy(table.column(layout.VECTOR))
+    del table
     clusters, starts = np.unique(labels, return_index=True)
     bounds = np.append(starts, len(labels))
     kernel_sum = np.zeros(len(labels))
     density = np.zeros(len(clusters))
-    sums = np.zeros((len(clusters), x.shape[1]) if item["sums"] else (0, x.shape[1]))
+    cols = item["mean_columns"]
+    means = np.zeros((len(clusters), len(cols) if cols is not None else 0), dtype=np.float32)
     for i in range(len(clusters)):
         lo, hi = bounds[i], bounds[i + 1]
         kernel_sum[lo:hi] = coincide.cluster_kernel_sums(x[lo:hi], item["sigma"])
         density[i] = kernel_sum[lo:hi].sum() / ((hi - lo) * (hi - lo))
-        if item["sums"]:
-            sums[i] = np.asarray(x[lo:hi], dtype=np.float64).sum(0)
+        if cols is not None:
+            means[i] = (np.asarray(x[lo:hi], dtype=np.float64).sum(0) / (hi - lo)).astype(np.float32)[cols]
+    if cols is not None:
+        Location.parse(item["means"]).write_npy(means)
     Location.parse(item["members"]).write_parquet(pa.table({
         schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels.astype(np.int64)),
         layout.VECTOR: vector_column(x), layout.KERNEL_SUM: pa.array(kernel_sum)}), row_group_rows=256)
     return {"cluster": clusters.astype(np.int64), "size": np.diff(bounds).astype(np.int64),
-            "offset": starts.astype(np.int64), "density": density, "sums": sums}
+            "offset": starts.astype(np.int64), "density": density}
+
+
+class _TransferRows:
+    """Rows ``lo..hi`` of the transferability input (the non-empty clusters in id order), read from ``.npy``
+    files: row ``p`` is row ``row[p]`` of file ``files[file[p]]``, columns ``columns`` (None: all)."""
+
+    def __init__(self, item: dict):
+        self.files, self.file, self.row, self.columns = item["files"], item["file"], item["row"], item["columns"]
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        parts = []
+        for f in np.unique(self.file[lo:hi]):
+            m = self.file[lo:hi] == f
+            data = Location.parse(self.files[int(f)]).read_npy(mmap=True)
+            parts.append((np.flatnonzero(m), data[self.row[lo:hi][m]]))
+        out = np.empty((hi - lo, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
+        for where, rows in parts:
+            out[where] = rows
+        return coincide.unit_rows(out if self.columns is None else out[:, self.columns])
+
+
+def _transfer_sums(item: dict) -> dict[str, np.ndarray]:
+    """Transferability partial sums (:func:`~datasel_ray.methods.coincide.transferability_block`) of rows
+    ``lo..lo + block`` against every row, block by block in the library's order; holds two blocks."""
+    rows = _TransferRows(item)
+    lo, block, total = item["lo"], item["block"], item["total"]
+    a = rows(lo, min(total, lo + block))
+    tot = np.zeros(len(a), dtype=np.float64)
+    cnt = np.zeros(len(a), dtype=np.int64)
+    for t in range(0, total, block):
+        b = a if t == lo else rows(t, min(total, t + block))
+        part_tot, part_cnt = coincide.transferability_block(a, b, lo - t, item["mode"], item["cos_threshold"])
+        tot += part_tot
+        cnt += part_cnt
+    return {"tot": tot, "cnt": cnt}
 
 
 def _prototypes(item: dict) -> dict[str, np.ndarray]:
@@ -241,32 +282,54 @@ def fit(ctx: FitContext) -> dict:
     size = np.bincount(labels, minlength=k).astype(np.int64)
     (stats / layout.ASSIGNMENTS).write_parquet(pa.table({schema.ROW_ID: pa.array(store.row_ids, pa.int64()),
                                                          layout.CLUSTER: pa.array(labels)}))
-    need_sums = dim != F
+    reduced = dim != F  # S then compares original-space cluster means (the clustering space has no text halves)
+    columns = coincide.transfer_columns(F, n_layers, cfg.transferability)
     bucket_ids = np.unique(buckets[size > 0])
     items = [{"work": str(work / "buckets"), "bucket": int(b), "members": str(layout.members_file(stats, b)),
-              "sigma": float(cfg.sigma), "sums": need_sums} for b in bucket_ids]
+              "means": str(work / "means" / f"{int(b):05d}.npy"), "sigma": float(cfg.sigma),
+              "mean_columns": columns if reduced else None} for b in bucket_ids]
     D = np.full(k, np.nan)
     offset = np.zeros(k, dtype=np.int64)
-    means = np.zeros((k, F), dtype=np.float32) if need_sums else centroids
     for r in ctx.map("coincide:clusters", _cluster_stats, items, [f"{int(b):05d}" for b in bucket_ids],
                      unit="buckets"):
         c = r["cluster"]
         if not np.array_equal(r["size"], size[c]):
             raise RuntimeError("coincide: a bucket's cluster sizes differ from the assignment (stale work files)")
         D[c], offset[c] = r["density"], r["offset"]
-        if need_sums:
-            means[c] = (r["sums"] / r["size"][:, None]).astype(np.float32)
     nonempty = np.flatnonzero(size)
     S = np.zeros(k)
-    S[nonempty] = coincide.transferability(means[nonempty], n_layers, cfg.transferability, cfg.cos_threshold)
+    S[nonempty] = _transferability(ctx, nonempty, buckets, bucket_ids, reduced, columns, stats, work)
     P = coincide.selection_probability(S, D, cfg.temperature)
     (stats / layout.CLUSTERS).write_parquet(pa.table({
         layout.CLUSTER: np.arange(k, dtype=np.int64), layout.SIZE: size, "density": D, "transferability": S,
         "probability": P, layout.BUCKET: buckets.astype(np.int64), layout.OFFSET: offset}))
-    ctx.work(NAME, "buckets").delete()
-    ctx.work(NAME, "unit").delete()
+    for sub in ("buckets", "unit", "means"):
+        ctx.work(NAME, sub).delete()
     return {"clusters": int(k), "nonempty_clusters": int(len(nonempty)), "n_layers": n_layers, "kmeans_seed": seed,
             "kmeans_train_rows": int(len(rows)), "cluster_dim": int(dim), "buckets": int(len(bucket_ids))}
+
+
+def _transferability(ctx: FitContext, nonempty: np.ndarray, buckets: np.ndarray, bucket_ids: np.ndarray,
+                     reduced: bool, columns: np.ndarray, stats: Location, work: Location) -> np.ndarray:
+    """S (Eq. 5) of the non-empty clusters, in row-block tasks that read the cluster vectors from disk (the
+    buckets' original-space means with ``reduce_dim``, else the centroids): the driver holds K scalars."""
+    cfg = ctx.cfg.coincide
+    if reduced:  # bucket b's means file holds its non-empty clusters in id order
+        files = [str(work / "means" / f"{int(b):05d}.npy") for b in bucket_ids]
+        file = np.searchsorted(bucket_ids, buckets[nonempty])
+        row = np.arange(len(nonempty)) - np.searchsorted(file, file)
+        source = {"files": files, "file": file, "row": row, "columns": None}
+    else:
+        source = {"files": [str(stats / layout.CENTROIDS)], "file": np.zeros(len(nonempty), dtype=np.int64),
+                  "row": nonempty, "columns": columns}
+    block = coincide.TRANSFER_BLOCK
+    starts = list(range(0, len(nonempty), block))
+    items = [{**source, "lo": lo, "block": block, "total": len(nonempty), "mode": cfg.transferability,
+              "cos_threshold": float(cfg.cos_threshold)} for lo in starts]
+    results = ctx.map("coincide:transferability", _transfer_sums, items, [f"{lo:08d}" for lo in starts],
+                      unit="row blocks")
+    return coincide.transferability_from_sums(np.concatenate([r["tot"] for r in results]),
+                                              np.concatenate([r["cnt"] for r in results]))
 
 
 def load_clusters(stats: Location) -> dict[str, np.ndarray]:
