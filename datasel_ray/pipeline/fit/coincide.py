@@ -146,7 +146,7 @@ def _cluster_stats(item: dict) -> dict[str, np.ndarray]:
         kernel_sum[lo:hi] = coincide.cluster_kernel_sums(x[lo:hi], item["sigma"])
         density[i] = kernel_sum[lo:hi].sum() / ((hi - lo) * (hi - lo))
         if cols is not None:
-            means[i] = (np.asarray(x[lo:hi], dtype=np.float64).sum(0) / (hi - lo)).astype(np.float32)[cols]
+            means[i] = (x[lo:hi].sum(0, dtype=np.float64) / (hi - lo)).astype(np.float32)[cols]
     if cols is not None:
         Location.parse(item["means"]).write_npy(means)
     Location.parse(item["members"]).write_parquet(pa.table({
