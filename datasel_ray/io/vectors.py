@@ -46,18 +46,35 @@ def vector_array(values: np.ndarray) -> pa.ExtensionArray:
     if a.ndim != 2:
         raise ValueError(f"a vector column needs a 2-D array [N, width], got shape {a.shape}")
     typ = VectorType(a.dtype.name, a.shape[1])
-    storage = pa.FixedSizeBinaryArray.from_buffers(typ.storage_type, len(a), [None, pa.py_buffer(a.tobytes())])
+    # zero-copy: the buffer keeps ``a`` alive
+    storage = pa.FixedSizeBinaryArray.from_buffers(typ.storage_type, len(a), [None, pa.py_buffer(a.view(np.uint8))])
     return pa.ExtensionArray.from_storage(typ, storage)
 
 
-def vector_numpy(column: pa.Array) -> np.ndarray:
-    """A vector column (one chunk) as a numpy array [N, width] in its stored dtype (a copy)."""
+def vector_numpy(column: pa.Array | pa.ChunkedArray, order: np.ndarray | None = None) -> np.ndarray:
+    """A vector column as a numpy array [N, width] in its stored dtype: one copy, whatever the chunking.
+    ``order`` (int[N], a permutation): row ``i`` of the result is row ``order[i]`` of the column, written
+    straight from the column's buffers (no second copy for a sort)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     typ = column.type
-    storage = column.storage
     dtype = np.dtype(typ.dtype_name)
     row_bytes = typ.width * dtype.itemsize
-    if len(storage) == 0:
-        return np.zeros((0, typ.width), dtype=dtype)
-    buf = storage.buffers()[1]
-    flat = np.frombuffer(buf, dtype=np.uint8, count=len(storage) * row_bytes, offset=storage.offset * row_bytes)
-    return flat.view(dtype).reshape(len(storage), typ.width).copy()
+    n = sum(len(c) for c in chunks)
+    out = np.empty((n, typ.width), dtype=dtype)
+    dest = None
+    if order is not None:
+        dest = np.empty(n, dtype=np.int64)
+        dest[np.asarray(order, dtype=np.int64)] = np.arange(n)
+    start = 0
+    for chunk in chunks:
+        storage = chunk.storage
+        if len(storage):
+            flat = np.frombuffer(storage.buffers()[1], dtype=np.uint8, count=len(storage) * row_bytes,
+                                 offset=storage.offset * row_bytes)
+            rows = flat.view(dtype).reshape(len(storage), typ.width)
+            if dest is None:
+                out[start:start + len(storage)] = rows
+            else:
+                out[dest[start:start + len(storage)]] = rows
+        start += len(storage)
+    return out

@@ -18,14 +18,10 @@ from datasel_ray.io.vectors import VectorType, vector_array, vector_numpy
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A pyarrow column as numpy; vector columns (and fixed-size lists) become 2-D arrays [N, width]."""
-    if isinstance(column, pa.ChunkedArray):
-        if isinstance(column.type, VectorType):
-            if column.num_chunks == 0:
-                return np.zeros((0, column.type.width), dtype=np.dtype(column.type.dtype_name))
-            return np.concatenate([vector_numpy(c) for c in column.chunks])
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if isinstance(column.type, VectorType):
         return vector_numpy(column)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
         flat = column.flatten().to_numpy(zero_copy_only=False)

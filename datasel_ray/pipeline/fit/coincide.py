@@ -130,11 +130,8 @@ def _cluster_stats(item: dict) -> dict[str, np.ndarray]:
     """Density and size of every cluster of one bucket; writes the bucket's member file (rows grouped by
     cluster, with each member's kernel sum) and, with ``reduce_dim``, the bucket's original-space cluster means
     (float32, only the columns transferability compares) for the transferability step."""
-    table = read_bucket(Location.parse(item["work"]), item["bucket"])
-    ids = column_to_numpy(table.column(schema.ROW_ID))
-    labels = column_to_numpy(table.column(layout.CLUSTER))
-    x = column_to_numpy(table.column(layout.VECTOR))
-    del table
+    bucket = read_bucket(Location.parse(item["work"]), item["bucket"])
+    ids, labels, x = bucket[schema.ROW_ID], bucket[layout.CLUSTER], bucket[layout.VECTOR]
     clusters, starts = np.unique(labels, return_index=True)
     bounds = np.append(starts, len(labels))
     kernel_sum = np.zeros(len(labels))

@@ -121,11 +121,22 @@ def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, 
         (work / f"{int(b):05d}" / f"{partition_key}.parquet").write_parquet(pa.table(cols))
 
 
-def read_bucket(work: Location, bucket: int) -> pa.Table:
-    """Every part file of one bucket, rows sorted by (cluster, row_id)."""
+def read_bucket(work: Location, bucket: int) -> dict[str, np.ndarray]:
+    """Every part file of one bucket as numpy columns, rows sorted by (cluster, row_id); vectors are copied once,
+    from the part files' buffers into their sorted places."""
+    import pyarrow.compute as pc
+
     from datasel_ray.io.storage import read_parquet_dir
+    from datasel_ray.io.vectors import VectorType, vector_numpy
+    from datasel_ray.pipeline.feature_store import column_to_numpy
 
     table = read_parquet_dir(work / f"{int(bucket):05d}")
     if table is None:
         raise RuntimeError(f"{work}/{int(bucket):05d} has no part files: the regroup step did not finish")
-    return table.sort_by([(layout.CLUSTER, "ascending"), (schema.ROW_ID, "ascending")])
+    order = pc.sort_indices(table, [(layout.CLUSTER, "ascending"), (schema.ROW_ID, "ascending")]).to_numpy()
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        out[name] = vector_numpy(column, order) if isinstance(column.type, VectorType) \
+            else column_to_numpy(column)[order]
+    return out

@@ -96,11 +96,9 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
     from datasel_ray.clustering import ward_clusters
 
     cfg = item["cfg"]
-    table = read_bucket(Location.parse(item["work"]), item["bucket"])
-    ids = column_to_numpy(table.column(schema.ROW_ID))
-    groups = column_to_numpy(table.column(layout.CLUSTER))
-    x = column_to_numpy(table.column(layout.VECTOR))
-    v = column_to_numpy(table.column(schema.INFORMATIVENESS)).astype(np.float64)
+    bucket = read_bucket(Location.parse(item["work"]), item["bucket"])
+    ids, groups, x = bucket[schema.ROW_ID], bucket[layout.CLUSTER], bucket[layout.VECTOR]
+    v = bucket[schema.INFORMATIVENESS].astype(np.float64)
     local = np.zeros(len(ids), dtype=np.int64)
     gvals, gstarts = np.unique(groups, return_index=True)
     gbounds = np.append(gstarts, len(groups))
