@@ -8,7 +8,9 @@ The HTTP overhead is the median of paired differences between ``POST /score`` (b
 per sample at batch 1 vs 16: the most that batching can gain. Prints one JSON record
 ``{"params": ..., "metrics": ...}`` and appends it, with an ISO ``date``, to ``benchmarks/results/bench_serve.jsonl``.
 
-Targets: batching >= 3x the throughput of batch size 1 at concurrency 16; p50 HTTP overhead <= 15 ms.
+Targets (issue 13): ``@serve.batch`` realises at least 85% of the in-process batching gain at concurrency 16
+(``batching_gain_realised`` = (batched ÷ batch-size-1 throughput over HTTP) ÷ ``model_amortisation.model_speedup``);
+p50 HTTP overhead <= 15 ms.
 
     python benchmarks/bench_serve.py [--quick] [--run RUN_DIR]
 """
@@ -224,6 +226,7 @@ def main() -> None:
         ray.shutdown()
 
     speedup = cells["batched_c16"]["throughput_rps"] / max(cells["batch_size_1_c16"]["throughput_rps"], 1e-9)
+    realised = speedup / max(amortisation["model_speedup"], 1e-9)
     overhead = paired["overhead_p50_ms"]
     record = {
         "params": {"model": "tiny", "pool_rows_requested": 120 if args.quick else 240, "seconds_per_cell": seconds,
@@ -236,7 +239,9 @@ def main() -> None:
                     "noop_floor_p50_ms_c1": cells["noop_floor_c1"]["p50_ms"],
                     "http_overhead_p50_ms": overhead,
                     "batched_over_batch1_throughput_c16": round(speedup, 2),
-                    "targets": {"batching_3x_at_c16": speedup >= 3.0, "overhead_p50_le_15ms": overhead <= 15.0},
+                    "batching_gain_realised": round(realised, 3),
+                    "targets": {"batching_realises_85pct_of_in_process_gain": realised >= 0.85,
+                                "overhead_p50_le_15ms": overhead <= 15.0},
                     "wall_seconds": round(time.monotonic() - started, 1)},
     }
     emit_record("bench_serve", record["params"], record["metrics"])
