@@ -14,6 +14,7 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -100,17 +101,22 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write ``data`` atomically (readers see the old file or the whole new one)."""
+        self.write_with(lambda f: f.write(data))
+
+    def write_with(self, write: Callable[[Any], Any]) -> None:
+        """``write(f)`` into a binary file object, atomically where local (a temporary file renamed into place):
+        streams the content instead of building it in memory first."""
         self.parent.mkdir()
         if self.is_local:
             tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         else:
             with self.fs.open_output_stream(self.path) as f:
-                f.write(data)
+                write(f)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
@@ -152,9 +158,7 @@ class Location:
     def write_npy(self, array) -> None:
         import numpy as np
 
-        sink = io.BytesIO()
-        np.save(sink, array, allow_pickle=False)
-        self.write_bytes(sink.getvalue())
+        self.write_with(lambda f: np.save(f, array, allow_pickle=False))
 
     def read_npy(self, mmap: bool = False):
         """The array of a ``.npy`` file; ``mmap``: memory-mapped read-only where the file is local (rows are

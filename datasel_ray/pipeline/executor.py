@@ -8,13 +8,14 @@ under a work directory before returning it; a re-run after a kill loads finished
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from datasel_ray.io.storage import Location
 
-__all__ = ["Executor", "LocalExecutor", "load_result", "resumable_map"]
+__all__ = ["Executor", "LocalExecutor", "StoredResult", "load_result", "resumable_map"]
 
 
 class Executor(Protocol):
@@ -41,37 +42,69 @@ class LocalExecutor:
 
 
 def save_result(loc: Location, result: dict[str, np.ndarray]) -> None:
-    """Write a dict of numpy arrays (npz) atomically; :func:`load_result` reads it back."""
-    sink = io.BytesIO()
-    np.savez(sink, **{k: np.asarray(v) for k, v in result.items()})
-    loc.write_bytes(sink.getvalue())
+    """Write a dict of numpy arrays (npz, streamed) atomically; :func:`load_result` reads it back."""
+    loc.write_with(lambda f: np.savez(f, **{k: np.asarray(v) for k, v in result.items()}))
+
+
+def _open_npz(loc: Location):
+    source = loc.path if loc.is_local else io.BytesIO(loc.read_bytes())
+    return np.load(source, allow_pickle=False)
 
 
 def load_result(loc: Location) -> dict[str, np.ndarray]:
     """A result written by :func:`resumable_map` (a dict of numpy arrays)."""
-    with np.load(io.BytesIO(loc.read_bytes()), allow_pickle=False) as data:
+    with _open_npz(loc) as data:
         return {k: data[k] for k in data.files}
 
 
-def _run_resumable(item: tuple[Callable, Any, str]) -> dict[str, np.ndarray]:
-    fn, arg, path = item
+class StoredResult(Mapping):
+    """A saved result read lazily: each array is read from the file when indexed, so a driver can merge large
+    per-partition partials one array at a time."""
+
+    def __init__(self, loc: Location):
+        self.loc = loc
+        with _open_npz(loc) as data:
+            self._names = list(data.files)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        with _open_npz(self.loc) as data:
+            return data[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _run_resumable(item: tuple[Callable, Any, str, bool]) -> dict[str, np.ndarray] | None:
+    fn, arg, path, stored = item
     loc = Location.parse(path)
     if loc.exists():
-        return load_result(loc)
+        return None if stored else load_result(loc)
     result = fn(arg)
     save_result(loc, result)
-    return result
+    return None if stored else result
 
 
 def resumable_map(executor: Executor, fn: Callable[[Any], dict[str, np.ndarray]], items: Sequence[Any],
-                  keys: Sequence[str], work: Location, progress=None) -> list[dict[str, np.ndarray]]:
+                  keys: Sequence[str], work: Location, progress=None, stored: bool = False) -> list[Mapping]:
     """``executor.map(fn, items)`` where item ``i``'s result is stored at ``work/<keys[i]>.npz`` once computed.
 
-    ``fn`` returns a dict of numpy arrays (small: per-partition partials, never a feature column). Items whose
-    result file exists (a resumed run of the same phase config) are loaded, not recomputed.
+    ``fn`` returns a dict of numpy arrays (per-partition partials, never a feature column). Items whose result
+    file exists (a resumed run of the same phase config) are loaded, not recomputed. ``stored``: results do not
+    travel back to the caller; it gets :class:`StoredResult` views of the files instead (for partials too large
+    to hold for every partition at once).
     """
     if len(keys) != len(items) or len(set(keys)) != len(keys):
         raise ValueError("resumable_map needs one unique key per item")
     work.mkdir()
-    wrapped = [(fn, item, str(work / f"{key}.npz")) for item, key in zip(items, keys)]
-    return executor.map(_run_resumable, wrapped, progress=progress)
+    paths = [str(work / f"{key}.npz") for key in keys]
+    results = executor.map(_run_resumable, [(fn, item, path, stored) for item, path in zip(items, paths)],
+                           progress=progress)
+    return [StoredResult(Location.parse(p)) for p in paths] if stored else results

@@ -65,10 +65,11 @@ class FitContext:
         return Progress(step, total, self.run_dir / "progress.json", quiet=self.quiet, unit=unit)
 
     def map(self, step: str, fn, items: list, keys: list[str], unit: str = "partitions",
-            work: Location | None = None) -> list[dict[str, np.ndarray]]:
+            work: Location | None = None, stored: bool = False) -> list:
         """:func:`~datasel_ray.pipeline.executor.resumable_map` of one step, with a progress line."""
         progress = self.progress(step, len(items), unit)
-        out = resumable_map(self.executor, fn, items, keys, work or self.work(step), progress=progress)
+        out = resumable_map(self.executor, fn, items, keys, work or self.work(step), progress=progress,
+                            stored=stored)
         progress.finish()
         return out
 

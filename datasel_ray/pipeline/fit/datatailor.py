@@ -129,6 +129,14 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------- driver
+def _merge(parts) -> np.ndarray:
+    """Sum of partial arrays in partition order, holding the total and one part (exact for fp16-row sums)."""
+    total = None
+    for part in parts:
+        total = part.copy() if total is None else np.add(total, part, out=total)
+    return total
+
+
 def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Pre-cluster path for the large tasks: per row of a large task, its Ward cluster within the task."""
     from datasel_ray.clustering import precluster_train_rows, train_preclusters, ward_from_preclusters
@@ -160,12 +168,13 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
     items, keys = ctx.partition_items([schema.LAST_TOKEN], centroids=centroid_paths)
     for item in items:
         item["codes"] = [store.task_codes[p] for p in item["pos"]]
-    results = ctx.map("datatailor:preclusters", _preassign, items, keys)
+    # every partition holds pre-cluster sums of every large task (T x m x d float64): merged one array at a time
+    results = ctx.map("datatailor:preclusters", _preassign, items, keys, stored=True)
     pre = np.full(store.n, -1, dtype=np.int64)
     ward_of_pre: dict[int, np.ndarray] = {}
     for t in big:
-        sums = sum(r[f"sums_{t}"] for r in results if f"sums_{t}" in r)
-        counts = sum(r[f"counts_{t}"] for r in results if f"counts_{t}" in r)
+        sums = _merge(r[f"sums_{t}"] for r in results if f"sums_{t}" in r)
+        counts = _merge(r[f"counts_{t}"] for r in results if f"counts_{t}" in r)
         ward_of_pre[int(t)] = ward_from_preclusters(sums, counts, cfg.cut, cfg.cut_ratio)
     for r in results:
         pre[r["pos"]] = r["pre"]
