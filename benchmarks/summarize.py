@@ -84,8 +84,8 @@ def select_table(_rec: dict) -> str:
             latest_of[(rec["params"]["dims"], method)] = rec
     lines = ["`bench_select` (partitioned aggregate + select on generated stores, 20 tasks; per-process peak RSS "
              "of the driver and every Ray worker)", "",
-             "| dims | method | date | rows | seconds (phases / cell) | max process peak RSS MB | serve state MB "
-             "| time exponent | RSS growth | targets met |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| dims | method | date | rows | seconds (phases / cell) | driver peak RSS MB | max process peak RSS MB "
+             "| serve state MB | time exponent | RSS growth | targets met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (dims, method), rec in sorted(latest_of.items()):
         pm = rec["metrics"]["per_method"][method]
         targets = pm.get("targets", {})
@@ -93,14 +93,16 @@ def select_table(_rec: dict) -> str:
         missed = [k for k, v in targets.items() if not v]
         for cell in (c for c in rec["metrics"]["cells"] if c["method"] == method):
             if "error" in cell:
-                lines.append(f"| {dims} | {method} | {rec['date'][:10]} | {cell['rows']:,} | failed | - | - | - | - | - |")
+                lines.append(f"| {dims} | {method} | {rec['date'][:10]} | {cell['rows']:,} | failed | - | - | - | - | - "
+                             f"| - |")
                 continue
             state = (cell.get("serve_state") or {}).get("state_and_cache_rss_mb")
             phase = cell["aggregate_seconds"] + cell["select_seconds"]
             exp = pm.get("time_exponent")
             growth = pm.get("rss_growth")
             lines.append(f"| {dims} | {method} | {rec['date'][:10]} | {cell['rows']:,} | {phase:.0f} / "
-                         f"{cell['seconds']:.0f} | {cell['max_process_peak_rss_mb']:,.0f} | "
+                         f"{cell['seconds']:.0f} | {cell.get('driver_peak_rss_mb', 0):,.0f} | "
+                         f"{cell['max_process_peak_rss_mb']:,.0f} | "
                          f"{'-' if state is None else f'{state:.0f}'} | {'-' if exp is None else f'{exp:.2f}'} | "
                          f"{'-' if growth is None else f'{growth:+.0%}'} | {met}"
                          f"{' (missed: ' + ', '.join(missed) + ')' if missed else ''} |")
