@@ -84,10 +84,10 @@ class FeatureStore:
         pos_of[order] = np.arange(len(order))
         starts = np.cumsum([0] + [len(a) for a in ids])
         self.shard_pos = [pos_of[starts[i]:starts[i + 1]] for i in range(len(files))]
-        self.tasks = np.concatenate(tasks)[order].astype(object)
         self.shard_of = np.concatenate(shard)[order]
-        self.task_names, codes = np.unique(self.tasks.astype(str), return_inverse=True)
+        self.task_names, codes = np.unique(np.concatenate(tasks)[order], return_inverse=True)
         self.task_codes = codes.reshape(-1).astype(np.int64)
+        self.tasks = self.task_names.astype(object)[self.task_codes]  # T shared str objects, not one per row
 
     @property
     def n(self) -> int:
