@@ -1,10 +1,12 @@
 """Ray Serve app: ``POST /score``, ``GET /info``, ``GET /healthz`` over a :class:`datasel_ray.scoring.Scorer`.
 
-This module only speaks HTTP: it reads and bounds the body, checks the bearer token, hands the JSON to
-``Scorer.parse`` (validation + tokenisation, per request) and the validated samples to a ``@serve.batch`` method
-that runs ``Scorer.score_samples`` on the samples of many requests at once; with ``max_batch_size: 1`` a request is
-parsed and scored in one hop. Parsing and scoring run on one worker thread per replica, off the event loop. Every
-scoring rule lives in the scorer, shared with the batch path (:func:`datasel_ray.scoring.score_pool_samples`).
+This module only speaks HTTP: it reads and bounds the body, checks the bearer token and hands the JSON body to a
+``@serve.batch`` method: one batch of requests is parsed (``Scorer.parse``: validation + tokenisation, per request)
+and its valid samples scored in model passes of up to ``max_batch_size`` samples (``Scorer.score_samples``), in one
+hop to the replica's worker thread. Requests join the batch queue as soon as their body is read, so a batch fills
+while the previous one is on the model (parsing each request first, on the same thread, let batches leave with a
+few requests). With ``max_batch_size: 1`` a request is parsed and scored in one hop. Every scoring rule lives in
+the scorer, shared with the batch path (:func:`datasel_ray.scoring.score_pool_samples`).
 
 Entry points:
 
@@ -97,6 +99,29 @@ def parse_and_score(scorer: Scorer, payload: Any) -> tuple[list[ValidatedSample]
     return samples, scorer.score_samples(samples)
 
 
+def parse_and_score_requests(requests: list[tuple[Scorer, Any]], pass_size: int) -> list:
+    """Batched path: per request ``(scorer, JSON body)``, its ``(samples, results)`` or the SampleError its body
+    raised. The valid requests' samples are scored together (:func:`score_in_groups`) in passes of at most
+    ``pass_size`` samples, so a request's answer does not depend on which requests shared its batch."""
+    parsed: list[list[ValidatedSample] | SampleError] = []
+    for scorer, payload in requests:
+        try:
+            parsed.append(scorer.parse(payload))
+        except SampleError as err:
+            parsed.append(err)
+    flat = [(scorer, sample) for (scorer, _), samples in zip(requests, parsed) if not isinstance(samples, SampleError)
+            for sample in samples]
+    scored = [r for lo in range(0, len(flat), pass_size) for r in score_in_groups(flat[lo:lo + pass_size])]
+    out, at = [], 0
+    for samples in parsed:
+        if isinstance(samples, SampleError):
+            out.append(samples)
+            continue
+        out.append((samples, scored[at:at + len(samples)]))
+        at += len(samples)
+    return out
+
+
 api = FastAPI(title="datasel-ray scoring", description="Scores visual-instruction samples against a finished run.")
 
 
@@ -171,8 +196,10 @@ class ScoringService:
         if self.options.max_batch_size == 1:  # no batching: parse and score in one worker-thread hop
             samples, results = await self._in_worker(parse_and_score, scorer, payload)
         else:
-            samples = await self._in_worker(scorer.parse, payload)
-            results = await asyncio.gather(*[self.score_batch((scorer, s)) for s in samples])
+            answer = await self.score_batch((scorer, payload))
+            if isinstance(answer, SampleError):
+                raise answer
+            samples, results = answer
         prefix_list = isinstance(payload, dict) and "samples" in payload
         for sample, result in zip(samples, results):
             if isinstance(result, SampleError):
@@ -181,9 +208,10 @@ class ScoringService:
         return JSONResponse({"run_id": scorer.stats.run_id, "results": results})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score_batch(self, items: list[tuple[Scorer, ValidatedSample]]) -> list[dict | SampleError]:
-        """Dynamic batch across requests: one model pass per scorer; the event loop keeps admitting requests."""
-        return await self._in_worker(score_in_groups, items)
+    async def score_batch(self, requests: list[tuple[Scorer, Any]]) -> list:
+        """Dynamic batch across requests (:func:`parse_and_score_requests`); the event loop keeps admitting
+        requests meanwhile."""
+        return await self._in_worker(parse_and_score_requests, requests, self.options.max_batch_size)
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
