@@ -45,6 +45,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from datasel_ray import schema  # noqa: E402
 from datasel_ray.demo import demo_config  # noqa: E402
 from datasel_ray.evaluation import selection_quality  # noqa: E402
+from datasel_ray.io import layout  # noqa: E402
 from datasel_ray.io.rundir import RunDir  # noqa: E402
 from datasel_ray.synthetic import SynthConfig, generate_pool, load_ground_truth, read_pool  # noqa: E402
 
@@ -100,6 +101,24 @@ def rel_score(sub: dict, full: dict, invert: bool) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
+def selections_at_budgets(cfg, methods: list[str], budgets: list[float]) -> dict[tuple[str, float], np.ndarray]:
+    """Pool indices (row id without its file bits, int64) selected by each method at each budget: the run's own
+    selection for ``budgets[0]`` (already run), then the select phase re-run for every further budget."""
+    from datasel_ray.pipeline.runner import run_phases
+
+    run_dir = RunDir(cfg.run_dir)
+    mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
+    selections: dict[tuple[str, float], np.ndarray] = {}
+    for i, budget in enumerate(budgets):
+        if i:
+            cfg.select.budget = budget
+            run_phases(cfg, ["select"], quiet=True)
+        for m in methods:
+            ids = (run_dir / layout.SELECTIONS / m / layout.SELECTED_IDS).read_npy()
+            selections[(m, budget)] = np.asarray(ids, dtype=np.int64) & mask
+    return selections
+
+
 def run_seed(args, seed: int, workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
@@ -123,16 +142,7 @@ def run_seed(args, seed: int, workdir: Path) -> dict:
     cfg.select.budget = budgets[0]
     run_phases(cfg, phases, quiet=True)
     methods = [m for m in METHODS if m in cfg.select.methods]
-    run_dir = RunDir(cfg.run_dir)
-    mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
-    selections: dict[tuple[str, float], np.ndarray] = {}
-    for i, budget in enumerate(budgets):
-        if i:
-            cfg.select.budget = budget
-            run_phases(cfg, ["select"], quiet=True)
-        for m in methods:
-            ids = (run_dir / "selections" / m / "selected_ids.npy").read_npy()
-            selections[(m, budget)] = np.asarray(ids, dtype=np.int64) & mask
+    selections = selections_at_budgets(cfg, methods, budgets)
     timings["pipeline_s"] = time.perf_counter() - t0
 
     # training: same init, same steps on every subset and on the full pool

@@ -45,7 +45,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import rel_score  # noqa: E402
+from quality import rel_score, selections_at_budgets  # noqa: E402
 from record import emit_record  # noqa: E402
 
 import numpy as np
@@ -128,10 +128,8 @@ def run(args, workdir: Path, timings: dict) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray import schema
     from datasel_ray.config import ModelConfig, RunConfig, SelectConfig
     from datasel_ray.evaluation import selection_quality
-    from datasel_ray.io.rundir import RunDir
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import run_phases
     from datasel_ray.training.finetune import FinetuneConfig, evaluate_answers, finetune, prepare_samples
@@ -155,16 +153,7 @@ def run(args, workdir: Path, timings: dict) -> dict:
         "ray": {"num_cpus": 2},
     })
     run_phases(cfg, quiet=True)
-    run_dir = RunDir(cfg.run_dir)
-    mask = (1 << schema.ROW_ID_FILE_SHIFT) - 1
-    selections: dict[tuple[str, float], np.ndarray] = {}
-    for i, budget in enumerate(budgets):
-        if i:
-            cfg.select.budget = budget
-            run_phases(cfg, ["select"], quiet=True)
-        for m in methods:
-            ids = (run_dir / "selections" / m / "selected_ids.npy").read_npy()
-            selections[(m, budget)] = np.asarray(ids, dtype=np.int64) & mask
+    selections = selections_at_budgets(cfg, methods, budgets)
     timings["pipeline_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
