@@ -183,11 +183,16 @@ class SynthConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        low, high = self.duplicate_group_size
-        if not 2 <= low <= high:
-            raise ValueError(f"duplicate_group_size must be (min, max) with 2 <= min <= max, got {(low, high)}")
+        check_group_size(self.duplicate_group_size)
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+
+
+def check_group_size(size: tuple[int, int]) -> None:
+    """``duplicate_group_size`` of a generated pool: (min, max) members per near-duplicate group, 2 <= min <= max."""
+    low, high = size
+    if not 2 <= low <= high:
+        raise ValueError(f"duplicate_group_size must be (min, max) with 2 <= min <= max, got {(low, high)}")
 
 
 @dataclass

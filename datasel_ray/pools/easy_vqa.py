@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasel_ray.synthetic import GROUND_TRUTH_FILE, PoolInfo
+from datasel_ray.synthetic import GROUND_TRUTH_FILE, PoolInfo, check_group_size
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
@@ -156,9 +156,7 @@ class EasyVQAPoolConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        low, high = self.duplicate_group_size
-        if not 2 <= low <= high:
-            raise ValueError(f"duplicate_group_size must be (min, max) with 2 <= min <= max, got {(low, high)}")
+        check_group_size(self.duplicate_group_size)
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         unknown = [t for t in self.tasks if t not in TASK_FOLDERS]
