@@ -103,8 +103,8 @@ def _assign(item: dict) -> dict[str, np.ndarray]:
     """Nearest centroid of every row of the partition; rows written into their cluster's bucket."""
     from datasel_ray.clustering import assign_nearest
 
-    centroids = np.load(item["centroids"])
-    buckets = np.load(item["buckets"])
+    centroids = Location.parse(item["centroids"]).read_npy()
+    buckets = Location.parse(item["buckets"]).read_npy()
     kept = Location.parse(item["unit"])
     unit_all = kept.read_npy() if kept.exists() else None
     start = 0

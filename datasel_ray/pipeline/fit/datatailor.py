@@ -55,7 +55,7 @@ def _preassign(item: dict) -> dict[str, np.ndarray]:
     """Nearest pre-centroid of every row of a large task; per task, pre-cluster sums and counts."""
     from datasel_ray.clustering import assign_nearest, precluster_sums
 
-    centroids = {int(t): np.load(p) for t, p in item["centroids"].items()}
+    centroids = {int(t): Location.parse(p).read_npy() for t, p in item["centroids"].items()}
     out: dict[str, np.ndarray] = {}
     pos_all, pre_all = [], []
     for path, pos, codes in zip(item["files"], item["pos"], item["codes"]):
@@ -77,8 +77,8 @@ def _preassign(item: dict) -> dict[str, np.ndarray]:
 
 
 def _regroup(item: dict) -> dict[str, np.ndarray]:
-    group_of_pos = np.load(item["groups"], mmap_mode="r")
-    buckets = np.load(item["buckets"])
+    group_of_pos = Location.parse(item["groups"]).read_npy(mmap=True)
+    buckets = Location.parse(item["buckets"]).read_npy()
     ids, x, v, groups = [], [], [], []
     for path, pos in zip(item["files"], item["pos"]):
         cols = read_shard(path, [schema.LAST_TOKEN, schema.INFORMATIVENESS])

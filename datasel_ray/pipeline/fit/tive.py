@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from datasel_ray import schema
 from datasel_ray.io import layout
+from datasel_ray.io.storage import Location
 from datasel_ray.methods import tive
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.fit.context import FitContext, MethodSelection
@@ -37,7 +38,7 @@ def _task_sums(item: dict) -> dict[str, np.ndarray]:
 
 
 def _instance_values(item: dict) -> dict[str, np.ndarray]:
-    means = np.load(item["means"])
+    means = Location.parse(item["means"]).read_npy()
     pos_out, val_out = [], []
     for path, pos, codes in zip(item["files"], item["pos"], item["codes"]):
         g = read_shard(path, [schema.GRAD_PROJ])[schema.GRAD_PROJ]
