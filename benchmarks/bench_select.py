@@ -63,21 +63,22 @@ def store_spec(n: int, args) -> "StoreSpec":  # noqa: F821
 
 
 def ensure_store(spec, methods: list[str], cache: Path) -> Path:
-    from feature_store_gen import write_store
+    from feature_store_gen import STORE_LAYOUT, write_store
 
     import hashlib
 
     from datasel_ray.methods.registry import get_method
 
     columns = sorted(set(BASE_COLUMNS).union(*(get_method(m).columns for m in methods)))
-    key = json.dumps({"spec": spec.as_dict(), "columns": columns}, sort_keys=True)
+    described = {"spec": spec.as_dict(), "columns": columns, "layout": STORE_LAYOUT}
+    key = json.dumps(described, sort_keys=True)
     d = cache / f"store-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     marker = d / "spec.json"
-    if marker.exists() and json.loads(marker.read_text()) == {"spec": spec.as_dict(), "columns": columns}:
+    if marker.exists() and json.loads(marker.read_text()) == described:
         return d
     shutil.rmtree(d, ignore_errors=True)
     write_store(d, spec, columns, shard_rows=args_shard_rows(spec))
-    marker.write_text(json.dumps({"spec": spec.as_dict(), "columns": columns}))
+    marker.write_text(json.dumps(described))
     return d
 
 

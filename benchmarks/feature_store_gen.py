@@ -56,6 +56,9 @@ class StoreSpec:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+# Version of the on-disk layout write_store produces (2: samples/ in ingest-sized shards); part of cache keys.
+STORE_LAYOUT = 2
+
 def task_names(n_tasks: int) -> np.ndarray:
     names = [f"task_{t:02d}" for t in range(n_tasks - 1)] + ["text_only"]
     return np.asarray(names[:n_tasks], dtype=object)
@@ -236,22 +239,30 @@ def write_store(run_dir: str | Path, spec: StoreSpec, columns=None, shard_rows: 
     return run_dir
 
 
-def write_samples(run_dir: str | Path, row_ids: np.ndarray, tasks: np.ndarray) -> Path:
-    """A minimal ``samples/`` shard (row_id, raw, source_file, source_index, task) so that the select phase's
-    subset writer works; the source is a (not written) ``pool.jsonl`` in the run directory."""
+def write_samples(run_dir: str | Path, row_ids: np.ndarray, tasks: np.ndarray) -> list[Path]:
+    """Minimal ``samples/`` shards (row_id, raw, source_file, source_index, task) so that the select phase's
+    subset writer works; the source is a (not written) ``pool.jsonl`` in the run directory. One shard per
+    ``pool.records_per_block`` rows (the default), as the ingest phase writes them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from datasel_ray.config import PoolConfig
 
     samples = Path(run_dir) / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     src = str((Path(run_dir) / "pool.jsonl").resolve())
-    raw = [json.dumps({"id": str(i), "conversations": []}) for i in row_ids.tolist()]
-    table = pa.table({"row_id": pa.array(row_ids, pa.int64()), "task": pa.array(np.asarray(tasks).astype(str)),
-                      "raw": pa.array(raw), "source_file": pa.array([src] * len(raw)),
-                      "source_index": pa.array(np.arange(len(raw), dtype=np.int64))})
-    path = samples / "part-00000.parquet"
-    pq.write_table(table, path)
-    return path
+    block = PoolConfig.model_fields["records_per_block"].default
+    tasks = np.asarray(tasks).astype(str)
+    paths = []
+    for start in range(0, max(len(row_ids), 1), block):
+        ids = row_ids[start:start + block]
+        raw = [json.dumps({"id": str(i), "conversations": []}) for i in ids.tolist()]
+        table = pa.table({"row_id": pa.array(ids, pa.int64()), "task": pa.array(tasks[start:start + block]),
+                          "raw": pa.array(raw, pa.string()), "source_file": pa.array([src] * len(raw), pa.string()),
+                          "source_index": pa.array(np.arange(start, start + len(raw), dtype=np.int64))})
+        paths.append(samples / f"part-{start // block:05d}.parquet")
+        pq.write_table(table, paths[-1])
+    return paths
 
 
 def write_features(run_dir: str | Path, feats: dict[str, np.ndarray], shard_rows: int = 65536,

@@ -130,11 +130,14 @@ class Location:
     def write_parquet(self, table: pa.Table, row_group_rows: int | None = None) -> None:
         """Write a parquet file atomically; ``row_group_rows`` bounds the rows per row group (readers of a row
         range decode only the groups it touches, see :meth:`read_parquet_rows`). Vector columns are stored
-        uncompressed (float noise does not compress; zstd would only cost time), the rest with zstd."""
-        sink = io.BytesIO()
+        uncompressed (float noise does not compress; zstd would only cost time), the rest with zstd. Only
+        string columns are dictionary-encoded: a dictionary of per-row numbers (ids, scores) is as large as the
+        column and its hash table costs the writer ~100 bytes per row."""
         compression = {f.name: "none" if isinstance(f.type, vectors.VectorType) else "zstd" for f in table.schema}
-        pq.write_table(table, sink, compression=compression or "zstd", row_group_size=row_group_rows)
-        self.write_bytes(sink.getvalue())
+        dictionary = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                      or pa.types.is_dictionary(f.type)]
+        self.write_with(lambda f: pq.write_table(table, f, compression=compression or "zstd", use_dictionary=dictionary,
+                                                 row_group_size=row_group_rows))
 
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path, columns=columns, filesystem=self.fs)

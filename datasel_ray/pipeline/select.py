@@ -10,8 +10,6 @@ vs the pool, method variant switches, and the per-task/per-cluster values the on
 from __future__ import annotations
 
 import time
-from collections import Counter
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,19 +21,30 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.io import layout
 from datasel_ray.methods.registry import get_method
-from datasel_ray.pipeline.feature_store import column_to_numpy, load_table
+from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.fit.context import FitContext
 from datasel_ray.pipeline.progress import Progress
 
 
-def _task_thresholds(tasks: np.ndarray, score: np.ndarray, selected: np.ndarray) -> dict[str, float | None]:
-    """Per task, the lowest score among its selected rows (a new sample scoring above it would be selected)."""
+def _task_thresholds(names: np.ndarray, codes: np.ndarray, score: np.ndarray,
+                     selected: np.ndarray) -> dict[str, float | None]:
+    """Per task, the lowest score among its selected rows (a new sample scoring above it would be selected).
+
+    names: (T,) task names; codes: int64[N] task code of each row; score: float[N]; selected: unique positions.
+    """
     out: dict[str, float | None] = {}
-    for task in np.unique(tasks):
-        rows = selected[tasks[selected] == task]
-        vals = score[rows][np.isfinite(score[rows])]
-        out[str(task)] = float(vals.min()) if len(vals) else None
+    selected_codes = codes[selected]
+    for t, name in enumerate(names.tolist()):
+        vals = score[selected[selected_codes == t]]
+        vals = vals[np.isfinite(vals)]
+        out[name] = float(vals.min()) if len(vals) else None
     return out
+
+
+def _task_counts(names: np.ndarray, codes: np.ndarray) -> dict[str, int]:
+    """{task: rows} for the tasks present in ``codes`` (int64 codes into ``names``), sorted by task."""
+    counts = np.bincount(codes, minlength=len(names))
+    return {name: int(c) for name, c in zip(names.tolist(), counts.tolist()) if c}
 
 
 def select_method(ctx: FitContext, method: str, budget: int) -> dict:
@@ -47,10 +56,11 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
     store = ctx.store
     selected = np.asarray(choice.selected, dtype=np.int64)
     out = layout.selection_dir(ctx.run_dir, method)
-    tasks = store.tasks.astype(str)
+    names, codes = store.task_names, store.task_codes
     is_selected = np.zeros(store.n, dtype=bool)
     is_selected[selected] = True
-    columns = {schema.ROW_ID: store.row_ids, schema.TASK: pa.array(tasks), **choice.columns,
+    task_column = pc.take(pa.array(names.tolist(), pa.string()), pa.array(codes))
+    columns = {schema.ROW_ID: store.row_ids, schema.TASK: task_column, **choice.columns,
                layout.SELECTED: is_selected}
     out.mkdir()
     (out / layout.SCORES).write_parquet(pa.table(columns))
@@ -65,9 +75,9 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
         "pool_rows": int(store.n),
         "selected": int(len(selected)),
         "unique_selected": int(len(np.unique(selected))),
-        "task_counts": dict(sorted(Counter(tasks[selected].tolist()).items())),
-        "pool_task_counts": dict(sorted(Counter(tasks.tolist()).items())),
-        "task_score_threshold": _task_thresholds(tasks, choice.columns[layout.SCORE], np.unique(selected)),
+        "task_counts": _task_counts(names, codes[selected]),
+        "pool_task_counts": _task_counts(names, codes),
+        "task_score_threshold": _task_thresholds(names, codes, choice.columns[layout.SCORE], np.unique(selected)),
         "subset_files": subset_files,
         "seed": ctx.cfg.seed,
         "executor": ctx.executor.name,
@@ -88,10 +98,7 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
     """
     from datasel_ray.io.pool import POOL_FILES, read_parquet_records, read_pool_files
 
-    samples = load_table(run_dir, "samples", [schema.ROW_ID, schema.RAW, schema.SOURCE_FILE, schema.SOURCE_INDEX])
-    ids = column_to_numpy(samples.column(schema.ROW_ID))
-    keep = np.isin(ids, selected_ids)
-    rows = samples.filter(pa.array(keep))
+    rows = _selected_samples(run_dir, selected_ids)
     recorded = read_pool_files(run_dir / "samples" / POOL_FILES)
     # run directories ingested before pool_files.json existed: the configured format, else the suffix
     configured = run_dir.load_manifest().get("config", {}).get("pool", {}).get("format", "auto")
@@ -105,15 +112,43 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
             fmt = recorded[source].format
         else:
             fmt = detect_format(src.name) if configured == "auto" else configured
-        raws = part.column(schema.RAW).to_pylist()
-        if fmt == "json":
-            target.write_text("[\n" + ",\n".join(raws) + "\n]\n")
-        elif fmt == "jsonl":
-            target.write_text("".join(r + "\n" for r in raws))
+        if fmt in ("json", "jsonl"):
+            target.write_with(lambda f, raws=part.column(schema.RAW), fmt=fmt: _write_records(f, raws, fmt))
         else:
             target.write_parquet(read_parquet_records(src, part.column(schema.SOURCE_INDEX).to_numpy()))
         written.append(str(target))
     return written
+
+
+def _write_records(f, raws: pa.ChunkedArray, fmt: str, batch: int = 4096) -> None:
+    """The raw JSON records ``raws`` as a JSON array (``fmt`` json) or one per line (jsonl), into binary file
+    ``f`` a batch at a time."""
+    sep, first, last = (",\n", "[\n", "\n]\n") if fmt == "json" else ("\n", "", "\n")
+    if fmt == "json" or len(raws):
+        f.write(first.encode())
+    for start in range(0, len(raws), batch):
+        text = sep.join(raws.slice(start, batch).to_pylist())
+        f.write(((sep if start else "") + text).encode("utf-8"))
+    if fmt == "json" or len(raws):
+        f.write(last.encode())
+
+
+def _selected_samples(run_dir: RunDir, selected_ids: np.ndarray) -> pa.Table:
+    """Rows of ``samples/`` whose id is in ``selected_ids`` (row id, raw record, source file and index), read
+    one shard at a time: only the selected rows' raw records are held, never the pool's."""
+    columns = [schema.ROW_ID, schema.RAW, schema.SOURCE_FILE, schema.SOURCE_INDEX]
+    files = (run_dir / "samples").list(".parquet")
+    if not files:
+        raise RuntimeError(f"No parquet files in {run_dir / 'samples'}: run the ingest phase first")
+    parts = []
+    for f in files:
+        ids = column_to_numpy(f.read_parquet([schema.ROW_ID]).column(schema.ROW_ID))
+        keep = np.isin(ids, selected_ids)
+        if keep.any():
+            parts.append(f.read_parquet(columns).filter(pa.array(keep)))
+    if not parts:
+        return f.read_parquet(columns).slice(0, 0)
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:

@@ -50,8 +50,9 @@ class FeatureStore:
     Attributes:
         files: shard paths (str), sorted by name (= row order of the extract phase).
         row_ids: int64[N] ascending; ``pos`` of a row is its index here.
-        tasks: object[N] task of each row; task_names: sorted unique tasks; task_codes: int64[N].
-        shard_of: int64[N] shard index of each row; shard_pos: per shard, int64 positions of its rows in the
+        task_names: sorted unique tasks; task_codes: int64[N] index into task_names of each row's task;
+        tasks: object[N] task of each row (built from the codes on access).
+        shard_pos: per shard, int64 positions of its rows in the
             shard's own row order (the order :func:`read_shard` returns).
         widths: {vector column: width}; dtypes: {column: pyarrow value type}.
     """
@@ -61,13 +62,16 @@ class FeatureStore:
         if not files:
             raise RuntimeError(f"No parquet files in {features}: run the extract phase first")
         self.files = [str(f) for f in files]
-        ids, tasks, shard = [], [], []
-        for i, f in enumerate(files):
+        ids, local_codes, first_seen = [], [], {}
+        for f in files:
             with f.open_input() as handle:
                 t = pq.read_table(handle, columns=[schema.ROW_ID, schema.TASK])
             ids.append(column_to_numpy(t.column(schema.ROW_ID)).astype(np.int64))
-            tasks.append(column_to_numpy(t.column(schema.TASK)).astype(str))
-            shard.append(np.full(t.num_rows, i, dtype=np.int64))
+            # per shard: its few distinct task strings, then codes (no per-row Python or unicode strings)
+            encoded = t.column(schema.TASK).combine_chunks().dictionary_encode()
+            lut = np.array([first_seen.setdefault(name, len(first_seen)) for name in encoded.dictionary.to_pylist()],
+                           dtype=np.int64)
+            local_codes.append(lut[encoded.indices.to_numpy(zero_copy_only=False)])
         with files[0].open_input() as handle:
             arrow_schema = pq.ParquetFile(handle).schema_arrow
         self.columns = list(arrow_schema.names)
@@ -78,16 +82,24 @@ class FeatureStore:
         all_ids = np.concatenate(ids)
         order = np.argsort(all_ids, kind="stable")
         self.row_ids = all_ids[order]
+        del all_ids
         if len(self.row_ids) > 1 and np.any(np.diff(self.row_ids) == 0):
             raise RuntimeError(f"{features}: a row id appears in more than one shard")
         pos_of = np.empty(len(order), dtype=np.int64)
         pos_of[order] = np.arange(len(order))
         starts = np.cumsum([0] + [len(a) for a in ids])
-        self.shard_pos = [pos_of[starts[i]:starts[i + 1]] for i in range(len(files))]
-        self.shard_of = np.concatenate(shard)[order]
-        self.task_names, codes = np.unique(np.concatenate(tasks)[order], return_inverse=True)
-        self.task_codes = codes.reshape(-1).astype(np.int64)
-        self.tasks = self.task_names.astype(object)[self.task_codes]  # T shared str objects, not one per row
+        self.shard_pos = [pos_of[starts[i]:starts[i + 1]].copy() for i in range(len(files))]
+        del pos_of, ids
+        seen = list(first_seen)
+        self.task_names = np.array(sorted(seen), dtype=str)
+        rank = np.empty(len(seen), dtype=np.int64)
+        rank[np.argsort(np.array(seen, dtype=str), kind="stable")] = np.arange(len(seen))
+        self.task_codes = rank[np.concatenate(local_codes)[order]]
+
+    @property
+    def tasks(self) -> np.ndarray:
+        """object[N]: the task of each row (the T names shared, not one string per row); built on each call."""
+        return self.task_names.astype(object)[self.task_codes]
 
     @property
     def n(self) -> int:
