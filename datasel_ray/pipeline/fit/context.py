@@ -123,21 +123,33 @@ def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, 
 
 
 def read_bucket(work: Location, bucket: int) -> dict[str, np.ndarray]:
-    """Every part file of one bucket as numpy columns, rows sorted by (cluster, row_id); vectors are copied once,
-    from the part files' buffers into their sorted places."""
-    import pyarrow.compute as pc
-
-    from datasel_ray.io.storage import read_parquet_dir
+    """Every part file of one bucket as numpy columns, rows sorted by (cluster, row_id). The (row_id, cluster)
+    keys are read first; then each part file's other columns are scattered straight into their sorted places,
+    one part file at a time: the task holds the bucket once plus one part file, never a second sorted copy."""
     from datasel_ray.io.vectors import VectorType, vector_numpy
     from datasel_ray.pipeline.feature_store import column_to_numpy
 
-    table = read_parquet_dir(work / f"{int(bucket):05d}")
-    if table is None:
+    files = (work / f"{int(bucket):05d}").list(".parquet")
+    if not files:
         raise RuntimeError(f"{work}/{int(bucket):05d} has no part files: the regroup step did not finish")
-    order = pc.sort_indices(table, [(layout.CLUSTER, "ascending"), (schema.ROW_ID, "ascending")]).to_numpy()
-    out = {}
-    for name in table.column_names:
-        column = table.column(name)
-        out[name] = vector_numpy(column, order) if isinstance(column.type, VectorType) \
-            else column_to_numpy(column)[order]
+    keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER]) for f in files]
+    ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)
+    cluster = np.concatenate([column_to_numpy(k.column(layout.CLUSTER)) for k in keys]).astype(np.int64)
+    order = np.lexsort((ids, cluster))
+    dest = np.empty(len(order), dtype=np.int64)
+    dest[order] = np.arange(len(order))
+    out: dict[str, np.ndarray] = {schema.ROW_ID: ids[order], layout.CLUSTER: cluster[order]}
+    start = 0
+    for f, k in zip(files, keys):
+        table = f.read_parquet()
+        rows = dest[start:start + k.num_rows]
+        for name in table.column_names:
+            if name in (schema.ROW_ID, layout.CLUSTER):
+                continue
+            column = table.column(name)
+            values = vector_numpy(column) if isinstance(column.type, VectorType) else column_to_numpy(column)
+            if name not in out:
+                out[name] = np.empty((len(order), *values.shape[1:]), dtype=values.dtype)
+            out[name][rows] = values
+        start += k.num_rows
     return out
