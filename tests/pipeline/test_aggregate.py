@@ -97,6 +97,15 @@ def test_pipeline_equals_library_methods(tmp_path, store_feats, monkeypatch):
     np.testing.assert_allclose(scores["transferability"], co.row_S, rtol=1e-12)
     np.testing.assert_allclose(scores["density"], co.row_D, rtol=1e-12)
     assert (scores["selection_order"][co.selected] == np.arange(len(co.selected))).all()
+    # bucket tasks are packed from the actual cluster sizes: none holds more than partition_bytes (unless one
+    # cluster alone is larger), whatever the k-means sample estimated
+    clusters = (layout.method_stats(RunDir(str(tmp_path / "run")), "coincide") / layout.CLUSTERS).read_parquet()
+    size, bucket = column_to_numpy(clusters.column(layout.SIZE)), column_to_numpy(clusters.column(layout.BUCKET))
+    filled = np.unique(bucket[size > 0])
+    assert len(filled) > 3
+    for b in filled:
+        members = (bucket == b) & (size > 0)
+        assert size[members].sum() * f["coincide_vector"].shape[1] * 2 <= 1 << 18 or members.sum() == 1
     _, scores = _selection(tmp_path / "run", "datatailor")
     np.testing.assert_allclose(scores["uniqueness"], dt.U, rtol=1e-9, equal_nan=True)
     np.testing.assert_allclose(scores["score"], dt.score, rtol=1e-12)

@@ -5,9 +5,11 @@ Where each step runs (``ctx.executor`` = Ray tasks on a cluster, this process fo
 1. *driver*: seeded training rows (:func:`~datasel_ray.clustering.kmeans_train_rows`) and, with ``reduce_dim``,
    the projection (random: from the seed alone; PCA: trained on gathered rows);
 2. *partition tasks* gather the training rows (projected, unit-normalised); *driver*: faiss spherical k-means
-   on them (``train_sample`` x ``reduce_dim`` floats at most) and a bucket plan of clusters;
+   on them (``train_sample`` x ``reduce_dim`` floats at most) and a regroup plan of clusters (small buckets
+   sized from the sample's estimate of the cluster sizes);
 3. *partition tasks* (hold only the centroids and the projection): assign every row to its nearest centroid and
-   write it into its cluster's bucket (regroup by cluster);
+   write it into its cluster's regroup bucket (regroup by cluster); *driver*: regroup buckets packed into
+   bucket tasks by the actual cluster sizes (each at most ``aggregate.partition_bytes``);
 4. *bucket tasks*: per cluster, kernel sums, density D (Eq. 6) and the member file the online scorer reads;
 5. *row-block tasks*: transferability S (Eq. 5) as mergeable block sums over the centroids (original-space
    cluster means, written by the bucket tasks, with ``reduce_dim``: the clustering space has no text halves);
@@ -36,6 +38,7 @@ from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
 
 NAME = "coincide"
+REGROUP_SPLIT = 4  # the assignment writes buckets of partition_bytes / REGROUP_SPLIT (estimated)
 
 
 def layer_count(vector_dim: int, hidden: int) -> int:
@@ -265,8 +268,12 @@ def fit(ctx: FitContext) -> dict:
     (stats / layout.CENTROIDS).write_npy(centroids)
     estimated = np.bincount(assign_nearest(train_unit, centroids), minlength=k) * (n / len(rows))
     del train_unit
-    buckets = bucket_plan(estimated, store.row_bytes([schema.COINCIDE_VECTOR]), ctx.partition_bytes)
-    (work / "buckets.npy").write_npy(buckets)
+    row_bytes = store.row_bytes([schema.COINCIDE_VECTOR])
+    # rows are regrouped into small buckets planned from the k-means sample's estimate of the cluster sizes,
+    # which the bucket tasks then combine by the actual sizes: no bucket task holds more than partition_bytes
+    # however far the estimate is off (a single cluster larger than the bound is a bucket of its own)
+    regroup = bucket_plan(estimated, row_bytes, max(1, ctx.partition_bytes // REGROUP_SPLIT))
+    (work / "buckets.npy").write_npy(regroup)
 
     items, keys = ctx.partition_items([schema.COINCIDE_VECTOR], centroids=str(stats / layout.CENTROIDS),
                                       buckets=str(work / "buckets.npy"), stats=str(stats),
@@ -277,12 +284,17 @@ def fit(ctx: FitContext) -> dict:
     for r in ctx.map("coincide:assign", _assign, items, keys):
         labels[r["pos"]] = r["cluster"]
     size = np.bincount(labels, minlength=k).astype(np.int64)
+    regroup_rows = np.bincount(regroup, weights=size, minlength=int(regroup.max()) + 1)
+    bucket_of_regroup = bucket_plan(regroup_rows, row_bytes, ctx.partition_bytes)
+    buckets = bucket_of_regroup[regroup]
     (stats / layout.ASSIGNMENTS).write_parquet(pa.table({schema.ROW_ID: pa.array(store.row_ids, pa.int64()),
                                                          layout.CLUSTER: pa.array(labels)}))
     reduced = dim != F  # S then compares original-space cluster means (the clustering space has no text halves)
     columns = coincide.transfer_columns(F, n_layers, cfg.transferability)
     bucket_ids = np.unique(buckets[size > 0])
-    items = [{"work": str(work / "buckets"), "bucket": int(b), "members": str(layout.members_file(stats, b)),
+    filled = np.flatnonzero(regroup_rows > 0)
+    items = [{"work": str(work / "buckets"), "bucket": filled[bucket_of_regroup[filled] == b].tolist(),
+              "members": str(layout.members_file(stats, b)),
               "means": str(work / "means" / f"{int(b):05d}.npy"), "sigma": float(cfg.sigma),
               "mean_columns": columns if reduced else None} for b in bucket_ids]
     D = np.full(k, np.nan)

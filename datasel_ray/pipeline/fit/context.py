@@ -122,16 +122,21 @@ def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, 
         (work / f"{int(b):05d}" / f"{partition_key}.parquet").write_parquet(pa.table(cols))
 
 
-def read_bucket(work: Location, bucket: int) -> dict[str, np.ndarray]:
-    """Every part file of one bucket as numpy columns, rows sorted by (cluster, row_id). The (row_id, cluster)
-    keys are read first; then each part file's other columns are scattered straight into their sorted places,
-    one part file at a time: the task holds the bucket once plus one part file, never a second sorted copy."""
+def read_bucket(work: Location, bucket: int | list[int]) -> dict[str, np.ndarray]:
+    """Every part file of one bucket (or of several, read as one) as numpy columns, rows sorted by (cluster,
+    row_id). The (row_id, cluster) keys are read first; then each part file's other columns are scattered
+    straight into their sorted places, one part file at a time: the task holds the bucket once plus one part
+    file, never a second sorted copy."""
     from datasel_ray.io.vectors import VectorType, vector_numpy
     from datasel_ray.pipeline.feature_store import column_to_numpy
 
-    files = (work / f"{int(bucket):05d}").list(".parquet")
-    if not files:
-        raise RuntimeError(f"{work}/{int(bucket):05d} has no part files: the regroup step did not finish")
+    parts = [bucket] if np.isscalar(bucket) else list(bucket)
+    files = []
+    for b in parts:
+        found = (work / f"{int(b):05d}").list(".parquet")
+        if not found:
+            raise RuntimeError(f"{work}/{int(b):05d} has no part files: the regroup step did not finish")
+        files.extend(found)
     keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER]) for f in files]
     ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)
     cluster = np.concatenate([column_to_numpy(k.column(layout.CLUSTER)) for k in keys]).astype(np.int64)
