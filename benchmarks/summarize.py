@@ -161,6 +161,39 @@ def quality_table(rec: dict) -> str:
     return "\n".join(rows)
 
 
+def quality_real_table(rec: dict) -> str:
+    m, p = rec["metrics"], rec["params"]
+    if "error" in m:
+        head = f"`quality_real` ({rec['date'][:10]}): failed or stopped: {m['error']}"
+        if not any(isinstance(v, dict) and "acc" in v for v in m.values()):
+            return head
+    else:
+        head = ""
+    proto = m.get("protocol", {})
+    rows = [head] if head else []
+    rows += [f"`quality_real` ({rec['date'][:10]}; {p['pool']} pool of {p['num_samples']} rows, duplicate rate "
+             f"{p['duplicate_rate']}, noise rate {p['noise_rate']}; seeds {p['seeds']}; {p['epochs']} epochs at batch "
+             f"{p['batch_size']}; {p['eval_samples']} held-out questions; warm-up preset {p['warmup_preset']}; "
+             f"{m.get('total_s', 0) / 60:.0f} min; full minus random@{p['budgets'].split(',')[0]} = "
+             f"{proto.get('full_minus_random15_rel_acc')} Rel points, discriminates: {proto.get('discriminates')})", "",
+             "| subset | rows | dup rate | noise rate | task coverage | held-out acc | acc / full acc x 100 | Rel (acc) | "
+             "held-out loss | Rel (loss) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    full_acc = m.get("full", {}).get("acc", {}).get("mean")
+    for key, val in m.items():
+        if not isinstance(val, dict) or "acc" not in val:
+            continue
+        ratio = "-" if key == "full" or not full_acc else f"{100 * val['acc']['mean'] / full_acc:.1f}"
+
+        def cell(name):
+            v = val.get(name)
+            if v is None or v.get("mean") is None:
+                return "-"
+            return f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("std") else f"{v['mean']:.3f}"
+        rows.append(f"| {key} | {cell('rows')} | {cell('dup')} | {cell('noise')} | {cell('coverage')} | "
+                    f"{cell('acc')} | {ratio} | {cell('rel_acc')} | {cell('loss')} | {cell('rel_loss')} |")
+    return "\n".join(rows)
+
+
 def duplicate_table(rec: dict) -> str:
     p = rec["params"]
     per_seed = rec["metrics"]["per_seed"]
@@ -181,6 +214,7 @@ def duplicate_table(rec: dict) -> str:
 def main() -> None:
     for name, fmt in (("bench_extract", extract_table), ("bench_gradients", gradients_table),
                       ("bench_select", select_table), ("bench_serve", serve_table), ("quality", quality_table),
+                      ("quality_real", quality_real_table),
                       ("duplicate_sensitivity", duplicate_table)):
         rec = latest(name)
         try:
