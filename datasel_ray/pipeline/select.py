@@ -10,6 +10,7 @@ vs the pool, method variant switches, and the per-task/per-cluster values the on
 from __future__ import annotations
 
 import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
