@@ -9,6 +9,7 @@ vs the pool, method variant switches, and the per-task/per-cluster values the on
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -114,7 +115,7 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
         else:
             fmt = detect_format(src.name) if configured == "auto" else configured
         if fmt in ("json", "jsonl"):
-            target.write_with(lambda f, raws=part.column(schema.RAW), fmt=fmt: _write_records(f, raws, fmt))
+            target.write_with(functools.partial(_write_records, raws=part.column(schema.RAW), fmt=fmt))
         else:
             target.write_parquet(read_parquet_records(src, part.column(schema.SOURCE_INDEX).to_numpy()))
         written.append(str(target))
