@@ -5,6 +5,7 @@ Usage: ``python benchmarks/summarize.py``.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -138,6 +139,14 @@ def serve_table(rec: dict) -> str:
     return "\n".join(rows)
 
 
+def _mean_std(entry: dict, name: str) -> str:
+    """``entry[name]`` (a ``{"mean", "std"}`` record field) as "mean ± std", the mean alone when std is 0, else "-"."""
+    v = entry.get(name)
+    if v is None or v.get("mean") is None:
+        return "-"
+    return f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("std") else f"{v['mean']:.3f}"
+
+
 def quality_table(rec: dict) -> str:
     m = rec["metrics"]
     p = rec["params"]
@@ -148,11 +157,7 @@ def quality_table(rec: dict) -> str:
     for key, val in m.items():
         if not isinstance(val, dict) or "loss" not in val:
             continue
-        def cell(name):
-            v = val.get(name)
-            if v is None or v.get("mean") is None:
-                return "-"
-            return f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("std") else f"{v['mean']:.3f}"
+        cell = functools.partial(_mean_std, val)
         rows.append(f"| {key} | {cell('rows')} | {cell('dup')} | {cell('noise')} | {cell('coverage')} | "
                     f"{cell('acc')} | {cell('rel_acc')} | {cell('loss')} | {cell('rel_loss')} |")
     skipped = p.get("skipped")
@@ -183,12 +188,7 @@ def quality_real_table(rec: dict) -> str:
         if not isinstance(val, dict) or "acc" not in val:
             continue
         ratio = "-" if key == "full" or not full_acc else f"{100 * val['acc']['mean'] / full_acc:.1f}"
-
-        def cell(name):
-            v = val.get(name)
-            if v is None or v.get("mean") is None:
-                return "-"
-            return f"{v['mean']:.3f} ± {v['std']:.3f}" if v.get("std") else f"{v['mean']:.3f}"
+        cell = functools.partial(_mean_std, val)
         rows.append(f"| {key} | {cell('rows')} | {cell('dup')} | {cell('noise')} | {cell('coverage')} | "
                     f"{cell('acc')} | {ratio} | {cell('rel_acc')} | {cell('loss')} | {cell('rel_loss')} |")
     return "\n".join(rows)
