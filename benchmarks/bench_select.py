@@ -166,19 +166,21 @@ print(json.dumps({{"state_rss_mb": (rss_loaded - rss0) / 2**20, "state_and_cache
 
 
 class TreeSampler(threading.Thread):
-    """Peak RSS of every process in a process tree (psutil), sampled every ``interval`` seconds."""
+    """Peak RSS of every process in a process tree (psutil), sampled every ``interval`` seconds. Each peak keeps
+    the process's command line and the seconds since the sampler started, both read when the peak was reached:
+    Ray retitles a worker to the task it runs (``ray::fn``), so the title at the peak names the step."""
 
     def __init__(self, pid: int, interval: float = 1.0):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
-        self.peaks: dict[int, tuple[str, float]] = {}
+        self.peaks: dict[int, tuple[str, float, float]] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
+        started = time.monotonic()
         root = psutil.Process(self.pid)
-        names: dict[int, str] = {}
         procs: dict[int, psutil.Process] = {}
         while not self.stop.is_set():
             try:
@@ -189,14 +191,15 @@ class TreeSampler(threading.Thread):
             for pid, p in list(procs.items()):
                 try:
                     rss = p.memory_info().rss / 2**20
-                    if pid not in names:  # the sampler's own cost: a command line is read once per process
-                        names[pid] = " ".join(p.cmdline()[:3])[-80:] or p.name()
-                    name = names[pid]
+                    previous = self.peaks.get(pid)
+                    # the sampler's own cost: a command line is read only when a peak grows by more than 2%
+                    if previous is None or rss > previous[1] * 1.02:
+                        name = " ".join(p.cmdline()[:3])[-80:] or p.name()
+                        self.peaks[pid] = (name, rss, round(time.monotonic() - started, 1))
+                    elif rss > previous[1]:
+                        self.peaks[pid] = (previous[0], rss, round(time.monotonic() - started, 1))
                 except psutil.Error:
                     procs.pop(pid, None)
-                    continue
-                if rss > self.peaks.get(p.pid, ("", 0.0))[1]:
-                    self.peaks[p.pid] = (name, rss)
             time.sleep(self.interval)
 
 
@@ -217,13 +220,14 @@ def run_cell(store: Path, method: str, overrides: dict, timeout: float) -> dict:
     sampler.join()
     seconds = time.monotonic() - started
     peaks = sorted(sampler.peaks.values(), key=lambda t: -t[1])
-    driver = sampler.peaks.get(proc.pid, ("", 0.0))[1]
+    driver = sampler.peaks.get(proc.pid, ("", 0.0, 0.0))[1]
     cell = {"method": method, "seconds": round(seconds, 2), "exit": proc.returncode,
             "driver_peak_rss_mb": round(driver, 1),
             "max_process_peak_rss_mb": round(max((p[1] for p in peaks), default=0.0), 1),
-            "max_other_process_peak_rss_mb": round(max((r for pid, (_, r) in sampler.peaks.items()
+            "max_other_process_peak_rss_mb": round(max((r for pid, (_, r, _) in sampler.peaks.items()
                                                         if pid != proc.pid), default=0.0), 1),
-            "top_processes": [{"process": n, "peak_rss_mb": round(r, 1)} for n, r in peaks[:6]]}
+            "top_processes": [{"process": n, "peak_rss_mb": round(r, 1), "peak_at_s": at}
+                              for n, r, at in peaks[:6]]}
     if proc.returncode != 0 or not out.exists() or not out.read_text():
         cell["error"] = log[-4000:]
     else:
