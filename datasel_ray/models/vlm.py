@@ -253,9 +253,9 @@ class VLMProcessor:
         return self.processor.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
-    def _text_ids(self, text: str) -> np.ndarray:
-        # the chat template renders BOS/EOS itself
-        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    def _text_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (one tokenizer call); no special tokens: the chat template renders BOS/EOS."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _encode(self, text: str, image) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]:
         out = self.processor(text=[text], images=[image] if image is not None else None,
@@ -292,15 +292,19 @@ class VLMProcessor:
         if image is not None and self.pad_colour is not None:
             image = expand2square(image, self.pad_colour)
         full_text = self.render(messages)
-        ids, pixels, image_inputs = self._encode(full_text, image)
-        to_full = self._prefix_mapper(self._text_ids(full_text), ids)
-        answer = np.zeros(ids.shape[0], dtype=bool)
+        # each assistant turn spans [the prefix before it + generation prompt, the prefix through it); all texts
+        # are tokenised in one call (the last turn's end is the full text)
+        texts = [full_text]
         for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = to_full(self._text_ids(self.render(messages[:k], add_generation_prompt=True)))
-            end = to_full(self._text_ids(self.render(messages[: k + 1])))
-            answer[start:end] = True
+            if message["role"] == "assistant":
+                texts.append(self.render(messages[:k], add_generation_prompt=True))
+                texts.append(full_text if k + 1 == len(messages) else self.render(messages[: k + 1]))
+        text_ids = self._text_ids(texts)
+        ids, pixels, image_inputs = self._encode(full_text, image)
+        to_full = self._prefix_mapper(text_ids[0], ids)
+        answer = np.zeros(ids.shape[0], dtype=bool)
+        for start_ids, end_ids in zip(text_ids[1::2], text_ids[2::2]):
+            answer[to_full(start_ids):to_full(end_ids)] = True
         image_mask = ids == self.image_token_id
         if image is not None and not image_mask.any():
             raise ChatTemplateError("the processor inserted no image token for a sample with an image")

@@ -26,6 +26,7 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.methods.registry import fitted_methods, get_method
 from datasel_ray.pipeline.executor import LocalExecutor
 from datasel_ray.pipeline.fit.context import FitContext
+from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.store import FeatureStore
 
 TASK_STAT_COLUMNS = {
@@ -91,10 +92,13 @@ def run_aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     (stats / layout.TASKS).write_parquet(table)
     result["tasks"] = table.num_rows
     timings["tasks"] = round(time.monotonic() - t0, 3)
+    del table
+    release_free_memory()
     for name in fitted_methods(cfg.select.methods, cfg.tive.enabled):
         t0 = time.monotonic()
         result[name] = get_method(name).fit(ctx)
         timings[name] = round(time.monotonic() - t0, 3)
+        release_free_memory()
     result["step_seconds"] = timings
     result["seconds"] = round(time.monotonic() - started, 3)
     (stats / layout.WORK).delete()

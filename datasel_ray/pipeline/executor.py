@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from datasel_ray.io.storage import Location
+from datasel_ray.pipeline.memory import release_free_memory
 
 __all__ = ["Executor", "LocalExecutor", "StoredResult", "load_result", "resumable_map"]
 
@@ -89,7 +90,10 @@ def _run_resumable(item: tuple[Callable, Any, str, bool]) -> dict[str, np.ndarra
         return None if stored else load_result(loc)
     result = fn(arg)
     save_result(loc, result)
-    return None if stored else result
+    if stored:
+        result = None
+    release_free_memory()  # a worker runs many tasks: the next one starts without this one's freed pages
+    return result
 
 
 def resumable_map(executor: Executor, fn: Callable[[Any], dict[str, np.ndarray]], items: Sequence[Any],

@@ -129,8 +129,21 @@ def groupby_aggregate_files(files: list[str], columns: list[str], key: str, aggr
     """Per-key statistics with Ray Data ``groupby(...).aggregate(...)`` over ``columns`` of parquet ``files``
     read by Ray Data (not by the driver); returns a pyarrow Table. ``aggregations`` maps a column to any of
     ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``."""
-    ds = ray.data.read_parquet(files, columns=columns)
-    return _to_table(ds.groupby(key).aggregate(*_aggregations(aggregations)))
+    return _to_table(_read_parquet_v1(files, columns).groupby(key).aggregate(*_aggregations(aggregations)))
+
+
+def _read_parquet_v1(files: list[str], columns: list[str]) -> "ray.data.Dataset":
+    """``ray.data.read_parquet`` through Ray Data's V1 parquet datasource. The V2 datasource (Ray 2.60's
+    default) keeps state per file read in its read worker, so that worker's memory grows with the number of
+    feature shards even when only scalar columns are read (``bench_select`` records it as the largest process);
+    V1 reads each file's projected columns and lets them go. The choice is made when the plan is built."""
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(files, columns=columns)
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def _to_table(ds: "ray.data.Dataset"):

@@ -25,6 +25,7 @@ from datasel_ray.io import layout
 from datasel_ray.methods.registry import get_method
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.fit.context import FitContext
+from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.progress import Progress
 
 
@@ -66,6 +67,10 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
                layout.SELECTED: is_selected}
     out.mkdir()
     (out / layout.SCORES).write_parquet(pa.table(columns))
+    thresholds = _task_thresholds(names, codes, choice.columns[layout.SCORE], np.unique(selected))
+    method_summary = choice.summary
+    del columns, choice, is_selected, task_column  # the score columns are on disk: free them before the subset
+    release_free_memory()
     selected_ids = np.sort(store.row_ids[selected]).astype(np.int64)
     (out / layout.SELECTED_IDS).write_npy(selected_ids)
     subset_files = write_subset(ctx.run_dir, out / layout.SUBSET, selected_ids)
@@ -79,12 +84,12 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
         "unique_selected": int(len(np.unique(selected))),
         "task_counts": _task_counts(names, codes[selected]),
         "pool_task_counts": _task_counts(names, codes),
-        "task_score_threshold": _task_thresholds(names, codes, choice.columns[layout.SCORE], np.unique(selected)),
+        "task_score_threshold": thresholds,
         "subset_files": subset_files,
         "seed": ctx.cfg.seed,
         "executor": ctx.executor.name,
         "seconds": round(time.monotonic() - started, 3),
-        **choice.summary,
+        **method_summary,
     }
     (out / layout.SUMMARY).write_json(summary)
     return summary
@@ -166,6 +171,7 @@ def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     for method in methods:
         summary = select_method(ctx, method, budget)
         results[method] = {k: summary[k] for k in ("selected", "budget_rows", "seconds")}
+        release_free_memory()
         progress.update(1)
     progress.finish()
     return results

@@ -21,6 +21,7 @@ from datasel_ray.io import layout
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.pipeline.executor import Executor, resumable_map
+from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.progress import Progress
 from datasel_ray.pipeline.store import FeatureStore
 
@@ -71,6 +72,7 @@ class FitContext:
         out = resumable_map(self.executor, fn, items, keys, work or self.work(step), progress=progress,
                             stored=stored)
         progress.finish()
+        release_free_memory()
         return out
 
     def scalars(self, columns: list[str]) -> dict[str, np.ndarray]:

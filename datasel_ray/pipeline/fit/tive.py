@@ -112,8 +112,9 @@ def select(ctx: FitContext, budget: int) -> MethodSelection:
                                                                      cfg.sampling)
         prob[members] = tive.inclusion_probability(inst[members], k_t, cfg.temperature, cfg.sampling)
         kappa[name] = k_t
-    columns = {"instance_value": inst.astype(np.float64), "task_value": values[codes],
-               "inclusion_probability": prob, layout.SCORE: inst.astype(np.float64)}
+    value = inst.astype(np.float64)  # one array behind both columns
+    columns = {"instance_value": value, "task_value": values[codes], "inclusion_probability": prob,
+               layout.SCORE: value}
     summary = {"task_value_mode": cfg.task_value, "overflow": cfg.overflow, "sampling": cfg.sampling,
                "temperature": float(cfg.temperature), "sampling_seed": int(seed),
                "task_budget": dict(zip(names, budgets.tolist())),
