@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -100,19 +101,19 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
 
     ``selected_ids``: (K,) int64 row ids. The format of each source file is the one ingest read it in
     (``samples/pool_files.json``), so a pool ``data.txt`` ingested with ``pool.format: jsonl`` comes back as
-    JSONL under the same name. Parquet sources are read back row group by row group, only the groups holding
-    a selected row.
+    JSONL under the same name. JSON/JSONL records stream from ``samples/`` one shard at a time when the shards
+    hold a source's rows in source order (as ingest writes them); otherwise that source's selected records are
+    held and sorted. Parquet sources are read back row group by row group, only the groups holding a selected
+    row.
     """
     from datasel_ray.io.pool import POOL_FILES, read_parquet_records, read_pool_files
 
-    rows = _selected_samples(run_dir, selected_ids)
+    keys = _selected_keys(run_dir, selected_ids)
     recorded = read_pool_files(run_dir / "samples" / POOL_FILES)
     # run directories ingested before pool_files.json existed: the configured format, else the suffix
     configured = run_dir.load_manifest().get("config", {}).get("pool", {}).get("format", "auto")
     written = []
-    for source in sorted(set(rows.column(schema.SOURCE_FILE).to_pylist())):
-        part = rows.filter(pc.equal(rows.column(schema.SOURCE_FILE), source))
-        part = part.sort_by(schema.SOURCE_INDEX)
+    for source in sorted({name for part in keys for name in part.sources}):
         src = Location.parse(source)
         target = out / src.name
         if source in recorded:
@@ -120,42 +121,75 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
         else:
             fmt = detect_format(src.name) if configured == "auto" else configured
         if fmt in ("json", "jsonl"):
-            target.write_with(functools.partial(_write_records, raws=part.column(schema.RAW), fmt=fmt))
+            target.write_with(functools.partial(_write_records, raws=_source_records(keys, source), fmt=fmt))
         else:
-            target.write_parquet(read_parquet_records(src, part.column(schema.SOURCE_INDEX).to_numpy()))
+            indices = np.concatenate([part.index[part.source == part.sources.index(source)] for part in keys
+                                      if source in part.sources])
+            target.write_parquet(read_parquet_records(src, np.sort(indices)))
         written.append(str(target))
     return written
 
 
-def _write_records(f, raws: pa.ChunkedArray, fmt: str, batch: int = 4096) -> None:
-    """The raw JSON records ``raws`` as a JSON array (``fmt`` json) or one per line (jsonl), into binary file
-    ``f`` a batch at a time."""
-    sep, first, last = (",\n", "[\n", "\n]\n") if fmt == "json" else ("\n", "", "\n")
-    if fmt == "json" or len(raws):
-        f.write(first.encode())
-    for start in range(0, len(raws), batch):
-        text = sep.join(raws.slice(start, batch).to_pylist())
-        f.write(((sep if start else "") + text).encode("utf-8"))
-    if fmt == "json" or len(raws):
-        f.write(last.encode())
+@dataclass
+class _ShardKeys:
+    """The selected rows of one ``samples/`` shard: their positions in it, source file codes into
+    ``sources``, and source indices."""
+
+    file: Location
+    positions: np.ndarray
+    sources: list[str]
+    source: np.ndarray
+    index: np.ndarray
 
 
-def _selected_samples(run_dir: RunDir, selected_ids: np.ndarray) -> pa.Table:
-    """Rows of ``samples/`` whose id is in ``selected_ids`` (row id, raw record, source file and index), read
-    one shard at a time: only the selected rows' raw records are held, never the pool's."""
-    columns = [schema.ROW_ID, schema.RAW, schema.SOURCE_FILE, schema.SOURCE_INDEX]
+def _selected_keys(run_dir: RunDir, selected_ids: np.ndarray) -> list[_ShardKeys]:
+    """Per ``samples/`` shard holding a selected row, the keys of its selected rows (no raw record is read)."""
     files = (run_dir / "samples").list(".parquet")
     if not files:
         raise RuntimeError(f"No parquet files in {run_dir / 'samples'}: run the ingest phase first")
-    parts = []
+    out = []
     for f in files:
-        ids = column_to_numpy(f.read_parquet([schema.ROW_ID]).column(schema.ROW_ID))
-        keep = np.isin(ids, selected_ids)
-        if keep.any():
-            parts.append(f.read_parquet(columns).filter(pa.array(keep)))
-    if not parts:
-        return f.read_parquet(columns).slice(0, 0)
-    return pa.concat_tables(parts, promote_options="default")
+        table = f.read_parquet([schema.ROW_ID, schema.SOURCE_FILE, schema.SOURCE_INDEX])
+        positions = np.flatnonzero(np.isin(column_to_numpy(table.column(schema.ROW_ID)), selected_ids))
+        if not len(positions):
+            continue
+        names = table.column(schema.SOURCE_FILE).take(pa.array(positions))
+        if pa.types.is_dictionary(names.type):
+            names = names.cast(pa.string())
+        sources = pc.dictionary_encode(names).combine_chunks()
+        out.append(_ShardKeys(f, positions, sources.dictionary.to_pylist(),
+                              sources.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+                              column_to_numpy(table.column(schema.SOURCE_INDEX))[positions].astype(np.int64)))
+    return out
+
+
+def _source_records(keys: list[_ShardKeys], source: str):
+    """Raw records of ``source``'s selected rows in source order: an iterator of string chunks, one shard's
+    worth at a time when the shards are in source order for this source, else one sorted chunk."""
+    parts = [(part, part.source == part.sources.index(source)) for part in keys if source in part.sources]
+    order = np.concatenate([part.index[mine] for part, mine in parts])
+    if np.all(np.diff(order) > 0):
+        return (part.file.read_parquet([schema.RAW]).column(schema.RAW).take(pa.array(part.positions[mine]))
+                for part, mine in parts)
+    raws = pa.concat_arrays([part.file.read_parquet([schema.RAW]).column(schema.RAW).combine_chunks()
+                             .take(pa.array(part.positions[mine])) for part, mine in parts])
+    return iter([raws.take(pa.array(np.argsort(order, kind="stable")))])
+
+
+def _write_records(f, raws, fmt: str, batch: int = 4096) -> None:
+    """The raw JSON records ``raws`` (an iterable of string arrays, in output order) as a JSON array (``fmt``
+    json) or one per line (jsonl), into binary file ``f`` a batch at a time."""
+    sep, first, last = (",\n", "[\n", "\n]\n") if fmt == "json" else ("\n", "", "\n")
+    wrote = False
+    if fmt == "json":
+        f.write(first.encode())
+    for chunk in raws:
+        for start in range(0, len(chunk), batch):
+            text = sep.join(chunk.slice(start, batch).to_pylist())
+            f.write(((sep if wrote else "") + text).encode("utf-8"))
+            wrote = True
+    if fmt == "json" or wrote:
+        f.write(last.encode())
 
 
 def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:

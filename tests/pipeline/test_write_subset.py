@@ -72,3 +72,22 @@ def test_run_dirs_without_a_recorded_format_use_the_configured_one(tmp_path, ray
     (rd / "samples" / POOL_FILES).delete()
     write_subset(rd, rd / "subset", np.array([3], dtype=np.int64))
     assert [json.loads(x) for x in (rd / "subset" / "data.txt").read_text().splitlines()] == [records[3]]
+
+
+def test_shards_out_of_source_order_still_give_source_order(tmp_path, ray_local):
+    """Ingest writes shards in source order, and the subset streams them; shards listed in another order are
+    held and sorted instead, with the same output."""
+    records = _records(12, "o")
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    rd = _ingest(path, tmp_path / "run", format="jsonl")
+    shards = sorted((tmp_path / "run" / "samples").glob("*.parquet"))
+    assert len(shards) >= 3
+    first, last = shards[0], shards[-1]
+    swap = first.with_name("swap.tmp")
+    first.rename(swap)
+    last.rename(first)
+    swap.rename(last)
+    write_subset(rd, rd / "subset", np.array([11, 0, 6, 1], dtype=np.int64))
+    lines = (rd / "subset" / "pool.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [records[0], records[1], records[6], records[11]]
