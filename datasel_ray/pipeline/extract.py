@@ -33,6 +33,7 @@ from datasel_ray.io.validation import quarantine_row
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.feature_store import vector_column
 from datasel_ray.pipeline.ingest import QUARANTINE_SCHEMA
+from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.progress import Progress
 
 SAMPLE_COLUMNS = [schema.ROW_ID, schema.TASK, schema.N_TURNS, schema.CONVERSATIONS, schema.IMAGE_PATH,
@@ -103,6 +104,7 @@ class ShardExtractStage:
             n_ok, n_bad = self.process(str(shard_id), pickle.loads(payload))
             rows.append(n_ok + n_bad)
             failed.append(n_bad)
+            release_free_memory()  # an actor runs every shard: it keeps no shard's freed activation pages
         return {"shard_id": batch["shard_id"], "rows": np.array(rows), "failed": np.array(failed)}
 
     def process(self, shard_id: str, data: dict) -> tuple[int, int]:

@@ -125,25 +125,29 @@ def _aggregations(aggregations: dict[str, list[str]]) -> list:
     return aggs
 
 
-def groupby_aggregate_files(files: list[str], columns: list[str], key: str, aggregations: dict[str, list[str]]):
-    """Per-key statistics with Ray Data ``groupby(...).aggregate(...)`` over ``columns`` of parquet ``files``
-    read by Ray Data (not by the driver); returns a pyarrow Table. ``aggregations`` maps a column to any of
-    ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``."""
-    return _to_table(_read_parquet_v1(files, columns).groupby(key).aggregate(*_aggregations(aggregations)))
+def groupby_aggregate_files(files: list[str], columns: list[str], key: str, aggregations: dict[str, list[str]],
+                            files_per_block: int = 32):
+    """Per-key statistics with Ray Data ``groupby(...).aggregate(...)`` over ``columns`` of parquet ``files``,
+    read in Ray Data tasks of ``files_per_block`` files each (not by the driver); returns a pyarrow Table.
+    ``aggregations`` maps a column to any of ``count``, ``sum``, ``mean``, ``std``, ``min``, ``max``.
+
+    The files are read by this module's own map tasks rather than ``ray.data.read_parquet``: its V2 datasource
+    (Ray 2.60's default) keeps state per file in its read worker and V1 reads every file's footer in the driver,
+    so either's memory grows with the number of feature shards even when only scalar columns are read."""
+    groups = [files[i:i + files_per_block] for i in range(0, len(files), files_per_block)]
+    ds = ray.data.from_items([{"files": g} for g in groups], override_num_blocks=max(1, len(groups)))
+    ds = ds.map_batches(_read_parquet_columns, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow")
+    return _to_table(ds.groupby(key).aggregate(*_aggregations(aggregations)))
 
 
-def _read_parquet_v1(files: list[str], columns: list[str]) -> "ray.data.Dataset":
-    """``ray.data.read_parquet`` through Ray Data's V1 parquet datasource. The V2 datasource (Ray 2.60's
-    default) keeps state per file read in its read worker, so that worker's memory grows with the number of
-    feature shards even when only scalar columns are read (``bench_select`` records it as the largest process);
-    V1 reads each file's projected columns and lets them go. The choice is made when the plan is built."""
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    context.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(files, columns=columns)
-    finally:
-        context.use_datasource_v2 = previous
+def _read_parquet_columns(batch, columns: list[str]):
+    """Map task of :func:`groupby_aggregate_files`: ``columns`` of the batch's parquet files, as one table."""
+    import pyarrow as pa
+
+    from datasel_ray.io.storage import Location
+
+    return pa.concat_tables([Location.parse(path).read_parquet(columns)
+                             for paths in batch.column("files").to_pylist() for path in paths])
 
 
 def _to_table(ds: "ray.data.Dataset"):
