@@ -44,6 +44,7 @@ no answer token gets a zero gradient, ``grad_norm = 0``, a zero projection and `
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -228,11 +229,22 @@ class LoraGradientFeaturizer:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         model = self.model
+        # The LM head and the CE run only at the positions whose next token is an answer token in some sample of
+        # the batch (HF causal LMs take them as ``logits_to_keep``): full-vocabulary logits at every position
+        # are most of a vmapped pass's memory. Same loss: every other position has label -100 in every sample.
+        keep = None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+            keep = torch.nonzero((labels[:, 1:] != -100).any(dim=0)).flatten()
+            keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
+        head = {} if keep is None else {"logits_to_keep": keep}
 
         def loss_fn(p, emb, m4, pos, lab):
             out = functional_call(model, p, args=(), kwargs=dict(
-                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False))
-            return answer_token_loss(out.logits[0], lab)
+                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False, **head))
+            if keep is None:
+                return answer_token_loss(out.logits[0], lab)
+            return masked_mean_cross_entropy(out.logits[0], lab[keep + 1])
 
         with _text_attention(self.model, self.vmap_attention):
             mask4 = self._prepared_mask(mask, embeds.dtype)
@@ -369,9 +381,14 @@ def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     Computed in fp32 as ``sum(CE * valid) / max(#valid, 1)`` (no data-dependent branch, so it is vmappable);
     0 with a zero gradient when the sample has no answer token.
     """
-    target = labels[1:]
+    return masked_mean_cross_entropy(logits[:-1], labels[1:])
+
+
+def masked_mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sum(CE * valid) / max(#valid, 1)`` in fp32: logits [K, V] predicting target int64 [K], -100 = not an
+    answer token (the formula of :func:`answer_token_loss`, on already-aligned positions)."""
     valid = target != -100
-    ce = F.cross_entropy(logits[:-1].float(), target.clamp(min=0), reduction="none")
+    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
     return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 
