@@ -123,7 +123,7 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
         if fmt in ("json", "jsonl"):
             target.write_with(functools.partial(_write_records, raws=_source_records(keys, source), fmt=fmt))
         else:
-            indices = np.concatenate([part.index[part.source == part.sources.index(source)] for part in keys
+            indices = np.concatenate([part.index[part.source_code == part.sources.index(source)] for part in keys
                                       if source in part.sources])
             target.write_parquet(read_parquet_records(src, np.sort(indices)))
         written.append(str(target))
@@ -132,13 +132,13 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
 
 @dataclass
 class _ShardKeys:
-    """The selected rows of one ``samples/`` shard: their positions in it, source file codes into
-    ``sources``, and source indices."""
+    """The selected rows of one ``samples/`` shard: their positions in it, their source files (``source_code``
+    into ``sources``) and their indices in those files."""
 
     file: Location
     positions: np.ndarray
     sources: list[str]
-    source: np.ndarray
+    source_code: np.ndarray
     index: np.ndarray
 
 
@@ -166,7 +166,7 @@ def _selected_keys(run_dir: RunDir, selected_ids: np.ndarray) -> list[_ShardKeys
 def _source_records(keys: list[_ShardKeys], source: str):
     """Raw records of ``source``'s selected rows in source order: an iterator of string chunks, one shard's
     worth at a time when the shards are in source order for this source, else one sorted chunk."""
-    parts = [(part, part.source == part.sources.index(source)) for part in keys if source in part.sources]
+    parts = [(part, part.source_code == part.sources.index(source)) for part in keys if source in part.sources]
     order = np.concatenate([part.index[mine] for part, mine in parts])
     if np.all(np.diff(order) > 0):
         return (part.file.read_parquet([schema.RAW]).column(schema.RAW).take(pa.array(part.positions[mine]))
