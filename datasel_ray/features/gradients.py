@@ -159,6 +159,8 @@ class LoraGradientFeaturizer:
         self.device = self.params[0].device
         self.image_token_id = _image_token_id(model)
         self._lm_name, reason = self._vmap_support()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         if method == "vmap" and reason:
             raise ValueError(f"method='vmap' is not supported for this model: {reason}")
         self.method = method if method != "auto" else (_AUTO_PREFERENCE if not reason else "loop")
@@ -233,8 +235,7 @@ class LoraGradientFeaturizer:
         # the batch (HF causal LMs take them as ``logits_to_keep``): full-vocabulary logits at every position
         # are most of a vmapped pass's memory. Same loss: every other position has label -100 in every sample.
         keep = None
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        if self._keeps_logits:
             keep = torch.nonzero((labels[:, 1:] != -100).any(dim=0)).flatten()
             keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=labels.device)
         head = {} if keep is None else {"logits_to_keep": keep}

@@ -123,8 +123,7 @@ def write_subset(run_dir: RunDir, out: Location, selected_ids: np.ndarray) -> li
         if fmt in ("json", "jsonl"):
             target.write_with(functools.partial(_write_records, raws=_source_records(keys, source), fmt=fmt))
         else:
-            indices = np.concatenate([part.index[part.source_code == part.sources.index(source)] for part in keys
-                                      if source in part.sources])
+            indices = np.concatenate([part.index[part.of(source)] for part in keys if source in part.sources])
             target.write_parquet(read_parquet_records(src, np.sort(indices)))
         written.append(str(target))
     return written
@@ -140,6 +139,10 @@ class _ShardKeys:
     sources: list[str]
     source_code: np.ndarray
     index: np.ndarray
+
+    def of(self, source: str) -> np.ndarray:
+        """bool mask over this shard's selected rows: those read from ``source``."""
+        return self.source_code == self.sources.index(source)
 
 
 def _selected_keys(run_dir: RunDir, selected_ids: np.ndarray) -> list[_ShardKeys]:
@@ -166,7 +169,7 @@ def _selected_keys(run_dir: RunDir, selected_ids: np.ndarray) -> list[_ShardKeys
 def _source_records(keys: list[_ShardKeys], source: str):
     """Raw records of ``source``'s selected rows in source order: an iterator of string chunks, one shard's
     worth at a time when the shards are in source order for this source, else one sorted chunk."""
-    parts = [(part, part.source_code == part.sources.index(source)) for part in keys if source in part.sources]
+    parts = [(part, part.of(source)) for part in keys if source in part.sources]
     order = np.concatenate([part.index[mine] for part, mine in parts])
     if np.all(np.diff(order) > 0):
         return (part.file.read_parquet([schema.RAW]).column(schema.RAW).take(pa.array(part.positions[mine]))
