@@ -29,7 +29,7 @@ Protocol (issue #14, item 4; the papers' protocol, scaled to a CPU):
 Any failure fails the benchmark: the record holds ``metrics.error`` and the script exits with status 1. Prints one
 JSON record and appends it, dated, to ``benchmarks/results/quality_real.jsonl``. A run stopped early leaves the
 aggregate of its finished seeds in ``WORKDIR/partial.json``; ``--emit-partial`` (same arguments) records it with
-``metrics.error`` naming the seeds completed.
+``metrics.error`` naming the seeds completed, and exits with status 1 (a stopped run is a failed run).
 """
 
 from __future__ import annotations
@@ -236,9 +236,10 @@ def main(argv=None) -> dict:
     if args.emit_partial:
         partial = json.loads((workdir / "partial.json").read_text())
         seeds_done = partial.pop("seeds_completed", None) or [int(x) for x in args.seeds.split(",")]
-        return emit_record("quality_real", params, {
+        emit_record("quality_real", params, {
             **partial, "error": f"stopped before every seed finished: seeds completed {seeds_done}. {args.note}"},
             save=not args.no_save)
+        sys.exit(1)  # a stopped run is a failed run
     try:
         metrics = run(args, workdir, timings)
     except Exception as exc:  # noqa: BLE001 - any failure fails the benchmark, recorded with its error
