@@ -170,7 +170,7 @@ def quality_real_table(rec: dict) -> str:
     m, p = rec["metrics"], rec["params"]
     if "error" in m:
         head = f"`quality_real` ({rec['date'][:10]}): failed or stopped: {m['error']}"
-        if not any(isinstance(v, dict) and "acc" in v for v in m.values()):
+        if not any(isinstance(v, dict) and "loss" in v for v in m.values()):
             return head
     else:
         head = ""
@@ -180,12 +180,13 @@ def quality_real_table(rec: dict) -> str:
              f"{p['duplicate_rate']}, noise rate {p['noise_rate']}; seeds {p['seeds']}; {p['epochs']} epochs at batch "
              f"{p['batch_size']}; {p['eval_samples']} held-out questions; warm-up preset {p['warmup_preset']}; "
              f"{m.get('total_s', 0) / 60:.0f} min; full minus random@{p['budgets'].split(',')[0]} = "
-             f"{proto.get('full_minus_random15_rel_acc')} Rel points, discriminates: {proto.get('discriminates')})", "",
+             f"{proto.get('full_minus_random_rel', proto.get('full_minus_random15_rel_acc'))} points of Rel "
+             f"({proto.get('metric', 'acc')}), discriminates: {proto.get('discriminates')})", "",
              "| subset | rows | dup rate | noise rate | task coverage | held-out acc | acc / full acc x 100 | Rel (acc) | "
              "held-out loss | Rel (loss) |", "|---|---|---|---|---|---|---|---|---|---|"]
     full_acc = m.get("full", {}).get("acc", {}).get("mean")
     for key, val in m.items():
-        if not isinstance(val, dict) or "acc" not in val:
+        if not isinstance(val, dict) or "loss" not in val:
             continue
         ratio = "-" if key == "full" or not full_acc else f"{100 * val['acc']['mean'] / full_acc:.1f}"
         cell = functools.partial(_mean_std, val)

@@ -284,7 +284,7 @@ def greedy_answer(model, processor: VLMProcessor, prepared: PreparedSample, star
 
 @torch.no_grad()
 def evaluate_answers(model, processor: VLMProcessor, samples: Sequence[dict], batch_size: int = 32,
-                     max_length: int | None = None, verify: bool = False) -> dict:
+                     max_length: int | None = None, verify: bool = False, accuracy: bool = True) -> dict:
     """Per-task exact-match accuracy of greedy answers and mean answer loss on held-out ``samples``.
 
     Every assistant turn is one item, answered with the gold conversation before it as context (teacher-forced
@@ -295,7 +295,9 @@ def evaluate_answers(model, processor: VLMProcessor, samples: Sequence[dict], ba
     end-of-turn token included, equals the gold token, greedy decoding reproduces the gold answer token for
     token, so the item is correct without generating. Only the other items are decoded with
     the KV-cached :func:`greedy_answer` (they may still match after normalisation, e.g. a different tokenisation of the same
-    text). ``verify=True`` decodes every item (the reference path; tests compare the two).
+    text). ``verify=True`` decodes every item (the reference path; tests compare the two). ``accuracy=False``
+    measures the loss only: nothing is decoded and every accuracy is NaN (for free-form answers, where exact
+    match says nothing and decoding is the evaluation's cost).
 
     Returns ``{"accuracy": {task: acc}, "loss": {task: mean CE over answer tokens of the task's samples,
     each sample weighted equally}, "n_items": {task: n}, "n_samples": {task: n}, "accuracy_mean": mean over
@@ -322,6 +324,8 @@ def evaluate_answers(model, processor: VLMProcessor, samples: Sequence[dict], ba
             pos = pos[pos >= 1]
             if pos.numel():
                 losses[task].append(float(F.cross_entropy(logits[b, pos - 1], ids[pos].to(logits.device))))
+            if not accuracy:
+                continue
             gold_texts = _gold_answers(sample)
             for k, (start, end) in enumerate(_answer_spans(prep.answer_mask)):
                 if start < 1:
@@ -340,14 +344,14 @@ def evaluate_answers(model, processor: VLMProcessor, samples: Sequence[dict], ba
             text = greedy_answer(model, processor, *item)
             correct[task][slot] = normalize_answer(text) == normalize_answer(gold)
     tasks = sorted(set(correct) | set(losses))
-    accuracy = {t: float(np.mean(correct[t])) if correct[t] else math.nan for t in tasks}
+    acc = {t: float(np.mean(correct[t])) if correct[t] else math.nan for t in tasks}
     loss = {t: float(np.mean(losses[t])) if losses[t] else math.nan for t in tasks}
     return {
-        "accuracy": accuracy,
+        "accuracy": acc,
         "loss": loss,
         "n_items": {t: len(correct[t]) for t in tasks},
         "n_samples": {t: len(losses[t]) for t in tasks},
-        "accuracy_mean": float(np.nanmean(list(accuracy.values()))) if tasks else math.nan,
+        "accuracy_mean": float(np.nanmean(list(acc.values()))) if accuracy and tasks else math.nan,
         "loss_mean": float(np.nanmean(list(loss.values()))) if tasks else math.nan,
     }
 

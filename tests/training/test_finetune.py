@@ -95,3 +95,6 @@ def test_evaluate_answers_exact_match_hand_case(random_tiny):
     slow = evaluate_answers(model, processor, held, verify=True)
     assert slow["accuracy"] == fast["accuracy"]
     assert all(math.isclose(slow["loss"][t], fast["loss"][t], rel_tol=1e-4) for t in fast["loss"])
+    loss_only = evaluate_answers(model, processor, held, batch_size=3, accuracy=False)
+    assert loss_only["loss"] == pytest.approx(fast["loss"], rel=1e-6)
+    assert all(math.isnan(v) for v in loss_only["accuracy"].values()) and math.isnan(loss_only["accuracy_mean"])
