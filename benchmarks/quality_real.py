@@ -204,7 +204,7 @@ def run(args, workdir: Path, timings: dict) -> dict:
         per_seed.append(out)
         print(f"quality_real: seed {seed} done after {time.perf_counter() - t0:.0f}s", flush=True)
         (workdir / "partial.json").write_text(json.dumps(
-            {**_aggregate(per_seed, budgets), "seeds_completed": seeds[:len(per_seed)],
+            {**_aggregate(per_seed, budgets, args.metric), "seeds_completed": seeds[:len(per_seed)],
              "timings_s": timings}, default=str))
     timings["train_eval_s"] = round(time.perf_counter() - t0, 1)
     return _aggregate(per_seed, budgets, args.metric)
