@@ -83,17 +83,13 @@ class StoredResult(Mapping):
         return len(self._names)
 
 
-def _run_resumable(item: tuple[Callable, Any, str, bool]) -> dict[str, np.ndarray] | None:
-    fn, arg, path, stored = item
+def _run_resumable(item: tuple[Callable, Any, str]) -> None:
+    fn, arg, path = item
     loc = Location.parse(path)
     if loc.exists():
-        return None if stored else load_result(loc)
-    result = fn(arg)
-    save_result(loc, result)
-    if stored:
-        result = None
+        return
+    save_result(loc, fn(arg))
     release_free_memory()  # a worker runs many tasks: the next one starts without this one's freed pages
-    return result
 
 
 def resumable_map(executor: Executor, fn: Callable[[Any], dict[str, np.ndarray]], items: Sequence[Any],
@@ -101,14 +97,15 @@ def resumable_map(executor: Executor, fn: Callable[[Any], dict[str, np.ndarray]]
     """``executor.map(fn, items)`` where item ``i``'s result is stored at ``work/<keys[i]>.npz`` once computed.
 
     ``fn`` returns a dict of numpy arrays (per-partition partials, never a feature column). Items whose result
-    file exists (a resumed run of the same phase config) are loaded, not recomputed. ``stored``: results do not
-    travel back to the caller; it gets :class:`StoredResult` views of the files instead (for partials too large
-    to hold for every partition at once).
+    file exists (a resumed run of the same phase config) are not recomputed. Results come back through those
+    files, never through the executor (a Ray object the caller reads stays mapped into its resident memory as
+    shared pages after it is freed, so results read that way grow the driver with the number of partitions):
+    ``stored=False`` loads every result; ``stored=True`` gives :class:`StoredResult` views of the files instead
+    (for partials too large to hold for every partition at once).
     """
     if len(keys) != len(items) or len(set(keys)) != len(keys):
         raise ValueError("resumable_map needs one unique key per item")
     work.mkdir()
     paths = [str(work / f"{key}.npz") for key in keys]
-    results = executor.map(_run_resumable, [(fn, item, path, stored) for item, path in zip(items, paths)],
-                           progress=progress)
-    return [StoredResult(Location.parse(p)) for p in paths] if stored else results
+    executor.map(_run_resumable, [(fn, item, path) for item, path in zip(items, paths)], progress=progress)
+    return [(StoredResult if stored else load_result)(Location.parse(p)) for p in paths]

@@ -17,6 +17,8 @@ def test_stored_results_equal_returned_results_and_read_lazily(tmp_path):
     returned = resumable_map(LocalExecutor(), _partials, [1, 2, 3], ["a", "b", "c"], work / "one")
     stored = resumable_map(LocalExecutor(), _partials, [1, 2, 3], ["a", "b", "c"], work / "two", stored=True)
     assert all(isinstance(r, StoredResult) for r in stored)
+    for item, r in zip([1, 2, 3], returned):  # item order, the values fn returned
+        np.testing.assert_array_equal(r["sums"], _partials(item)["sums"])
     for r, s in zip(returned, stored):
         assert set(s) == {"sums", "count"} and "sums" in s and "missing" not in s and len(s) == 2
         np.testing.assert_array_equal(s["sums"], r["sums"])

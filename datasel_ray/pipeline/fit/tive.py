@@ -5,7 +5,7 @@ Where each step runs:
 1. *driver*: gradient norms (scalars) → task values v_t (Eq. 4);
 2. *shard-group tasks*: per-task sums of the row-normalised projected gradients (mergeable partials; groups of a
    fixed :data:`SUM_GROUP_SHARDS` shards, summed in shard order, so the task means do not depend on partitioning);
-   *driver*: merge in group order → task-mean gradients (Eq. 3);
+   *driver*: merge in group order, one partial file at a time → task-mean gradients (Eq. 3);
 3. *partition tasks* (hold only the T task means): instance values ``I_i = ĝ_i · mean_t`` (Eq. 3);
 4. select — *driver*: task budgets ∝ v_t, the seeded within-task draw (Sec. 3.3) and each row's inclusion
    probability under that draw (:func:`~datasel_ray.methods.tive.inclusion_probability`).
@@ -64,7 +64,8 @@ def fit(ctx: FitContext) -> dict:
     items = [{"files": [store.files[s] for s in g], "codes": [store.task_codes[store.shard_pos[s]] for s in g],
               "n_tasks": T, "width": k} for g in groups]
     total = np.zeros((T, k))
-    for r in ctx.map("tive:task-sums", _task_sums, items, [f"{i:05d}" for i in range(len(groups))]):
+    # stored: each T x k partial is read from its file when it is added (not all held at once)
+    for r in ctx.map("tive:task-sums", _task_sums, items, [f"{i:05d}" for i in range(len(groups))], stored=True):
         total += r["sums"]
     means = total / np.maximum(sizes, 1)[:, None]
     (stats / layout.TASK_MEAN_GRAD).write_npy(means.astype(np.float32))
@@ -76,7 +77,7 @@ def fit(ctx: FitContext) -> dict:
               "codes": [store.task_codes[store.shard_pos[s]] for s in p.shards], "means": str(means_path)}
              for p in parts]
     inst = np.empty(store.n, dtype=np.float32)
-    for r in ctx.map("tive:instance-values", _instance_values, items, [p.key for p in parts]):
+    for r in ctx.map("tive:instance-values", _instance_values, items, [p.key for p in parts], stored=True):
         inst[r["pos"]] = r["value"]
     (stats / layout.TASKS).write_parquet(pa.table({
         schema.TASK: pa.array(store.task_names.astype(str)), layout.SIZE: sizes, "task_value": values,
