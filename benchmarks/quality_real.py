@@ -223,7 +223,7 @@ def _aggregate(per_seed: list[dict], budgets: list[float], metric: str) -> dict:
             vals = [s[key][field] for s in per_seed
                     if s[key].get(field) is not None and not math.isnan(s[key][field])]
             if vals:
-                entry[field] = {"mean": round(float(np.nanmean(vals)), 4), "std": round(float(np.nanstd(vals)), 4)}
+                entry[field] = {"mean": round(float(np.mean(vals)), 4), "std": round(float(np.std(vals)), 4)}
         for field in ("acc_by_task", "loss_by_task"):
             by_task = {t: [s[key][field].get(t, math.nan) for s in per_seed] for t in per_seed[0][key][field]}
             entry[field] = {t: round(float(np.nanmean(v)), 4) for t, v in by_task.items()
