@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("DATASEL_HOME", tempfile.mkdtemp(prefix="datasel-home-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The suite shares two CPUs with whatever else the machine runs: a Serve proxy that answers its ready or health
+# check late is busy, not dead (with Serve's 5 s / 10 s defaults a loaded machine failed the Serve fixtures).
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")
