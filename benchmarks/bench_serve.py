@@ -20,6 +20,11 @@ ratio batching could reach if the scoring work per request (parse + model, in-pr
 were the only thing that changed: (H + e1) ÷ (H + e16), H the no-op CPU per request, e1 / e16 in-process ms per
 sample at batch 1 / 16. It explains the realised figure; it is not the target.
 
+Then the batched and batch-size-1 cells run again on a second local Ray started with Serve's direct ingress
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, ``datasel serve --direct-ingress``): each request goes straight to the app's
+replica on its own port, without the proxy hop (``metrics.direct_ingress``; skip with ``--no-direct-ingress``).
+The two sessions run one after the other; within each, the cells are interleaved.
+
     python benchmarks/bench_serve.py [--quick] [--run RUN_DIR]
 """
 
@@ -80,15 +85,15 @@ def busy_cpu_seconds() -> float:
     return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
-def interleaved_cells(url: str, samples: list[dict], seconds: float, rounds: int) -> dict[str, dict]:
-    """Every (app, concurrency) cell for ``seconds`` in all, as ``rounds`` slices taken in rotating order."""
-    keys = [(label, c) for label in ("noop_floor", "batched", "batch_size_1") for c in (1, 16)]
-    prefix = {"noop_floor": APPS["noop"], "batched": APPS["batched"], "batch_size_1": APPS["batch_size_1"]}
+def interleaved_cells(endpoints: dict[str, str], samples: list[dict], seconds: float, rounds: int) -> dict[str, dict]:
+    """Every (app, concurrency) cell for ``seconds`` in all, as ``rounds`` slices taken in rotating order;
+    ``endpoints``: cell label -> the app's base URL (``POST <base>/score``)."""
+    keys = [(label, c) for label in endpoints for c in (1, 16)]
     got: dict[str, tuple[list[float], int, float]] = {f"{label}_c{c}": ([], 0, 0.0) for label, c in keys}
     for r in range(rounds):
         for label, c in keys[r % len(keys):] + keys[:r % len(keys)]:
             busy = busy_cpu_seconds()
-            latencies, errors = asyncio.run(load(url + prefix[label], samples, c, seconds / rounds))
+            latencies, errors = asyncio.run(load(endpoints[label], samples, c, seconds / rounds))
             busy = busy_cpu_seconds() - busy
             before = got[f"{label}_c{c}"]
             got[f"{label}_c{c}"] = (before[0] + latencies, before[1] + errors, before[2] + busy)
@@ -190,6 +195,49 @@ def request_amortisation(scorer, samples: list[dict], batch: int = 16, repeats: 
             "speedup": round(single / batched, 2)}
 
 
+def deploy_scoring_apps(run_dir: str) -> str:
+    """Start the HTTP proxy and deploy the batched and batch-size-1 scoring apps; returns the proxy's base URL."""
+    from ray import serve
+
+    from serve.app import build_app, start_http
+
+    port = start_http("127.0.0.1")
+    for label, batch_size in (("batched", 16), ("batch_size_1", 1)):
+        serve.run(build_app({"run_dir": run_dir, "max_batch_size": batch_size, "batch_wait_timeout_s": 0.01,
+                             "max_ongoing_requests": 64, "auth_token_env": None}),
+                  name=label, route_prefix=APPS[label], blocking=False)
+    return f"http://127.0.0.1:{port}"
+
+
+def warm_and_measure(endpoints: dict[str, str], samples: list[dict], seconds: float, rounds: int) -> dict:
+    for base in endpoints.values():
+        asyncio.run(load(base, samples, 4, 2.0))  # warm-up: model, tokenizer and connection pools
+    return interleaved_cells(endpoints, samples, seconds, rounds)
+
+
+def direct_ingress_cells(run_dir: str, samples: list[dict], seconds: float, rounds: int, amortisation: dict) -> dict:
+    """The batched and batch-size-1 cells again on a fresh local Ray with Serve's direct ingress, each request sent
+    straight to the app's replica (:func:`serve.app.replica_urls`), not through the proxy."""
+    import ray
+    from ray import serve
+
+    from serve.app import enable_direct_ingress, wait_for_replica_urls
+
+    enable_direct_ingress()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        deploy_scoring_apps(run_dir)
+        endpoints = {label: wait_for_replica_urls(label)[0] + APPS[label] for label in ("batched", "batch_size_1")}
+        cells = warm_and_measure(endpoints, samples, seconds, rounds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
+    speedup = cells["batched_c16"]["throughput_rps"] / max(cells["batch_size_1_c16"]["throughput_rps"], 1e-9)
+    return {**cells, "batched_over_batch1_throughput_c16": round(speedup, 2),
+            "batching_gain_realised": round(speedup / max(amortisation["model_speedup"], 1e-9), 3)}
+
+
 def noop_app():
     """A Serve app with the same ingress shape that reads the body and returns a constant: the floor of the
     HTTP path (proxy, router, FastAPI, client) on this machine."""
@@ -221,11 +269,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter cells and a smaller pool")
     parser.add_argument("--run", help="an existing run directory (default: build one on a generated pool)")
     parser.add_argument("--pool", help="the pool JSON of --run (samples to send)")
+    parser.add_argument("--no-direct-ingress", action="store_true",
+                        help="skip the second local Ray with Serve's direct ingress")
     args = parser.parse_args()
     import ray
     from ray import serve
-
-    from serve.app import build_app, start_http
 
     seconds = 5.0 if args.quick else 12.0
     started = time.monotonic()
@@ -242,25 +290,21 @@ def main() -> None:
     amortisation = model_amortisation(scorer, samples)
     request_costs = request_amortisation(scorer, samples)
 
-    port = start_http("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
     rounds = 2 if args.quick else 4
     try:
         # All three apps stay deployed and the cells run interleaved in short rounds, so that the machine's drift
         # (this VM's speed varies by tens of percent from minute to minute) hits every cell alike.
+        url = deploy_scoring_apps(run_dir)
         serve.run(noop_app(), name="noop", route_prefix=APPS["noop"], blocking=False)
-        for label, batch_size in (("batched", 16), ("batch_size_1", 1)):
-            serve.run(build_app({"run_dir": run_dir, "max_batch_size": batch_size, "batch_wait_timeout_s": 0.01,
-                                 "max_ongoing_requests": 64, "auth_token_env": None}),
-                      name=label, route_prefix=APPS[label], blocking=False)
-        for prefix in APPS.values():
-            asyncio.run(load(url + prefix, samples, 4, 2.0))  # warm-up: model, tokenizer and connection pools
-        cells = interleaved_cells(url, samples, seconds, rounds)
+        endpoints = {"noop_floor": url + APPS["noop"], "batched": url + APPS["batched"],
+                     "batch_size_1": url + APPS["batch_size_1"]}
+        cells = warm_and_measure(endpoints, samples, seconds, rounds)
         paired = asyncio.run(paired_overhead(url + APPS["batch_size_1"], scorer, samples,
                                              30 if args.quick else 150))
     finally:
         serve.shutdown()
         ray.shutdown()
+    direct = None if args.no_direct_ingress else direct_ingress_cells(run_dir, samples, seconds, rounds, amortisation)
 
     speedup = cells["batched_c16"]["throughput_rps"] / max(cells["batch_size_1_c16"]["throughput_rps"], 1e-9)
     realised = speedup / max(amortisation["model_speedup"], 1e-9)
@@ -272,6 +316,7 @@ def main() -> None:
         "params": {"model": "tiny", "pool_rows_requested": 120 if args.quick else 240, "seconds_per_cell": seconds,
                    "rounds": rounds, "max_batch_sizes": [16, 1], "batch_wait_timeout_s": 0.01,
                    "concurrency": [1, 16], "samples_per_request": 1, "cpus": os.cpu_count(), "quick": args.quick,
+                   "direct_ingress": not args.no_direct_ingress,
                    "client": "aiohttp", "overhead": "median of paired (HTTP - direct) latencies, same sample, "
                                                     "alternating calls, batch size 1"},
         "metrics": {**cells, "direct_scorer_p50_ms": paired["direct_p50_ms"],
@@ -284,7 +329,11 @@ def main() -> None:
                     "http_cpu_ms_per_request_c16": http_cpu,
                     "batching_ceiling": round(ceiling, 3),
                     "batched_over_batch1_of_ceiling": round(speedup / ceiling, 3),
+                    "direct_ingress": direct,
                     "targets": {"batching_realises_85pct_of_in_process_gain": realised >= 0.85,
+                                **({} if direct is None else {
+                                    "direct_ingress_batching_realises_85pct_of_in_process_gain":
+                                        direct["batching_gain_realised"] >= 0.85}),
                                 "overhead_p50_le_15ms": overhead <= 15.0},
                     "wall_seconds": round(time.monotonic() - started, 1)},
     }

@@ -140,7 +140,8 @@ def cmd_demo(args) -> int:
 def cmd_serve(args) -> int:
     from serve.app import serve_locally
 
-    serve_locally(args.run, host=args.host, port=args.port, config_path=args.config)
+    serve_locally(args.run, host=args.host, port=args.port, config_path=args.config,
+                  direct_ingress=args.direct_ingress)
     return 0
 
 
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", help="serve options YAML")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="replicas also listen on ports of their own (printed), skipping the Serve proxy hop "
+                        "(Ray Serve's experimental RAY_SERVE_ENABLE_DIRECT_INGRESS)")
     p.set_defaults(func=cmd_serve)
     return parser
 

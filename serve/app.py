@@ -12,7 +12,14 @@ Entry points:
 
 * ``build_app(args)`` — the import path ``serve.app:build_app`` for ``serve build`` / ``serve deploy`` /
   KubeRay RayService; ``args`` are the fields of :class:`ServeOptions` (``run_dir`` required).
-* ``serve_locally(run_dir, host, port, config_path)`` — ``datasel serve``: a local Ray Serve until Ctrl-C.
+* ``serve_locally(run_dir, host, port, config_path, direct_ingress)`` — ``datasel serve``: a local Ray Serve until
+  Ctrl-C.
+
+Direct ingress (Ray Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, experimental in the pinned Ray): every replica
+also listens for HTTP on a port of its own, so a request skips the proxy hop and the replica's actor call back to
+the proxy for the body. The variable must be in the environment of the process that starts Ray (the controller
+reads it at start); :func:`replica_urls` lists the replicas' addresses, to put behind a load balancer or a
+Kubernetes Service. The head-node proxy keeps serving the usual port as well.
 
 Changing the Serve ``user_config`` to ``{"run_dir": ...}`` loads that run's statistics in the background and
 swaps the scorer atomically: requests already admitted finish on the scorer they started with.
@@ -40,6 +47,7 @@ log = logging.getLogger("datasel.serve")
 APP_NAME = "datasel"
 DEPLOYMENT_NAME = "ScoringService"
 DEFAULT_TOKEN_ENV = "DATASEL_SERVE_TOKEN"
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 
 
 class ServeOptions(BaseModel):
@@ -322,15 +330,74 @@ def start_http(host: str = "127.0.0.1", port: int | None = None, attempts: int =
     raise AssertionError("unreachable")
 
 
-def serve_locally(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config_path: str | None = None) -> None:
-    """Start Ray Serve on ``host:port`` with the scoring app for ``run_dir`` and block until Ctrl-C."""
+def enable_direct_ingress() -> None:
+    """Turn on Serve's direct ingress for the Ray this process is about to start (see the module docstring).
+
+    Raises ``RuntimeError`` when this process is already connected to Ray: the controller of a running cluster
+    read the variable when it started, so setting it now would silently change nothing."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError(f"direct ingress must be enabled before Ray starts: set {DIRECT_INGRESS_ENV}=1 in the "
+                           f"environment that starts the cluster (ray start, the RayService pods)")
+    os.environ[DIRECT_INGRESS_ENV] = "1"
+
+
+def replica_urls(app_name: str = APP_NAME, details: dict | None = None) -> list[str]:
+    """``http://ip:port`` of every running replica of ``app_name`` that listens directly (direct ingress), from
+    the controller's instance details (``target_groups``: ``[{"protocol", "app_name", "targets": [{"ip",
+    "port"}]}]``); ``details`` is read from the running Serve when not given. Empty without direct ingress."""
+    if details is None:
+        import ray
+        from ray.serve.context import _get_global_client
+
+        details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+    # replicas bind the address Serve's http_options name: a specific one (127.0.0.1) is the only one they answer
+    # on, whatever node IP the target lists; with all interfaces (0.0.0.0) the node IP is the address to use
+    host = (details.get("http_options") or {}).get("host")
+    urls = []
+    for group in details.get("target_groups") or []:
+        if group.get("app_name") != app_name or str(group.get("protocol", "")).upper().split(".")[-1] != "HTTP":
+            continue
+        urls += [f"http://{t['ip'] if host in (None, '', '0.0.0.0', '::') else host}:{t['port']}"
+                 for t in group.get("targets") or []]
+    return urls
+
+
+def wait_for_replica_urls(app_name: str = APP_NAME, timeout_s: float = 60.0) -> list[str]:
+    """:func:`replica_urls` once every replica of ``app_name`` has its port; ``RuntimeError`` after
+    ``timeout_s`` (direct ingress not enabled where Ray started, or replicas not running)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = replica_urls(app_name)
+        running = serve.status().applications.get(app_name)
+        wanted = sum(d.replica_states.get("RUNNING", 0) for d in running.deployments.values()) if running else 0
+        if urls and len(urls) >= wanted:
+            return urls
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no replica of {app_name!r} listens directly after {timeout_s:.0f}s: was "
+                               f"{DIRECT_INGRESS_ENV}=1 set where Ray started?")
+        time.sleep(0.5)
+
+
+def serve_locally(run_dir: str, host: str = "127.0.0.1", port: int = 8000, config_path: str | None = None,
+                  direct_ingress: bool = False) -> None:
+    """Start Ray Serve on ``host:port`` with the scoring app for ``run_dir`` and block until Ctrl-C.
+
+    ``direct_ingress``: replicas also listen on ports of their own (printed), skipping the proxy hop; needs a
+    Ray started by this command (not one already running)."""
     from datasel_ray.pipeline import ray_adapter
 
     app = build_app(load_options(run_dir, config_path))
+    if direct_ingress:
+        enable_direct_ingress()
     ray_adapter.ensure_ray()
     start_http(host, port)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     print(f"datasel serve: POST http://{host}:{port}/score  (run {run_dir}); Ctrl-C to stop", flush=True)
+    if direct_ingress:
+        for url in wait_for_replica_urls():
+            print(f"datasel serve: replica listening directly: POST {url}/score", flush=True)
     try:
         while True:
             time.sleep(1.0)
