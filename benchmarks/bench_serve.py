@@ -221,7 +221,7 @@ def direct_ingress_cells(run_dir: str, samples: list[dict], seconds: float, roun
     import ray
     from ray import serve
 
-    from serve.app import enable_direct_ingress, wait_for_replica_urls
+    from serve.app import DIRECT_INGRESS_ENV, enable_direct_ingress, wait_for_replica_urls
 
     enable_direct_ingress()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -232,7 +232,7 @@ def direct_ingress_cells(run_dir: str, samples: list[dict], seconds: float, roun
     finally:
         serve.shutdown()
         ray.shutdown()
-        os.environ.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)
+        os.environ.pop(DIRECT_INGRESS_ENV, None)
     speedup = cells["batched_c16"]["throughput_rps"] / max(cells["batch_size_1_c16"]["throughput_rps"], 1e-9)
     return {**cells, "batched_over_batch1_throughput_c16": round(speedup, 2),
             "batching_gain_realised": round(speedup / max(amortisation["model_speedup"], 1e-9), 3)}

@@ -111,19 +111,27 @@ def select_table(_rec: dict) -> str:
     return "\n".join(lines)
 
 
+SERVE_CELLS = (("batched_c1", "@serve.batch 16, concurrency 1"), ("batched_c16", "@serve.batch 16, concurrency 16"),
+               ("batch_size_1_c1", "batch size 1, concurrency 1"), ("batch_size_1_c16", "batch size 1, concurrency 16"),
+               ("noop_floor_c1", "no-op Serve app (floor), concurrency 1"),
+               ("noop_floor_c16", "no-op Serve app (floor), concurrency 16"))
+
+
+def _serve_cells(cells: dict) -> list[str]:
+    """Table rows of the bench_serve cells present in ``cells``."""
+    rows = ["| setting | throughput (req/s) | p50 ms | p99 ms | machine CPU ms per request |", "|---|---|---|---|---|"]
+    for key, label in SERVE_CELLS:
+        if key in cells:
+            c = cells[key]
+            rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} | "
+                        f"{c.get('cpu_ms_per_request', '-')} |")
+    return rows
+
+
 def serve_table(rec: dict) -> str:
     m = rec["metrics"]
     rows = ["`bench_serve` ({}; tiny model, one sample per request, 12 s per cell)".format(rec["date"][:10]), "",
-            "| setting | throughput (req/s) | p50 ms | p99 ms | machine CPU ms per request |", "|---|---|---|---|---|"]
-    for key, label in (("batched_c1", "@serve.batch 16, concurrency 1"), ("batched_c16", "@serve.batch 16, concurrency 16"),
-                       ("batch_size_1_c1", "batch size 1, concurrency 1"),
-                       ("batch_size_1_c16", "batch size 1, concurrency 16"),
-                       ("noop_floor_c1", "no-op Serve app (floor), concurrency 1"),
-                       ("noop_floor_c16", "no-op Serve app (floor), concurrency 16")):
-        if key in m:
-            c = m[key]
-            rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} | "
-                        f"{c.get('cpu_ms_per_request', '-')} |")
+            *_serve_cells(m)]
     realised = m.get("batching_gain_realised")
     target = (f"{realised:.0%} of the in-process gain, target ≥ 85%" if realised is not None
               else "target of that record: ≥ 3×")
@@ -134,15 +142,7 @@ def serve_table(rec: dict) -> str:
     if direct:
         rows += ["", "With Serve's direct ingress (`datasel serve --direct-ingress`: requests go straight to the "
                      "replica's own port, no proxy hop; a second local Ray, cells interleaved within it):", "",
-                 "| setting | throughput (req/s) | p50 ms | p99 ms | machine CPU ms per request |",
-                 "|---|---|---|---|---|"]
-        for key, label in (("batched_c1", "@serve.batch 16, concurrency 1"),
-                           ("batched_c16", "@serve.batch 16, concurrency 16"),
-                           ("batch_size_1_c1", "batch size 1, concurrency 1"),
-                           ("batch_size_1_c16", "batch size 1, concurrency 16")):
-            c = direct[key]
-            rows.append(f"| {label} | {c['throughput_rps']} | {c['p50_ms']} | {c['p99_ms']} | "
-                        f"{c.get('cpu_ms_per_request', '-')} |")
+                 *_serve_cells(direct)]
         rows += ["", f"Batching vs batch size 1 at concurrency 16, direct ingress: "
                      f"**{direct['batched_over_batch1_throughput_c16']}×** "
                      f"({direct['batching_gain_realised']:.0%} of the in-process gain, target ≥ 85%)."]
