@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
@@ -35,16 +34,6 @@ def runs(demo_run, tmp_path_factory):
     manifest["run_id"] = "second-run"
     (second / "manifest.json").write_text(json.dumps(manifest))
     return cfg.run_dir, str(second)
-
-
-@pytest.fixture(scope="module")
-def records(demo_pool):
-    """Six good pool records (no injected defect, by the pool's ground truth), as a client sends them."""
-    from datasel_ray.synthetic import load_ground_truth
-
-    truth = load_ground_truth(demo_pool.ground_truth_path)
-    pool = json.loads(Path(demo_pool.pool_path).read_text())
-    return [r for r, t in zip(pool, truth) if not t["bad_kind"]][:6]
 
 
 @pytest.fixture(scope="module")

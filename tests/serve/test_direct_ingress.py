@@ -64,14 +64,11 @@ finally:
 
 
 @pytest.mark.integration
-def test_a_replica_scores_on_its_own_port_as_in_process(demo_run, demo_pool, tmp_path):
+def test_a_replica_scores_on_its_own_port_as_in_process(demo_run, records, tmp_path):
     from datasel_ray.scoring import Scorer
-    from datasel_ray.synthetic import load_ground_truth
 
     cfg, _ = demo_run
-    truth = load_ground_truth(demo_pool.ground_truth_path)
-    pool = json.loads(Path(demo_pool.pool_path).read_text())
-    records = [r for r, t in zip(pool, truth) if not t["bad_kind"]][:3]
+    records = records[:3]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", DIRECT_INGRESS_ENV)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(cfg.run_dir), json.dumps(records)], cwd=tmp_path,
