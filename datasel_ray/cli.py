@@ -247,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a readable last line for known failure kinds; traceback with -v
         from datasel_ray.io.pool import PoolError
         from datasel_ray.io.rundir import ManifestMismatch
+        from datasel_ray.io.storage import StorageError
+        from datasel_ray.models.shared_copy import ModelCopyMismatch
+        from datasel_ray.pipeline.failures import PhaseFailed
 
         if isinstance(err, (PoolError, ManifestMismatch, ValueError)) and not args.verbose:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, (PhaseFailed, StorageError, ModelCopyMismatch)) and not args.verbose:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         raise
     finally:
         logging.getLogger(__name__).debug("datasel %s took %.1fs", args.command, time.monotonic() - started)

@@ -51,7 +51,29 @@ class PoolConfig(_Section):
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
 
 
+class StorageConfig(_Section):
+    """Object-store options for ``s3://`` and ``gs://`` paths (pool, images, run directory). Each set option
+    stands for environment variables (:func:`datasel_ray.io.storage.storage_environment`); unset ones leave the
+    process's environment in charge."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint such as http://127.0.0.1:9000 (its scheme picks http or https); "
+        "sets AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_S3. Default: AWS S3.")
+    region: str | None = Field(
+        None, description="S3 region; sets AWS_REGION and AWS_DEFAULT_REGION. Default: from the environment, else "
+        "us-east-1 with an endpoint_url, else the bucket's own region (looked up once per process).")
+    anonymous: bool = Field(
+        False, description="Unsigned requests (public S3 and GCS buckets); sets DATASEL_STORAGE_ANONYMOUS=1.")
+
+
 REFERENCE_MAX_LENGTH = 2048
+
+
+class SharedModel(_Section):
+    """The run's model copy (:mod:`datasel_ray.models.shared_copy`): set by the driver at run start."""
+
+    uri: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class ModelConfig(_Section):
@@ -91,6 +113,13 @@ class ModelConfig(_Section):
     max_padding: float | None = Field(
         0.25, ge=0, description="Split each model batch into passes of similar length so that pad tokens stay "
         "below this share of real tokens; null: one padded pass per batch.")
+    store: str | None = Field(
+        None, description="Where the run's model copy is published, content-addressed by sha256 (a URI such as "
+        "s3://bucket/models, shared by runs); default: <run_dir>/model when run_dir is on object storage, the "
+        "local model folder when it is local.")
+    shared: SharedModel | None = Field(
+        None, description="Set by the driver at run start: the copy every worker and serve replica loads and "
+        "checks by sha256. Leave unset.")
 
     @property
     def is_reference_checkpoint(self) -> bool:
@@ -116,6 +145,10 @@ class ExtractConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Actor restarts after a worker dies.")
     max_task_retries: int = Field(3, ge=0)
     shard_rows: int = Field(256, ge=1, description="Rows per written feature shard (resume granularity).")
+    preprocess: Literal["auto", "tasks", "actor"] = Field(
+        "auto", description="Where image decode and tokenisation run. tasks: separate Ray CPU tasks ahead of the "
+        "model actors (keeps GPU actors fed); actor: inside each model actor (no task can then wait for a CPU an "
+        "actor holds); auto: actor when the actors use no GPU, tasks otherwise.")
 
     @model_validator(mode="after")
     def _check_actor_range(self) -> "ExtractConfig":
@@ -277,6 +310,33 @@ class AggregateConfig(_Section):
     num_cpus_per_task: float = Field(1.0, gt=0)
 
 
+class FailureConfig(_Section):
+    """When a phase stops instead of going on: a failure budget on quarantined rows (as Ray Data's
+    ``max_errored_blocks`` or Spark's task failure limits) and a stall timeout. A row's own fault (undecodable
+    image, too long) quarantines it; an error that is not the row's fault (storage, packages, memory) stops the
+    phase at once, whatever the budget."""
+
+    max_quarantine_fraction: float = Field(
+        0.05, ge=0, le=1, description="A phase that quarantines more than this share of the rows it has seen "
+        "stops with the top reasons (ingest's duplicate_id rows do not count: they are the pool's bookkeeping).")
+    min_rows: int = Field(
+        500, ge=1, description="The budget is checked once a phase has seen this many rows (a few early bad rows "
+        "do not stop it); smaller phases are never stopped by it.")
+    stall_warning_s: float = Field(
+        60.0, gt=0, description="Seconds without progress after which the progress line and `datasel status` "
+        "say why: pending resource requests, free resources, nodes alive and lost.")
+    stall_timeout_s: float | None = Field(
+        900.0, gt=0, description="Seconds without progress, with work waiting for resources that no autoscaler "
+        "can add, after which the phase stops with the stall message; null: wait forever.")
+
+    @model_validator(mode="after")
+    def _check_stall_times(self) -> "FailureConfig":
+        if self.stall_timeout_s is not None and self.stall_timeout_s < self.stall_warning_s:
+            raise ValueError(f"stall_timeout_s ({self.stall_timeout_s}) must be >= stall_warning_s "
+                             f"({self.stall_warning_s})")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address; default: RAY_ADDRESS or a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the CLI.")
@@ -290,6 +350,7 @@ class RunConfig(_Section):
     phases: list[str] = Field(default_factory=lambda: list(PHASES),
                               description="Phases to run; warmup is skipped while tive.enabled is false.")
     pool: PoolConfig = PoolConfig()
+    storage: StorageConfig = StorageConfig()
     model: ModelConfig = ModelConfig()
     extract: ExtractConfig = ExtractConfig()
     coincide: CoincideConfig = CoincideConfig()
@@ -298,6 +359,7 @@ class RunConfig(_Section):
     select: SelectConfig = SelectConfig()
     aggregate: AggregateConfig = AggregateConfig()
     ray: RayConfig = RayConfig()
+    failures: FailureConfig = FailureConfig()
 
     @field_validator("phases")
     @classmethod

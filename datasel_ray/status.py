@@ -21,14 +21,19 @@ def render_status(run: str) -> str:
             continue
         status = entry.get("status", "pending")
         line = f"  {phase:<10} {status:<8}"
-        if status == "done":
+        if status in ("done", "failed"):
             line += f" {entry.get('seconds', 0):8.1f}s"
         snap = progress.get(phase)
-        if snap:
+        if snap and "done" in snap:
             age = time.time() - snap.get("updated", time.time())
             unit = snap.get("unit", "rows")
             line += (f"  {snap['done']}/{snap['total']} {unit}  {snap['rows_per_second']:.1f} {unit}/s"
                      f"  ETA {format_eta(snap.get('eta_seconds')) if status != 'done' else '-'}"
                      f"  (updated {age:.0f}s ago)")
         lines.append(line)
+        if status == "failed" and entry.get("error"):
+            error = entry["error"]
+            lines.extend(f"    {text}" for text in f"{error.get('kind')}: {error.get('message')}".splitlines())
+        elif status == "running" and (snap or {}).get("stall"):
+            lines.append(f"    {snap['stall']['message']}")
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
 
 def _model_parts(cfg: RunConfig) -> dict[str, Any]:
     """The model config plus the identity of the weights it names (see :mod:`datasel_ray.models.identity`)."""
-    return {**cfg.model.model_dump(), "weights": model_identity(cfg.model.name_or_path, cfg.model.revision)}
+    return {**cfg.model.model_dump(exclude={"store", "shared"}),
+            "weights": model_identity(cfg.model.name_or_path, cfg.model.revision)}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,7 +161,18 @@ class RunDir:
     def finish_phase(self, phase: str, seconds: float, **details: Any) -> None:
         manifest = self.load_manifest()
         entry = manifest.setdefault("phases", {}).setdefault(phase, {})
+        entry.pop("error", None)
         entry.update({"status": "done", "finished": _now(), "seconds": round(seconds, 3), **details})
+        self.save_manifest(manifest)
+
+    def fail_phase(self, phase: str, seconds: float, error: BaseException) -> None:
+        """Record that ``phase`` stopped with ``error`` (``datasel status`` shows it; a re-run resumes it)."""
+        manifest = self.load_manifest()
+        entry = manifest.setdefault("phases", {}).setdefault(phase, {})
+        kind = getattr(error, "kind", None) or ("interrupted" if isinstance(error, KeyboardInterrupt)
+                                                else type(error).__name__)
+        entry.update({"status": "failed", "failed": _now(), "seconds": round(seconds, 3),
+                      "error": {"kind": kind, "message": str(error)}})
         self.save_manifest(manifest)
 
     def reset_phase(self, phase: str) -> None:

@@ -54,3 +54,14 @@ def resolve_model_path(name_or_path: str) -> str:
         module = recipe(name_or_path)
         return str(module.build(module.default_dir()))
     return name_or_path
+
+
+def resolve_model(model_cfg) -> str:
+    """The local folder to load ``model_cfg`` from: the run's shared copy when ``model.shared`` is set (checked
+    by sha256, downloaded once per node; never built here), else :func:`resolve_model_path` of the name."""
+    register_model_classes()
+    if model_cfg.shared is not None:
+        from datasel_ray.models.shared_copy import local_model_dir
+
+        return local_model_dir(model_cfg.shared.uri, model_cfg.shared.sha256)
+    return resolve_model_path(model_cfg.name_or_path)

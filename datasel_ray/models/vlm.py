@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from datasel_ray.config import ModelConfig
-from datasel_ray.models.loading import resolve_model_path
+from datasel_ray.models.loading import resolve_model
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -235,7 +235,7 @@ class VLMProcessor:
         (LLaVA-NeXT any-resolution tiles, Qwen2-VL patches: the references pad only single-tile LLaVA inputs)."""
         from transformers import AutoConfig, AutoProcessor
 
-        path = resolve_model_path(model_cfg.name_or_path)
+        path = resolve_model(model_cfg)
         kwargs = _load_kwargs(model_cfg, path)
         processor = AutoProcessor.from_pretrained(path, **kwargs)
         config = AutoConfig.from_pretrained(path, **kwargs)
@@ -536,7 +536,7 @@ class ReferenceVLM:
         import torch
         from transformers import AutoModelForImageTextToText
 
-        path = resolve_model_path(model_cfg.name_or_path)
+        path = resolve_model(model_cfg)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)

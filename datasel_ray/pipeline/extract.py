@@ -5,7 +5,8 @@ one row per shard through two stages:
 
 1. :class:`ShardPreprocessStage` (CPU tasks): reads the shard's samples, decodes images, applies the chat
    template, tokenises and truncates (:class:`~datasel_ray.features.extractor.Preprocessor`), and packs the
-   result into one payload.
+   result into one payload. With ``extract.preprocess`` resolved to ``actor`` (the default for CPU actors, see
+   :func:`preprocess_in_actor`) the actor does this itself and no task waits for a CPU an actor holds.
 2. :class:`ShardExtractStage` (an autoscaling actor pool, ``num_gpus`` per actor): runs the reference model in
    micro-batches of ``extract.batch_size`` rows in row order, and writes ``features/<shard>.parquet`` plus
    ``quarantine/extract/<shard>.parquet`` atomically.
@@ -31,6 +32,7 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.io.validation import quarantine_row
 from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.failures import FailureBudget
 from datasel_ray.pipeline.feature_store import vector_column
 from datasel_ray.pipeline.ingest import QUARANTINE_SCHEMA
 from datasel_ray.pipeline.memory import release_free_memory
@@ -66,15 +68,18 @@ class ShardPreprocessStage:
 
         self.preprocessor = Preprocessor(ModelConfig.model_validate(model))
 
+    def prepare(self, samples_file: str, offset: int, count: int) -> dict:
+        """``{"samples": the shard's sample columns, "prepared": the Preprocessor output}`` of one shard."""
+        rows = Location.parse(samples_file).read_parquet_rows(offset, count, SAMPLE_COLUMNS)
+        columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in SAMPLE_COLUMNS}
+        prepared = self.preprocessor({k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS,
+                                                               schema.IMAGE_PATH)})
+        return {"samples": columns, "prepared": prepared}
+
     def __call__(self, batch: dict) -> dict:
-        payloads = []
-        for i in range(len(batch["shard_id"])):
-            rows = Location.parse(str(batch["samples_file"][i])).read_parquet_rows(
-                int(batch["offset"][i]), int(batch["count"][i]), SAMPLE_COLUMNS)
-            columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in SAMPLE_COLUMNS}
-            prepared = self.preprocessor({k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS,
-                                                                   schema.IMAGE_PATH)})
-            payloads.append(pickle.dumps({"samples": columns, "prepared": prepared}, protocol=5))
+        payloads = [pickle.dumps(self.prepare(str(batch["samples_file"][i]), int(batch["offset"][i]),
+                                              int(batch["count"][i])), protocol=5)
+                    for i in range(len(batch["shard_id"]))]
         return {"shard_id": batch["shard_id"], "payload": np.array(payloads, dtype=object)}
 
 
@@ -82,9 +87,11 @@ class ShardExtractStage:
     """Model stage (one per actor): runs the reference model over a shard and writes its outputs."""
 
     def __init__(self, model: dict, run_dir: str, batch_size: int, tive: dict | None = None,
-                 lora_dir: str | None = None, seed: int = 0):
+                 lora_dir: str | None = None, seed: int = 0, preprocess: bool = False):
         from datasel_ray.features.extractor import FeatureExtractor
 
+        # preprocess: batches are shard specs (shard_id, samples_file, offset, count) prepared here, not payloads
+        self.preprocess = ShardPreprocessStage(model) if preprocess else None
         self.extractor = FeatureExtractor(ModelConfig.model_validate(model))
         self.run_dir = RunDir(run_dir)
         self.batch_size = batch_size
@@ -100,8 +107,13 @@ class ShardExtractStage:
 
     def __call__(self, batch: dict) -> dict:
         rows, failed = [], []
-        for shard_id, payload in zip(batch["shard_id"], batch["payload"]):
-            n_ok, n_bad = self.process(str(shard_id), pickle.loads(payload))
+        for i, shard_id in enumerate(batch["shard_id"]):
+            if self.preprocess is not None:
+                data = self.preprocess.prepare(str(batch["samples_file"][i]), int(batch["offset"][i]),
+                                               int(batch["count"][i]))
+            else:
+                data = pickle.loads(batch["payload"][i])
+            n_ok, n_bad = self.process(str(shard_id), data)
             rows.append(n_ok + n_bad)
             failed.append(n_bad)
             release_free_memory()  # an actor runs every shard: it keeps no shard's freed activation pages
@@ -182,30 +194,51 @@ def features_table(features: dict, samples: dict, keep: np.ndarray) -> pa.Table:
 
 
 def resolve_num_gpus(cfg: RunConfig) -> float:
-    """GPUs per extraction actor: the configured value, else 1 when the cluster has a GPU, else 0."""
+    """GPUs per extraction actor: the configured value, else 1 when a node of the cluster has a GPU or an
+    autoscaler can launch one (a cluster whose GPU workers start at zero), else 0."""
     if cfg.extract.num_gpus_per_actor is not None:
         return cfg.extract.num_gpus_per_actor
-    return 1.0 if any(n.get("GPU", 0) >= 1 for n in ray_adapter.cluster_nodes()) else 0.0
+    nodes = ray_adapter.cluster_nodes() + ray_adapter.autoscaler_node_types()
+    return 1.0 if any(n.get("GPU", 0) >= 1 for n in nodes) else 0.0
+
+
+def preprocess_in_actor(cfg: RunConfig, num_gpus: float) -> bool:
+    """``extract.preprocess``: True runs image decode and tokenisation inside the model actors. ``auto``: inside
+    when the actors use no GPU. CPU actors then never wait on preprocessing tasks that need the CPU an actor
+    holds (a node lost from a small cluster left exactly that: an actor holding the last CPU, a preprocessing
+    task waiting for it); GPU actors keep separate CPU tasks so that the GPU is fed while the next shard is
+    prepared."""
+    if cfg.extract.preprocess == "auto":
+        return num_gpus == 0
+    return cfg.extract.preprocess == "actor"
 
 
 def validate_resources(cfg: RunConfig, num_gpus: float) -> None:
-    """Refuse requests no node of the cluster can satisfy, before any work starts."""
+    """Refuse requests no node of the cluster can satisfy, before any work starts. With an autoscaler, a node
+    type it can launch must fit one actor; without one, a node of the cluster must."""
+    bundle = {"CPU": cfg.extract.num_cpus_per_actor, "GPU": num_gpus}
     if ray_adapter.has_autoscaler():
-        return
+        if ray_adapter.can_launch(bundle) or any(ray_adapter.fits(bundle, n) for n in ray_adapter.cluster_nodes()):
+            return
+        types = ", ".join(str(t) for t in ray_adapter.autoscaler_node_types())
+        raise ValueError(f"extract: one actor needs {{CPU: {bundle['CPU']:g}, GPU: {num_gpus:g}}} but neither a node "
+                         f"of the cluster nor a node type the autoscaler can launch ({types}) holds that: lower "
+                         f"extract.num_cpus_per_actor / num_gpus_per_actor or add a node type")
     nodes = ray_adapter.cluster_nodes()
     max_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
     max_cpus = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     if num_gpus > max_gpus:
         raise ValueError(f"extract.num_gpus_per_actor={num_gpus} but the largest node of the cluster has "
-                         f"{max_gpus:g} GPUs: lower it, or add GPU nodes (set DATASEL_ASSUME_AUTOSCALER=1 when "
-                         f"the cluster autoscales GPU workers)")
+                         f"{max_gpus:g} GPUs and no autoscaler can add one: lower it, or add GPU nodes (set "
+                         f"{ray_adapter.ASSUME_AUTOSCALER_ENV}=1 when an autoscaler Ray cannot see adds GPU workers)")
     if cfg.extract.num_cpus_per_actor > max_cpus:
         raise ValueError(f"extract.num_cpus_per_actor={cfg.extract.num_cpus_per_actor} but the largest node of "
-                         f"the cluster has {max_cpus:g} CPUs")
+                         f"the cluster has {max_cpus:g} CPUs and no autoscaler can add a larger one")
 
 
 def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, quiet: bool = False) -> dict:
-    """Run the extract phase; returns ``{rows, features, failed, shards, seconds}``."""
+    """Run the extract phase; returns ``{rows, features, failed, shards, seconds}``. Raises
+    :class:`~datasel_ray.pipeline.failures.FailureBudgetExceeded` when more rows fail than ``failures`` allows."""
     started = time.monotonic()
     num_gpus = resolve_num_gpus(cfg)
     validate_resources(cfg, num_gpus)
@@ -214,26 +247,30 @@ def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, qu
         raise RuntimeError(f"No samples in {run_dir / 'samples'}: run the ingest phase first")
     total = sum(s["count"] for s in shards)
     pending = [s for s in shards if not feature_shard_path(run_dir, s["shard_id"]).exists()]
-    progress = Progress("extract", total, run_dir / "progress.json",
-                        already_done=total - sum(s["count"] for s in pending), quiet=quiet)
+    done = total - sum(s["count"] for s in pending)
+    progress = Progress("extract", total, run_dir / "progress.json", already_done=done, quiet=quiet)
+    budget = FailureBudget("extract", cfg.failures, run_dir / "quarantine" / "extract", seen=done)
+    in_actor = preprocess_in_actor(cfg, num_gpus)
     if pending:
         model = cfg.model.model_dump()
         ds = ray_adapter.from_rows(pending)
-        ds = ray_adapter.map_task_stage(ds, ShardPreprocessStage, {"model": model}, batch_size=1)
+        if not in_actor:
+            ds = ray_adapter.map_task_stage(ds, ShardPreprocessStage, {"model": model}, batch_size=1)
         tive = cfg.tive.model_dump() if cfg.tive.enabled else None
         ds = ray_adapter.map_actor_stage(
             ds, ShardExtractStage,
             {"model": model, "run_dir": str(run_dir), "batch_size": cfg.extract.batch_size, "tive": tive,
-             "lora_dir": lora_dir, "seed": cfg.seed},
+             "lora_dir": lora_dir, "seed": cfg.seed, "preprocess": in_actor},
             batch_size=1, min_actors=cfg.extract.min_actors, max_actors=cfg.extract.max_actors,
             num_gpus=num_gpus, num_cpus=cfg.extract.num_cpus_per_actor, max_restarts=cfg.extract.max_restarts,
             max_task_retries=cfg.extract.max_task_retries)
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["rows"]))
+            budget.update(int(row["rows"]), int(row["failed"]))
     progress.finish()
     n_features, projector = feature_shards_summary(run_dir)
     failed = sum(pq.ParquetFile(f.open_input()).metadata.num_rows
                  for f in (run_dir / "quarantine" / "extract").list(".parquet"))
     return {"rows": total, "features": n_features, "failed": failed, "shards": len(shards),
-            "num_gpus_per_actor": num_gpus, "projector": projector,
+            "num_gpus_per_actor": num_gpus, "preprocess": "actor" if in_actor else "tasks", "projector": projector,
             "seconds": round(time.monotonic() - started, 3)}

@@ -31,6 +31,7 @@ from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
 from datasel_ray.io.validation import (Limits, RecordValidator, duplicate_id_message, first_seen_duplicates,
                                        quarantine_row)
 from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.failures import FailureBudget
 from datasel_ray.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,10 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     tasks = task_source(cfg.pool, files, blocks)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
-    progress = Progress("ingest", total, run_dir / "progress.json", already_done=total - sum(
-        b.num_records for b in pending), quiet=quiet)
+    done = total - sum(b.num_records for b in pending)
+    progress = Progress("ingest", total, run_dir / "progress.json", already_done=done, quiet=quiet)
+    budget = FailureBudget("ingest", cfg.failures, run_dir / "quarantine" / "ingest", seen=done,
+                           exclude=frozenset({schema.Reason.DUPLICATE_ID}))
     if pending:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
@@ -135,6 +138,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
             "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks"})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
+            budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]))
     progress.finish()
     quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)
     counts = ingest_counts(run_dir)

@@ -21,6 +21,20 @@ def format_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+_last_activity = time.monotonic()
+
+
+def mark_activity() -> None:
+    """Note that the running phase made progress now (every :meth:`Progress.update` does)."""
+    global _last_activity
+    _last_activity = time.monotonic()
+
+
+def last_activity() -> float:
+    """``time.monotonic()`` of the last progress in this process (read by the stall watch)."""
+    return _last_activity
+
+
 class Progress:
     """Counts rows of one phase. ``already_done`` rows (resumed) count toward done but not toward speed."""
 
@@ -52,6 +66,7 @@ class Progress:
 
     def update(self, rows: int) -> None:
         self.done += rows
+        mark_activity()
         self._write()
 
     def finish(self) -> None:

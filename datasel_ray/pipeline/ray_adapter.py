@@ -24,14 +24,20 @@ RAY_JOB_CONFIG_JSON_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(cfg: RayConfig | None = None) -> None:
-    """Connect to the cluster named by ``cfg.address`` or RAY_ADDRESS, else start a local Ray."""
+def ensure_ray(cfg: RayConfig | None = None, env: dict[str, str] | None = None) -> None:
+    """Connect to the cluster named by ``cfg.address`` or RAY_ADDRESS, else start a local Ray. ``env``:
+    variables every worker of this driver gets (the object-store options of the ``storage`` section) through
+    the runtime environment; under ``ray job submit`` the job's own runtime environment is used instead, so
+    give them there (``--runtime-env-json``) or in the nodes' environment."""
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     console.install()  # before ray.init: its token-auth notice is logged while it starts
     quiet = console.ray_init_kwargs()
+    if env:
+        runtime_env = quiet.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
     if "worker_process_setup_hook" in os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, ""):
         quiet.pop("runtime_env", None)  # the submitted job sets its own hook; ray.init refuses two
     if address:
@@ -39,6 +45,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True, **quiet)
     console.install()  # again: ray.init configured the "ray" logger and its children
+    global _dead_at_connect
+    _dead_at_connect = {n["NodeID"] for n in ray.nodes() if not n.get("Alive")}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -54,9 +62,62 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+ASSUME_AUTOSCALER_ENV = "DATASEL_ASSUME_AUTOSCALER"
+
+
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """Resources of each node type an autoscaler can still launch (``max_count`` -1 or above ``min_count``),
+    from the cluster config the autoscaler publishes in the GCS (KubeRay, the cluster launcher, Ray's fake
+    multi-node provider); [] on a fixed cluster or a local Ray."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if not config or not config.node_group_configs:
+        return []
+    return [dict(group.resources) for group in config.node_group_configs
+            if group.resources and group.max_count != 0 and (group.max_count == -1 or group.max_count > group.min_count)]
+
+
 def has_autoscaler() -> bool:
-    """True when the cluster can add nodes (then current node sizes do not bound a request)."""
-    return bool(os.environ.get("DATASEL_ASSUME_AUTOSCALER"))
+    """True when the cluster can add nodes (then current node sizes do not bound a request): an autoscaler has
+    published node types it can launch, or ``DATASEL_ASSUME_AUTOSCALER`` is set (an autoscaler Ray cannot see)."""
+    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or bool(autoscaler_node_types())
+
+
+def fits(bundle: dict[str, float], resources: dict[str, float]) -> bool:
+    """True when a node with ``resources`` can hold the resource ``bundle``."""
+    return all(resources.get(k, 0.0) >= v for k, v in bundle.items() if v > 0)
+
+
+def can_launch(bundle: dict[str, float]) -> bool:
+    """True when an autoscaler can launch a node type that holds ``bundle`` (or one is assumed by the env)."""
+    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or any(fits(bundle, t) for t in autoscaler_node_types())
+
+
+_dead_at_connect: set[str] | None = None
+
+
+def cluster_diagnosis():
+    """The cluster's view of waiting work (:class:`~datasel_ray.pipeline.failures.ClusterDiagnosis`): pending
+    resource requests of tasks and actors (from the GCS, as ``ray status`` shows them), free and total resources,
+    nodes alive and lost since this driver connected, and whether an autoscaler can add a node for every
+    pending shape."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    from datasel_ray.pipeline.failures import ClusterDiagnosis
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    pending = [(dict(r.bundle), int(r.count)) for demand in status.resource_demands.ray_task_actor_demand
+               for r in demand.bundles_by_count]
+    pending += [(dict(r.bundle), int(r.count)) for demand in status.resource_demands.placement_group_demand
+                for r in demand.bundles_by_count]
+    nodes = ray.nodes()
+    dead = {n["NodeID"] for n in nodes if not n.get("Alive")}
+    return ClusterDiagnosis(
+        pending=pending, free=status.available_resources(), total=status.total_resources(),
+        nodes_alive=sum(1 for n in nodes if n.get("Alive")),
+        nodes_lost=len(dead - (_dead_at_connect or set())),
+        can_scale=bool(pending) and all(can_launch(b) for b, _ in pending))
 
 
 def from_rows(rows: list[dict]) -> "ray.data.Dataset":
@@ -182,7 +243,7 @@ class RayExecutor:
             while next_item < len(items) and len(pending) < limit:
                 pending[remote.remote(items[next_item])] = next_item
                 next_item += 1
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 results[pending.pop(ref)] = ray.get(ref)
                 if progress is not None:

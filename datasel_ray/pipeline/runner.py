@@ -12,7 +12,10 @@ from typing import Callable
 
 from datasel_ray.config import RunConfig
 from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.io.storage import apply_storage_options
+from datasel_ray.models.shared_copy import share_model
 from datasel_ray.pipeline import ray_adapter
+from datasel_ray.pipeline.failures import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ PHASE_FUNCS: dict[str, Callable[[RunConfig, RunDir, bool], dict]] = {
     "report": _report,
 }
 ALWAYS_RERUN = {"select", "report"}  # cheap, and depend on options outside the manifest fingerprint
+MODEL_PHASES = {"warmup", "extract"}  # phases that load the reference model: the run's copy is shared first
 
 
 def preflight(cfg: RunConfig, phases: list[str]) -> None:
@@ -105,9 +109,11 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
     wanted = phases if phases is not None else cfg.phases
     if "warmup" in wanted and not cfg.tive.enabled:
         wanted = [p for p in wanted if p != "warmup"]
-    ray_adapter.ensure_ray(cfg.ray)
-    preflight(cfg, wanted)
+    ray_adapter.ensure_ray(cfg.ray, env=apply_storage_options(cfg.storage))
     run_dir = RunDir(cfg.run_dir)
+    if MODEL_PHASES & set(wanted):
+        cfg = share_model(cfg, run_dir)
+    preflight(cfg, wanted)
     run_dir.init(cfg)
     results: dict[str, dict] = {}
     for phase in PHASE_ORDER:
@@ -123,7 +129,16 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
             continue
         run_dir.start_phase(cfg, phase)
         started = time.monotonic()
-        result = PHASE_FUNCS[phase](cfg, run_dir, quiet)
+        try:
+            with StallWatch(phase, cfg.failures, ray_adapter.cluster_diagnosis, run_dir / "progress.json",
+                            quiet=quiet):
+                result = PHASE_FUNCS[phase](cfg, run_dir, quiet)
+        except BaseException as err:
+            try:
+                run_dir.fail_phase(phase, time.monotonic() - started, err)
+            except Exception as record_err:  # the phase's own error is the one to report
+                log.warning("could not record the failure of %s in %s: %s", phase, run_dir, record_err)
+            raise
         run_dir.finish_phase(phase, time.monotonic() - started, result=result)
         results[phase] = result
     return results
