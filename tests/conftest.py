@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-# Built once per session; set before Ray starts so that workers inherit it.
-os.environ.setdefault("DATASEL_HOME", tempfile.mkdtemp(prefix="datasel-home-"))
+# Built models (tiny, smol-llava) are cached here across test sessions: a build is keyed by its recipe's sha256
+# fingerprint and renamed into place only when complete, so a cached one is always the one the recipe makes
+# (smol-llava's build is ~11 min of a CI run otherwise). DATASEL_TEST_FRESH_HOME=1 builds into a new temp dir.
+# Set before Ray starts so that workers inherit it.
+if os.environ.get("DATASEL_TEST_FRESH_HOME"):
+    os.environ.setdefault("DATASEL_HOME", tempfile.mkdtemp(prefix="datasel-home-"))
+else:
+    os.environ.setdefault("DATASEL_HOME", os.path.join(tempfile.gettempdir(), "datasel-test-home"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The suite shares two CPUs with whatever else the machine runs: a Serve proxy that answers its ready or health
