@@ -75,6 +75,20 @@ class Reason:
         IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, DUPLICATE_ID, EXTRACT_FAILED,
     )
 
+
+class RowError(Exception):
+    """A failure that is the row's own fault, with its reason code (a :class:`Reason`, or the scorer's
+    ``image_too_large``): the batch phases quarantine the row and go on, the scorer answers 4xx. A failure that
+    is not the row's fault (storage, packages, memory) is never a RowError."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return type(self), (self.reason, str(self))
+
+
 IMAGE_PATH = "image_path"  # absolute image path/URI resolved under the image root at ingest ("" when text-only)
 ERROR_REASON = "error_reason"  # set by extraction stages on a failed row ("" when fine)
 ERROR_MESSAGE = "error_message"

@@ -11,14 +11,13 @@ are accepted on input.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.features.activations import coincide_vector
 from datasel_ray.features.spectrum import spectrum_stats
+from datasel_ray.io.images import load_image
 from datasel_ray.models.vlm import (
     ContextTooShortError,
     PreparedSample,
@@ -28,6 +27,7 @@ from datasel_ray.models.vlm import (
     length_groups,
     load_conversations,
 )
+from datasel_ray.schema import RowError
 
 INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"
@@ -38,48 +38,12 @@ PIXEL_VALUES = "pixel_values"
 HAS_IMAGE = "has_image"
 
 
-class RowError(Exception):
-    """A per-row failure with its quarantine reason code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def object_column(arrays: list[np.ndarray]) -> np.ndarray:
     """1-D object array holding one array per row (never broadcast into a 2-D array by numpy)."""
     column = np.empty(len(arrays), dtype=object)
     for i, array in enumerate(arrays):
         column[i] = array
     return column
-
-
-def load_image(path: str, image_size: int | None = None):
-    """Decode ``path`` (local path or fsspec URI) to an RGB PIL image, optionally resized to a square.
-
-    Raises RowError(image_missing) when the file does not exist and RowError(image_corrupt) when it cannot be
-    decoded (truncated files included: the pixels are loaded here, not lazily).
-    """
-    from PIL import Image
-
-    try:
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "rb") as handle:
-                image = Image.open(handle)
-                image.load()
-        else:
-            image = Image.open(Path(path))
-            image.load()
-    except FileNotFoundError as err:
-        raise RowError(schema.Reason.IMAGE_MISSING, f"image not found: {path}") from err
-    except Exception as err:  # PIL raises many types for undecodable data
-        raise RowError(schema.Reason.IMAGE_CORRUPT, f"cannot decode image {path}: {err}") from err
-    image = image.convert("RGB")
-    if image_size is not None:
-        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return image
 
 
 class Preprocessor:
@@ -112,7 +76,8 @@ class Preprocessor:
         self.pixel_shape = tuple(probe.shape)
 
     def prepare_row(self, conversations, image_path: str) -> PreparedSample:
-        """One row -> PreparedSample; raises RowError with the quarantine reason on failure."""
+        """One row -> PreparedSample; raises RowError with the quarantine reason on the row's own failure, and
+        StorageError (:mod:`datasel_ray.io.images`) when the image cannot be read for another cause."""
         image = load_image(image_path, self.model_cfg.image_size) if image_path else None
         try:
             return self.processor.prepare(load_conversations(conversations), image)

@@ -6,16 +6,15 @@ names the field and what was expected. Nothing is dropped silently.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from datasel_ray import schema
+from datasel_ray.io.images import ImageError, image_exists, load_image
 from datasel_ray.io.pool import RawRecord
 from datasel_ray.io.storage import Location
 from datasel_ray.io.tasks import TaskResolver
@@ -124,14 +123,17 @@ class RecordValidator:
         if not (resolved == root or resolved.startswith(root.rstrip("/") + "/")):
             raise _Reject(Reason.IMAGE_PATH_ESCAPE, f"image: path '{image}' resolves outside the image root '{self.image_root}'")
         loc = type(self.image_root)(self.image_root.fs, resolved, self.image_root.uri_prefix)
-        if not loc.is_file():
-            raise _Reject(Reason.IMAGE_MISSING, f"image: file not found: {loc}")
-        if self.limits.check_images:
-            try:
-                with Image.open(io.BytesIO(loc.read_bytes())) as img:
-                    img.load()
-            except Exception as err:  # PIL raises many types for bad bytes
-                raise _Reject(Reason.IMAGE_CORRUPT, f"image: cannot decode '{image}': {err}") from None
+        # a StorageError (not the row's fault) propagates: it stops the phase instead of quarantining the row
+        if not self.limits.check_images:
+            if not image_exists(loc):
+                raise _Reject(Reason.IMAGE_MISSING, f"image: file not found: {loc}")
+            return str(loc)
+        try:
+            load_image(loc)
+        except ImageError as err:
+            if err.reason == Reason.IMAGE_MISSING:
+                raise _Reject(Reason.IMAGE_MISSING, f"image: file not found: {loc}") from None
+            raise _Reject(Reason.IMAGE_CORRUPT, f"image: cannot decode '{image}': {err.detail}") from None
         return str(loc)
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
+from datasel_ray.io.images import IMAGE_TOO_LARGE, ImageError, decode_image, read_image_bytes
 from datasel_ray.io.pool import RawRecord
+from datasel_ray.io.storage import StorageError
 from datasel_ray.io.tasks import TaskResolver
 from datasel_ray.io.validation import (
     ASSISTANT_ROLES,
@@ -28,10 +30,13 @@ from datasel_ray.io.validation import (
 )
 from datasel_ray.schema import Reason
 
-__all__ = ["IMAGE_TOO_LARGE", "TOO_MANY_SAMPLES", "SampleError", "SampleParser", "ScoringLimits", "ValidatedSample"]
+__all__ = ["IMAGE_TOO_LARGE", "STORAGE_ERROR", "TOO_MANY_SAMPLES", "SampleError", "SampleParser", "ScoringLimits",
+           "ValidatedSample"]
+
+log = logging.getLogger(__name__)
 
 TOO_MANY_SAMPLES = "too_many_samples"
-IMAGE_TOO_LARGE = "image_too_large"
+STORAGE_ERROR = "storage_error"  # the image store failed (not the request's fault): 503
 
 
 # ---------------------------------------------------------------------------------------------- input errors
@@ -124,7 +129,16 @@ class SampleParser:
     def validate(self, value: Any, index: int) -> tuple[ValidatedSample, Any]:
         """Validate one sample object; returns it with its decoded image (PIL, or None when text-only).
 
-        Fields in errors are relative to the sample; the caller adds the ``samples[i]`` prefix."""
+        Fields in errors are relative to the sample; the caller adds the ``samples[i]`` prefix. An image store
+        that fails for a cause other than a missing file (a StorageError: endpoint, credentials, permissions) is
+        the server's problem, not the request's: SampleError with status 503 and reason ``storage_error``."""
+        try:
+            return self._validate(value, index)
+        except StorageError as err:
+            log.warning("image store error while validating a request: %s", err)
+            raise SampleError("image", STORAGE_ERROR, str(err), status=503) from None
+
+    def _validate(self, value: Any, index: int) -> tuple[ValidatedSample, Any]:
         if not isinstance(value, dict):
             raise SampleError("", Reason.WRONG_TYPE, f"expected a sample object, got {type(value).__name__}")
         self._check_optional_types(value)
@@ -182,37 +196,23 @@ class SampleParser:
         return self._accepted(value, index, row, "base64", image)
 
     def _read_path_image(self, path: str):
-        from datasel_ray.io.storage import Location
-
-        loc = Location.parse(path)
-        if loc.size() > self.limits.max_image_bytes:
-            raise SampleError("image", IMAGE_TOO_LARGE, f"{loc.size()} bytes, more than the limit of "
-                              f"{self.limits.max_image_bytes}", status=413)
-        return self._decode_image(loc.read_bytes(), "image")
+        """Read (byte limit checked before reading) and decode the image at a resolved path."""
+        try:
+            data = read_image_bytes(path, max_bytes=self.limits.max_image_bytes)
+        except ImageError as err:
+            raise _image_error("image", err) from None
+        return self._decode_image(data, "image")
 
     def _decode_image(self, data: bytes, field_name: str):
-        """Decode to RGB, resized like :func:`datasel_ray.features.extractor.load_image`; size checked first."""
-        from PIL import Image
-
+        """Decode to RGB, resized as the batch path does (:func:`datasel_ray.io.images.decode_image`); bytes and
+        pixels (from the header) checked before the raster is decoded."""
         if len(data) > self.limits.max_image_bytes:
             raise SampleError(field_name, IMAGE_TOO_LARGE, f"{len(data)} bytes, more than the limit of "
                               f"{self.limits.max_image_bytes}", status=413)
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-        except Exception as err:  # PIL raises many types for undecodable data
-            raise SampleError(field_name, Reason.IMAGE_CORRUPT, f"cannot decode image: {err}") from None
-        if width * height > self.limits.max_image_pixels:
-            raise SampleError(field_name, IMAGE_TOO_LARGE, f"{width}x{height} pixels, more than the limit of "
-                              f"{self.limits.max_image_pixels}", status=413)
-        try:
-            image.load()
-            image = image.convert("RGB")
-        except Exception as err:  # truncated files fail here, not at open
-            raise SampleError(field_name, Reason.IMAGE_CORRUPT, f"cannot decode image: {err}") from None
-        if self.image_size is not None:
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        return image
+            return decode_image(data, field_name, self.image_size, self.limits.max_image_pixels)
+        except ImageError as err:
+            raise _image_error(field_name, err) from None
 
     def _accepted(self, value: dict, index: int, row: dict, image_ref: str, image) -> tuple[ValidatedSample, Any]:
         task = row[schema.TASK]
@@ -232,6 +232,15 @@ class SampleParser:
                                  task=task, task_source="given" if given else "inferred",
                                  n_turns=int(row[schema.N_TURNS]), conversations=conversations, image_ref=image_ref)
         return sample, image
+
+
+def _image_error(field_name: str, err: ImageError) -> SampleError:
+    """The request error of an image that is the sample's fault: 413 over a limit, else 422."""
+    if err.reason == IMAGE_TOO_LARGE:
+        return SampleError(field_name, IMAGE_TOO_LARGE, err.detail, status=413)
+    if err.reason == Reason.IMAGE_MISSING:
+        return SampleError(field_name, Reason.IMAGE_MISSING, f"file not found: {err.uri}")
+    return SampleError(field_name, Reason.IMAGE_CORRUPT, f"cannot decode image: {err.detail}")
 
 
 def _canonical(role: str) -> str:
