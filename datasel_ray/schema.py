@@ -89,6 +89,14 @@ class RowError(Exception):
         return type(self), (self.reason, str(self))
 
 
+def is_machine_fault(err: BaseException) -> bool:
+    """True for errors that say nothing about the row being processed: out of host or device memory (torch's
+    ``OutOfMemoryError``), a missing package. The model stages re-raise them instead of quarantining the row, so
+    the task is retried and, failing again, stops the phase with the cause."""
+    return (isinstance(err, (MemoryError, ImportError)) or type(err).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(err).lower())
+
+
 IMAGE_PATH = "image_path"  # absolute image path/URI resolved under the image root at ingest ("" when text-only)
 ERROR_REASON = "error_reason"  # set by extraction stages on a failed row ("" when fine)
 ERROR_MESSAGE = "error_message"

@@ -84,6 +84,8 @@ class Preprocessor:
         except ContextTooShortError as err:
             raise RowError(schema.Reason.TOO_LONG, str(err)) from err
         except Exception as err:
+            if schema.is_machine_fault(err):
+                raise
             raise RowError(schema.Reason.EXTRACT_FAILED, f"{type(err).__name__}: {err}") from err
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,6 +191,8 @@ class FeatureExtractor:
                     raise acts
                 row = self._row_features(samples[i], acts)
             except Exception as err:  # recorded per row as extract_failed
+                if schema.is_machine_fault(err):
+                    raise
                 reasons[i] = schema.Reason.EXTRACT_FAILED
                 out[schema.ERROR_MESSAGE][i] = f"{type(err).__name__}: {err}"
                 continue
@@ -226,6 +230,8 @@ class FeatureExtractor:
         try:
             return dict(zip(keys, self.vlm.forward_features([samples[i] for i in keys]), strict=True))
         except Exception as err:  # recorded per row as extract_failed
+            if schema.is_machine_fault(err):
+                raise
             if len(keys) == 1:
                 return {keys[0]: err}
         results: dict[int, SampleActivations | Exception] = {}
@@ -233,6 +239,8 @@ class FeatureExtractor:
             try:
                 results[i] = self.vlm.forward_features([samples[i]])[0]
             except Exception as err:  # recorded per row as extract_failed
+                if schema.is_machine_fault(err):
+                    raise
                 results[i] = err
         return results
 

@@ -183,6 +183,8 @@ class GradientStage:
             yield keys, self.featurizer.compute(collate([samples[i] for i in keys], self.pad_token_id))
             return
         except Exception as err:  # retried per row below, so one bad row only fails itself
+            if schema.is_machine_fault(err):
+                raise
             if len(keys) == 1:
                 yield keys, err
                 return
@@ -190,4 +192,6 @@ class GradientStage:
             try:
                 yield [i], self.featurizer.compute(collate([samples[i]], self.pad_token_id))
             except Exception as err:  # recorded per row as extract_failed
+                if schema.is_machine_fault(err):
+                    raise
                 yield [i], err

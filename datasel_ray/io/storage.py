@@ -219,6 +219,17 @@ def storage_environment(cfg: "StorageConfig") -> dict[str, str]:
     return env
 
 
+# Non-secret settings a driver passes on to its workers; credentials are never forwarded (they would show in the
+# job's runtime environment): nodes take them from their own environment or instance role.
+FORWARDED_ENV = (*ENDPOINT_ENV, *REGION_ENV, ANONYMOUS_ENV, CONNECT_TIMEOUT_ENV, REQUEST_TIMEOUT_ENV, MAX_ATTEMPTS_ENV)
+
+
+def worker_environment(cfg: "StorageConfig") -> dict[str, str]:
+    """What every worker of this driver needs to reach the same storage: the non-secret storage variables set in
+    this process (:data:`FORWARDED_ENV`) overridden by the config's options."""
+    return {**{n: os.environ[n] for n in FORWARDED_ENV if os.environ.get(n)}, **storage_environment(cfg)}
+
+
 def apply_storage_options(cfg: "StorageConfig") -> dict[str, str]:
     """Set :func:`storage_environment` of ``cfg`` in this process's ``os.environ`` and forget the cached
     filesystems; returns the variables set."""

@@ -12,7 +12,7 @@ from typing import Callable
 
 from datasel_ray.config import RunConfig
 from datasel_ray.io.rundir import PHASE_ORDER, RunDir
-from datasel_ray.io.storage import apply_storage_options
+from datasel_ray.io.storage import apply_storage_options, worker_environment
 from datasel_ray.models.shared_copy import share_model
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.failures import StallWatch
@@ -109,7 +109,8 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
     wanted = phases if phases is not None else cfg.phases
     if "warmup" in wanted and not cfg.tive.enabled:
         wanted = [p for p in wanted if p != "warmup"]
-    ray_adapter.ensure_ray(cfg.ray, env=apply_storage_options(cfg.storage))
+    apply_storage_options(cfg.storage)
+    ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
     run_dir = RunDir(cfg.run_dir)
     if MODEL_PHASES & set(wanted):
         cfg = share_model(cfg, run_dir)

@@ -234,3 +234,41 @@ def test_model_failure_marks_only_that_row(pre, extractor, monkeypatch):
         schema.Reason.IMAGE_CORRUPT, ""]
     assert "boom" in out[schema.ERROR_MESSAGE][1]
     assert not out[schema.COINCIDE_VECTOR][1].any() and out[schema.COINCIDE_VECTOR][0].any()
+
+
+@pytest.mark.parametrize("error", [MemoryError("host"), RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                   ImportError("No module named 'flash_attn'")])
+def test_machine_faults_are_raised_not_quarantined(error):
+    """Out of memory or a missing package says nothing about the rows: the batch fails (Ray retries the task,
+    then the phase stops with the cause) instead of quarantining every row as extract_failed."""
+    from datasel_ray.config import ModelConfig
+    from datasel_ray.features.extractor import FeatureExtractor
+    from datasel_ray.models.vlm import PreparedSample
+
+    class FailingModel:
+        def forward_features(self, samples):
+            raise error
+
+    extractor = FeatureExtractor(ModelConfig())
+    extractor.vlm = FailingModel()
+    mask = np.zeros(3, dtype=bool)
+    sample = PreparedSample(np.arange(3, dtype=np.int64), None, mask, mask.copy(), mask.copy())
+    with pytest.raises(type(error)):
+        extractor._forward({0: sample, 1: sample})
+
+
+def test_a_row_error_of_the_model_stays_a_row_error():
+    from datasel_ray.config import ModelConfig
+    from datasel_ray.features.extractor import FeatureExtractor
+    from datasel_ray.models.vlm import PreparedSample
+
+    class ShapeError:
+        def forward_features(self, samples):
+            raise ValueError("image features and image tokens do not match")
+
+    extractor = FeatureExtractor(ModelConfig())
+    extractor.vlm = ShapeError()
+    mask = np.zeros(3, dtype=bool)
+    sample = PreparedSample(np.arange(3, dtype=np.int64), None, mask, mask.copy(), mask.copy())
+    results = extractor._forward({0: sample, 1: sample})
+    assert sorted(results) == [0, 1] and all(isinstance(r, ValueError) for r in results.values())

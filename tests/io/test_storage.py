@@ -231,3 +231,17 @@ def test_gcs_uri_parses_without_network(monkeypatch):
     assert str(loc.parent) == "gs://public-bucket/pool"
     assert Location.parse("gs://other/x").fs is loc.fs
     storage.clear_filesystem_cache()
+
+
+def test_workers_get_the_non_secret_storage_settings(monkeypatch):
+    from datasel_ray.config import StorageConfig
+    from datasel_ray.io.storage import worker_environment
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    env = worker_environment(StorageConfig(region="eu-west-1"))
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
