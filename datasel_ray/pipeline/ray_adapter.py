@@ -78,10 +78,32 @@ def autoscaler_node_types() -> list[dict[str, float]]:
             if group.resources and group.max_count != 0 and (group.max_count == -1 or group.max_count > group.min_count)]
 
 
+def monitor_autoscales() -> bool:
+    """True when the cluster's autoscaler monitor (Ray's v1 autoscaler: the cluster launcher, KubeRay's in-tree
+    autoscaler, the fake multi-node provider) runs with an autoscaling config. Its report in the GCS (what
+    ``ray status`` prints) names node types by that config (``ray.worker.gpu``); the read-only monitor of a fixed
+    cluster names one type per node, ``node_<node id>``. This report carries no node resources: a request is
+    then trusted to fit a node type."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return False
+    mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
+
+
 def has_autoscaler() -> bool:
     """True when the cluster can add nodes (then current node sizes do not bound a request): an autoscaler has
-    published node types it can launch, or ``DATASEL_ASSUME_AUTOSCALER`` is set (an autoscaler Ray cannot see)."""
-    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or bool(autoscaler_node_types())
+    published node types it can launch (:func:`autoscaler_node_types`), the autoscaler monitor runs with an
+    autoscaling config (:func:`monitor_autoscales`), or ``DATASEL_ASSUME_AUTOSCALER`` is set (an autoscaler Ray
+    cannot see)."""
+    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or bool(autoscaler_node_types()) or monitor_autoscales()
 
 
 def fits(bundle: dict[str, float], resources: dict[str, float]) -> bool:
@@ -90,8 +112,13 @@ def fits(bundle: dict[str, float], resources: dict[str, float]) -> bool:
 
 
 def can_launch(bundle: dict[str, float]) -> bool:
-    """True when an autoscaler can launch a node type that holds ``bundle`` (or one is assumed by the env)."""
-    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or any(fits(bundle, t) for t in autoscaler_node_types())
+    """True when an autoscaler can launch a node type that holds ``bundle``: one of the published node types
+    fits it, or an autoscaler whose node types Ray does not publish is there (the monitor's, or assumed by
+    the environment)."""
+    types = autoscaler_node_types()
+    if types:
+        return any(fits(bundle, t) for t in types)
+    return bool(os.environ.get(ASSUME_AUTOSCALER_ENV)) or monitor_autoscales()
 
 
 _dead_at_connect: set[str] | None = None
