@@ -4,7 +4,9 @@ The test session already runs one local Ray in-process; ``ray.init`` or ``Cluste
 would collide with it. This script owns the cluster instead: a head node with 0 CPUs and ``--workers`` worker
 nodes of ``--cpus`` logical CPUs, every node with its own ``DATASEL_HOME`` (set in ``os.environ`` before each
 ``add_node``: a node's worker processes inherit the raylet's environment), a temp dir and ports of its own,
-no dashboard. Drivers in other processes join with ``RAY_ADDRESS=<address>``.
+no dashboard unless ``--dashboard-port`` asks for one (then the head also serves the Jobs API and the state API
+on ``127.0.0.1:<port>``, ``-1`` for a free port picked here). Drivers in other processes join with
+``RAY_ADDRESS=<address>``; jobs go to the ``dashboard_url`` the ready reply names.
 
 Run it as ``python tests/cluster/harness.py --workdir DIR ...`` (or ``python -m tests.cluster.harness``) in a
 new session (``start_new_session=True``: Ray's reaper kills the harness's process group if the harness dies).
@@ -16,7 +18,8 @@ Commands come one per line on stdin; each gets exactly one reply line on stdout,
 ``stop``                 ``cluster.shutdown()`` (only this cluster's processes), reply, exit 0
 
 End of stdin (the test process went away) and SIGTERM stop the cluster too. Once the cluster is up the
-harness writes ``DIR/address`` and replies ``{"ready": true, "address": ..., "nodes": [...]}`` unprompted.
+harness writes ``DIR/address`` and replies ``{"ready": true, "address": ..., "dashboard_url": ..., "nodes": [...]}``
+unprompted (``dashboard_url``: ``http://127.0.0.1:<port>``, or null without a dashboard).
 Everything Ray or the harness logs goes to ``DIR/harness.log``; stdout carries nothing but replies.
 """
 
@@ -48,10 +51,19 @@ def _ports(count: int) -> list[int]:
 
 
 class Harness:
-    def __init__(self, workdir: Path, object_store_bytes: int, system_config: dict | None):
+    def __init__(self, workdir: Path, object_store_bytes: int, system_config: dict | None,
+                 dashboard_port: int = 0, own_runtime_env_dirs: bool = False):
         self.workdir = workdir
         self.object_store_bytes = object_store_bytes
         self.system_config = system_config
+        self.dashboard_port = dashboard_port  # 0: no dashboard; -1: one on a free port picked at start
+        self.dashboard_url: str | None = None
+        # Every node of this cluster shares one session dir. With this flag each node keeps its runtime
+        # environments (a job's working_dir, py_modules) in a folder of its own, as separate machines do. With the
+        # one shared folder, a job submitted with a working_dir had that folder (its driver's cwd) deleted under
+        # it once the driver connected (getcwd: ENOENT; torch's MKL then aborts `import torch`: "Intel oneMKL
+        # FATAL ERROR: Cannot load libtorch_cpu.so"); a `ray start --head` single node did not.
+        self.own_runtime_env_dirs = own_runtime_env_dirs
         self.cluster = None
         self.workers: list[dict] = []  # {"index", "node", "node_id", "num_cpus", "home", "alive"}
         self.head_home = ""
@@ -86,6 +98,16 @@ class Harness:
         }
         if self.system_config:
             head_args["_system_config"] = self.system_config
+        if self.own_runtime_env_dirs:
+            head_args["runtime_env_dir_name"] = "runtime_resources_head"
+        if self.dashboard_port:
+            # the dashboard (Jobs API, state API) on loopback, every one of its ports explicit: another Ray on
+            # this machine (the test session's) may hold Ray's defaults
+            dashboard, agent_grpc = _ports(2)
+            port = dashboard if self.dashboard_port < 0 else self.dashboard_port
+            head_args.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                             metrics_agent_port=agent_grpc)
+            self.dashboard_url = f"http://127.0.0.1:{port}"
         self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
         for _ in range(workers):
             self.add_worker(cpus)
@@ -95,10 +117,11 @@ class Harness:
         index = len(self.workers)
         home = self._home(f"w{index}")
         agent, metrics, runtime_env = _ports(3)
+        extra = {"runtime_env_dir_name": f"runtime_resources_w{index}"} if self.own_runtime_env_dirs else {}
         node = self.cluster.add_node(num_cpus=cpus,
                                      object_store_memory=self.object_store_bytes,
                                      dashboard_agent_listen_port=agent, metrics_export_port=metrics,
-                                     runtime_env_agent_port=runtime_env)
+                                     runtime_env_agent_port=runtime_env, **extra)
         entry = {"index": index, "node": node, "node_id": node.node_id, "num_cpus": cpus, "home": home,
                  "alive": True}
         self.workers.append(entry)
@@ -159,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=float, default=2, help="logical CPUs of each worker node")
     parser.add_argument("--object-store-mb", type=int, default=200)
     parser.add_argument("--system-config", default="", help="JSON of Ray _system_config for the head")
+    parser.add_argument("--dashboard-port", type=int, default=0,
+                        help="start the head with a dashboard (Jobs API) on 127.0.0.1:PORT; -1: a free port; "
+                             "0 (default): no dashboard")
+    parser.add_argument("--own-runtime-env-dirs", action="store_true",
+                        help="each node keeps its runtime environments (a job's working_dir) in a folder of its "
+                             "own, as separate machines do (default: Ray's one folder in the shared session dir)")
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir)
@@ -186,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("RAY_ADDRESS", None)  # this process starts a cluster; it joins none
     os.environ["RAY_TMPDIR"] = str(workdir)  # ray_current_cluster goes to <workdir>/ray, not to /tmp/ray
     harness = Harness(workdir, args.object_store_mb * 1024 * 1024,
-                      json.loads(args.system_config) if args.system_config else None)
+                      json.loads(args.system_config) if args.system_config else None, args.dashboard_port,
+                      args.own_runtime_env_dirs)
     try:
         harness.start(args.workers, args.cpus)
         (workdir / "address").write_text(harness.cluster.address)
-        reply({"ready": True, "address": harness.cluster.address, "nodes": harness.nodes()})
+        reply({"ready": True, "address": harness.cluster.address, "dashboard_url": harness.dashboard_url,
+               "nodes": harness.nodes()})
         _serve(harness, command_stream, reply)
         return 0
     except _Stop:
@@ -213,8 +244,9 @@ HARNESS_FILE = Path(__file__).resolve()
 
 
 class ClusterHandle:
-    """A running harness process. ``address``: the GCS address drivers join; ``workdir``: its folder;
-    ``nodes``: as the harness last reported them; ``env``: the environment a driver subprocess needs (set by the
+    """A running harness process. ``address``: the GCS address drivers join; ``dashboard_url``: the head's
+    dashboard / Jobs API (None unless started with one); ``workdir``: its folder; ``nodes``: as the harness last
+    reported them; ``env``: the environment a driver subprocess needs (set by the
     caller, see ``tests/cluster/conftest.py``)."""
 
     def __init__(self, proc, workdir: Path, reply_timeout: float):
@@ -225,6 +257,7 @@ class ClusterHandle:
         self.workdir = workdir
         self.reply_timeout = reply_timeout
         self.address = ""
+        self.dashboard_url: str | None = None
         self.nodes: list[dict] = []
         self.env: dict[str, str] = {}
         self._replies: "queue.Queue[dict | None]" = queue.Queue()
@@ -266,6 +299,7 @@ class ClusterHandle:
     def wait_ready(self, timeout: float) -> None:
         reply = self._reply(timeout)
         self.address, self.nodes = reply["address"], reply["nodes"]
+        self.dashboard_url = reply.get("dashboard_url")
 
     @property
     def workers(self) -> list[dict]:
@@ -338,9 +372,13 @@ class ClusterHandle:
 
 def start_cluster(workdir: Path, env: dict[str, str], workers: int = 2, cpus: float = 2,
                   object_store_mb: int = 200, system_config: dict | None = None,
-                  ready_timeout: float = 180) -> ClusterHandle:
+                  ready_timeout: float = 180, dashboard: bool | int = False,
+                  own_runtime_env_dirs: bool = False) -> ClusterHandle:
     """Start the harness (``python harness.py``) in a new session with ``env`` (RAY_ADDRESS removed) and wait
-    until its nodes are up. ``workdir`` must be short (Ray's Unix sockets live under it)."""
+    until its nodes are up. ``workdir`` must be short (Ray's Unix sockets live under it). ``dashboard``: True
+    starts the head with a dashboard (Jobs API) on a free port of 127.0.0.1, a number on that port; the handle's
+    ``dashboard_url`` names it. ``own_runtime_env_dirs``: a runtime-environment folder per node (needed by jobs
+    with a ``working_dir``: see :class:`Harness`)."""
     import subprocess
 
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
@@ -348,6 +386,10 @@ def start_cluster(workdir: Path, env: dict[str, str], workers: int = 2, cpus: fl
            "--cpus", str(cpus), "--object-store-mb", str(object_store_mb)]
     if system_config:
         cmd += ["--system-config", json.dumps(system_config)]
+    if dashboard:
+        cmd += ["--dashboard-port", str(-1 if dashboard is True else int(dashboard))]
+    if own_runtime_env_dirs:
+        cmd.append("--own-runtime-env-dirs")
     Path(workdir).mkdir(parents=True, exist_ok=True)
     with open(Path(workdir) / "harness.log", "ab") as log:  # also catches errors before the harness redirects
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
