@@ -123,9 +123,10 @@ class RunDir:
     def init(self, cfg: RunConfig) -> dict:
         """Create the directory and manifest if needed; refresh config and versions."""
         self.root.mkdir()
-        manifest = self.load_manifest()
-        if not manifest:
-            manifest = {"run_id": uuid.uuid4().hex[:12], "created": _now(), "phases": {}}
+        manifest = self.load_manifest()  # may hold only the model copy, recorded before init (shared_copy)
+        manifest.setdefault("run_id", uuid.uuid4().hex[:12])
+        manifest.setdefault("created", _now())
+        manifest.setdefault("phases", {})
         manifest.update({
             "config": cfg.model_dump(mode="json"),
             "seed": cfg.seed,

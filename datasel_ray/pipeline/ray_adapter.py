@@ -27,19 +27,23 @@ log = logging.getLogger(__name__)
 def ensure_ray(cfg: RayConfig | None = None, env: dict[str, str] | None = None) -> None:
     """Connect to the cluster named by ``cfg.address`` or RAY_ADDRESS, else start a local Ray. ``env``:
     variables every worker of this driver gets (the object-store options of the ``storage`` section) through
-    the runtime environment; under ``ray job submit`` the job's own runtime environment is used instead, so
-    give them there (``--runtime-env-json``) or in the nodes' environment."""
+    the runtime environment. Under ``ray job submit`` Ray merges this with the job's runtime environment and
+    refuses a field or variable set by both: the job's own hook and variables win, and only the rest is added."""
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     console.install()  # before ray.init: its token-auth notice is logged while it starts
     quiet = console.ray_init_kwargs()
+    job_env = _submitted_job_runtime_env()
+    runtime_env = quiet.pop("runtime_env", {})
+    if "worker_process_setup_hook" in job_env:
+        runtime_env.pop("worker_process_setup_hook", None)
+    env = {k: v for k, v in (env or {}).items() if k not in (job_env.get("env_vars") or {})}
     if env:
-        runtime_env = quiet.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
-    if "worker_process_setup_hook" in os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, ""):
-        quiet.pop("runtime_env", None)  # the submitted job sets its own hook; ray.init refuses two
+    if runtime_env:
+        quiet["runtime_env"] = runtime_env
     if address:
         ray.init(address=address, log_to_driver=True, **quiet)
     else:
@@ -50,6 +54,16 @@ def ensure_ray(cfg: RayConfig | None = None, env: dict[str, str] | None = None) 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def _submitted_job_runtime_env() -> dict:
+    """The runtime environment ``ray job submit`` gave this driver (``{}`` outside a submitted job)."""
+    import json
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}) if raw.strip().startswith("{") else {}
 
 
 def shutdown_ray() -> None:

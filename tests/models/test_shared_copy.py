@@ -91,3 +91,15 @@ def test_share_model_records_once_and_reuses(model_dir, tmp_path, monkeypatch):
                                   "run_dir": str(tmp_path / "run2")})
     shared2 = share_model(cfg2, RunDir(cfg2.run_dir))
     assert shared2.model.shared.uri == str(store / sha) and (store / sha / MARKER).is_file()
+
+
+def test_a_run_whose_model_was_shared_first_still_gets_its_identity(model_dir, tmp_path):
+    """run_phases shares the model before RunDir.init: the manifest then already exists with model_copy only."""
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model_dir)}})
+    run_dir = RunDir(cfg.run_dir)
+    cfg = share_model(cfg, run_dir)
+    run_dir.init(cfg)
+    manifest = run_dir.load_manifest()
+    assert len(manifest["run_id"]) == 12 and manifest["created"] and manifest["phases"] == {}
+    assert manifest["model_copy"]["sha256"] == cfg.model.shared.sha256
+    assert manifest["config"]["model"]["shared"]["sha256"] == cfg.model.shared.sha256

@@ -57,3 +57,32 @@ def test_a_fixed_cluster_refuses_what_its_largest_node_cannot_hold(monkeypatch):
 def test_fits():
     assert ray_adapter.fits({"CPU": 1.0, "GPU": 0.0}, {"CPU": 1.0})
     assert not ray_adapter.fits({"CPU": 1.0, "GPU": 1.0}, {"CPU": 8.0})
+
+
+def _init_kwargs(monkeypatch, job_runtime_env: dict | None, env: dict) -> dict:
+    import json
+
+    seen = {}
+    monkeypatch.setattr(ray_adapter.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_adapter.ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray_adapter.ray, "nodes", lambda: [])
+    if job_runtime_env is None:
+        monkeypatch.delenv(ray_adapter.RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ray_adapter.RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": job_runtime_env}))
+    monkeypatch.setattr(ray_adapter.console, "is_verbose", lambda: False)
+    ray_adapter.ensure_ray(env=env)
+    return seen
+
+
+def test_storage_variables_reach_workers_and_never_clash_with_a_submitted_job(monkeypatch):
+    env = {"AWS_ENDPOINT_URL": "http://s3.internal:9000", "AWS_REGION": "eu-west-1"}
+    local = _init_kwargs(monkeypatch, None, env)
+    assert local["runtime_env"]["env_vars"] == env
+    assert "worker_process_setup_hook" in local["runtime_env"]
+    # a job that sets the endpoint itself and its own hook: Ray refuses a field or variable set twice
+    job = _init_kwargs(monkeypatch, {"env_vars": {"AWS_ENDPOINT_URL": "http://other:9000"},
+                                     "worker_process_setup_hook": "x.y"}, env)
+    assert job["runtime_env"] == {"env_vars": {"AWS_REGION": "eu-west-1"}}
+    # everything already set by the job: no runtime_env argument at all
+    assert "runtime_env" not in _init_kwargs(monkeypatch, {"env_vars": env, "worker_process_setup_hook": "x.y"}, env)
