@@ -403,5 +403,147 @@ def start_cluster(workdir: Path, env: dict[str, str], workers: int = 2, cpus: fl
     return handle
 
 
+# --------------------------------------------------------------------------------------------- autoscaling head
+
+_WORKER_NODES = """
+import json, ray
+ray.init(logging_level="ERROR")  # RAY_ADDRESS names the cluster
+print(json.dumps([n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]))
+"""
+
+
+def autoscaler_config(gcs_address: str, worker_cpus: float, max_workers: int, idle_timeout_s: float) -> dict:
+    """Ray's fake multi-node example config with a 0-CPU head and one worker type of ``worker_cpus`` CPUs from
+    zero to ``max_workers`` nodes. The provider's ``gcs_address`` names the head's port (its default, 6379, may
+    be another Ray's)."""
+    return {
+        "cluster_name": "datasel-fake-multinode",
+        "max_workers": max_workers,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "ray.worker.cpu": {"resources": {"CPU": worker_cpus, "object_store_memory": 200_000_000},
+                               "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": idle_timeout_s / 60, "docker": {},
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+
+
+class AutoscalingHead:
+    """A ``ray start --head --autoscaling-config`` with Ray's fake multi-node provider (``RAY_FAKE_CLUSTER=1``),
+    in a process group of its own with its own ports and temp dir.
+
+    ``ray.cluster_utils.AutoscalingCluster.start()`` runs ``ray stop --force``, which ends every Ray process of the
+    machine (a test session's own Ray included); this head is stopped by its own group and the processes under
+    its temp dir instead. The provider starts worker nodes inside the head's monitor process: they inherit its
+    environment (one DATASEL_HOME for all of them). ``driver_env``: what a driver needs to join."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], worker_cpus: float = 2, max_workers: int = 3,
+                 idle_timeout_s: float = 15, ready_timeout: float = 90):
+        import subprocess
+        import time
+
+        import ray._private.services
+
+        self.workdir = str(workdir)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        gcs_port, *ports = _ports(8)
+        ip = ray._private.services.get_node_ip_address()
+        self.address = f"{ip}:{gcs_port}"
+        config = Path(workdir) / "autoscaler.json"
+        config.write_text(json.dumps(autoscaler_config(self.address, worker_cpus, max_workers, idle_timeout_s)))
+        flags = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                 "--ray-client-server-port")
+        head_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "DATASEL_ASSUME_AUTOSCALER")}
+        head_env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"})
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray_bin, "start", "--head", "--block", f"--autoscaling-config={config}", "--num-cpus=0",
+               f"--port={gcs_port}", f"--temp-dir={workdir}", "--include-dashboard=false",
+               "--object-store-memory=200000000", *(f"{flag}={port}" for flag, port in zip(flags, ports))]
+        self._log = open(Path(workdir) / "head.log", "wb")
+        self.proc = subprocess.Popen(cmd, env=head_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.driver_env = {k: v for k, v in env.items() if k != "DATASEL_ASSUME_AUTOSCALER"}
+        self.driver_env.update({"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled"})
+        deadline = time.monotonic() + ready_timeout
+        try:
+            while self.worker_nodes() is None:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"autoscaling head did not start: {self.log_tail()}")
+                time.sleep(2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def worker_nodes(self) -> list[str] | None:
+        """Ids of the alive nodes with CPUs (the launched workers); None when no driver could connect."""
+        import subprocess
+
+        try:
+            out = subprocess.run([sys.executable, "-c", _WORKER_NODES], env=self.driver_env, capture_output=True,
+                                 text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
+        lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
+        return json.loads(lines[-1]) if out.returncode == 0 and lines else None
+
+    def watch_workers(self, timeline: list, stop, interval: float = 1.0) -> None:
+        """Append ``(time.time(), alive worker nodes)`` to ``timeline`` every ``interval`` s until ``stop`` is set
+        (one driver connected throughout; run it in a thread)."""
+        import subprocess
+
+        code = ("import json, sys, time, ray\nray.init(logging_level='ERROR')\nwhile True:\n"
+                "    alive = [n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) > 0]\n"
+                f"    print(json.dumps([time.time(), len(alive)]), flush=True)\n    time.sleep({interval})\n")
+        watcher = subprocess.Popen([sys.executable, "-c", code], env=self.driver_env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        try:
+            for line in watcher.stdout:
+                if stop.is_set():
+                    break
+                if line.startswith("["):
+                    timeline.append(tuple(json.loads(line)))
+        finally:
+            watcher.kill()
+            watcher.wait()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (Path(self.workdir) / "head.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGKILL the head's process group, then any process still naming its temp dir. Idempotent."""
+        import signal
+
+        import psutil
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if self.workdir in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+            except psutil.Error:
+                continue
+        self._log.close()
+
+
+def start_autoscaling_head(workdir: Path, env: dict[str, str], worker_cpus: float = 2, max_workers: int = 3,
+                           idle_timeout_s: float = 15) -> AutoscalingHead:
+    """An :class:`AutoscalingHead` once a driver can join it."""
+    return AutoscalingHead(workdir, env, worker_cpus, max_workers, idle_timeout_s)
+
+
 if __name__ == "__main__":
     sys.exit(main())
