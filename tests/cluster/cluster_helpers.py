@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -30,6 +31,17 @@ from datasel_ray.ports import pick_unbound_ports
 REPO = Path(__file__).resolve().parents[2]
 ACCESS_KEY = SECRET_KEY = "testing"
 REGION = "us-east-1"
+
+# The generated pool every module uses (conftest's ``generated_pool`` / ``s3_pool``) and where it is uploaded.
+POOL_SAMPLES, POOL_SEED, POOL_BAD_RATE = 300, 11, 0.04
+POOL_URI = "s3://pools/gen"
+RUNS_BUCKET = "runs"
+METHODS = ["coincide", "datatailor", "random"]
+# Ray ``_system_config`` of the head: node health checks every second instead of every 3 s (5 failed checks mark
+# a node dead), so a killed node is known dead after ~5 s instead of ~15 s. What the tests check never depends on
+# that delay; it only sets how long a run waits before the lost node's work is retried elsewhere. A killed raylet
+# refuses connections at once; a live, busy one still has Ray's default 10 s to answer each check.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000}
 
 
 # --- S3 ----------------------------------------------------------------------------------------------------------
@@ -158,34 +170,93 @@ class RunResult:
                f"{self.stderr[-chars:]}"
 
 
+class RunningProcess:
+    """A command started in a new session whose stdout and stderr go to files; the test acts while it runs
+    (``stderr_text()`` reads what it has written so far) and ends it with :meth:`wait`."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: str | Path = REPO):
+        self._dir = tempfile.TemporaryDirectory(prefix="dsproc")
+        self._out_path = Path(self._dir.name) / "stdout"
+        self._err_path = Path(self._dir.name) / "stderr"
+        with open(self._out_path, "wb") as out, open(self._err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started = time.monotonic()
+        self.result: RunResult | None = None
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stdout_text(self) -> str:
+        return self._out_path.read_bytes().decode(errors="replace")
+
+    def stderr_text(self) -> str:
+        return self._err_path.read_bytes().decode(errors="replace")
+
+    def wait(self, timeout: float) -> RunResult:
+        """Wait up to ``timeout`` seconds (counted from now); then kill its whole process group (a local Ray it
+        started included, or the whole command at the timeout: ``rc`` None). Idempotent."""
+        if self.result is not None:
+            return self.result
+        try:
+            rc = self.proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            rc = None
+        ended = time.monotonic()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of its own group (or the whole run at the timeout)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.result = RunResult(rc, self.stdout_text(), self.stderr_text(), ended - self.started)
+        self._dir.cleanup()
+        return self.result
+
+    def tail(self, chars: int = 3000) -> str:
+        if self.result is not None:
+            return self.result.tail(chars)
+        return (f"running for {time.monotonic() - self.started:.0f} s (rc={self.poll()})\n--- stderr so far\n"
+                f"{self.stderr_text()[-chars:]}")
+
+
 def run_process(cmd: list[str], env: dict[str, str], timeout: float, cwd: str | Path = REPO) -> RunResult:
     """Run ``cmd`` in a new session; at ``timeout`` its whole process group (a local Ray it started included) is
     killed and ``rc`` is None."""
-    started = time.monotonic()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # leftovers of its own group (or the whole run at the timeout)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        return RunResult(rc, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                         time.monotonic() - started)
+    return RunningProcess(cmd, env, cwd).wait(timeout)
+
+
+def datasel_command(*args: str) -> list[str]:
+    """``datasel ARGS...`` as ``python -m datasel_ray.cli`` of this interpreter."""
+    return [sys.executable, "-m", "datasel_ray.cli", *args]
+
+
+def start_datasel(config_path: str | Path, env: dict[str, str],
+                  args: tuple[str, ...] = ("--quiet",)) -> RunningProcess:
+    """``datasel run --config CONFIG`` started in the background (end it with ``.wait(timeout)``)."""
+    return RunningProcess(datasel_command("run", "--config", str(config_path), *args), env)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.25,
+               process: RunningProcess | None = None) -> object:
+    """Call ``condition`` every ``interval`` seconds until it returns something true (returned); raise
+    AssertionError naming ``what`` at ``timeout``, or at once when ``process`` has exited meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {process.wait(0).tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}"
+                                 + (f"\n{process.tail()}" if process is not None else ""))
+        time.sleep(interval)
 
 
 def run_datasel(config_path: str | Path, env: dict[str, str], timeout: float = 600,
                 args: tuple[str, ...] = ("--quiet",)) -> RunResult:
     """``datasel run --config CONFIG`` (as ``python -m datasel_ray.cli``) with ``env``, killed at ``timeout``."""
-    return run_process([sys.executable, "-m", "datasel_ray.cli", "run", "--config", str(config_path), *args],
-                       env, timeout)
+    return run_process(datasel_command("run", "--config", str(config_path), *args), env, timeout)
 
 
 def run_driver(code: str, env: dict[str, str], timeout: float = 120, args: tuple[str, ...] = ()) -> RunResult:
@@ -201,6 +272,53 @@ def local_env(home: str | Path | None = None, extra: dict[str, str] | None = Non
     if home is not None:
         env["DATASEL_HOME"] = str(home)
     return env
+
+
+# --- the standard config ------------------------------------------------------------------------------------
+
+def standard_config(pool_dir: str | Path, run_dir: str | Path, ray: dict | None = None,
+                    overrides: dict | None = None) -> dict:
+    """The run config every cluster module uses (as a dict, for YAML), with the pool at ``pool_dir`` (its
+    ``pool.json`` and images: a local folder or ``s3://...``) and the run directory ``run_dir``.
+
+    The demo config (seed 5, tiny model, no TIVE, budget 20%) with COINCIDE, DataTailor and random selection,
+    ``extract.max_actors: 2``, ``extract.shard_rows: 16`` (about 19 feature shards of the 300-row pool, so a node
+    removed during extraction finds shards still to do), and ``aggregate.executor: ray`` with the smallest
+    ``aggregate.partition_bytes`` (partition tasks on the worker nodes, so a node removed during aggregate
+    loses running tasks; ``datatailor.dense_max_rows: 200`` so that a dense task fits such a partition). None
+    of these changes a result (extract's micro-batches are the same 8 rows whatever the shard size; aggregate
+    is the same partitioned or not; every task of this pool is below 200 rows), so the one-node local
+    reference run of this config (conftest's ``reference_run``, aggregating in-process) is the one every module
+    compares with. ``ray``: the config's ``ray`` section (default: the cluster named by RAY_ADDRESS).
+    ``overrides``: nested sections merged on top.
+    """
+    from datasel_ray.config import merge_dicts
+    from datasel_ray.demo import demo_config
+
+    data = demo_config(Path("/unused"), Path("/unused/pool.json"), tive=False, seed=5).model_dump(mode="json")
+    pool_dir = str(pool_dir).rstrip("/")
+    data["run_dir"] = str(run_dir)
+    data["pool"]["path"] = f"{pool_dir}/pool.json"
+    data["pool"]["image_root"] = pool_dir
+    data["extract"]["max_actors"] = 2
+    data["extract"]["shard_rows"] = 16
+    data["aggregate"]["executor"] = "ray"
+    data["aggregate"]["partition_bytes"] = 1 << 16  # AggregateConfig's minimum
+    # a dense DataTailor task must fit one partition: 200 rows x 264 bytes does (the pool's largest task has
+    # fewer rows, so every task is clustered densely as with the default of 4000)
+    data["datatailor"]["dense_max_rows"] = 200
+    data["model"]["name_or_path"] = "tiny"
+    data["tive"]["enabled"] = False
+    data["select"]["methods"] = list(METHODS)
+    data["ray"] = ray if ray is not None else {"address": None, "num_cpus": None}
+    return merge_dicts(data, overrides or {})
+
+
+def write_config(path: str | Path, data: dict) -> Path:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(data))
+    return Path(path)
 
 
 # --- run directory readers ---------------------------------------------------------------------------------------
@@ -242,6 +360,58 @@ def quarantine_counts(run_dir: str | Path | Location, s3: S3Endpoint | None = No
     return out
 
 
+def quarantined_rows(run_dir: str | Path | Location, s3: S3Endpoint | None = None) -> dict[str, list[tuple]]:
+    """``{phase: sorted [(row_id, reason)]}`` of ``quarantine/<phase>/`` for ingest and extract."""
+    root = run_location(run_dir, s3)
+    out: dict[str, list[tuple]] = {}
+    for phase, dirs in PHASE_DIRS.items():
+        for sub in dirs:
+            if sub.startswith("quarantine/"):
+                table = read_parquet_dir(root / sub, [schema.ROW_ID, schema.REASON])
+                out[phase] = sorted(zip(table.column(schema.ROW_ID).to_pylist(),
+                                        table.column(schema.REASON).to_pylist())) if table is not None else []
+    return out
+
+
 def manifest(run_dir: str | Path | Location, s3: S3Endpoint | None = None) -> dict:
     loc = run_location(run_dir, s3) / "manifest.json"
     return loc.read_json() if loc.exists() else {}
+
+
+def phase_status(run_dir: str | Path | Location, phase: str, s3: S3Endpoint | None = None) -> str | None:
+    """The manifest's status of ``phase`` (None before the manifest or the phase entry exists); a manifest
+    caught mid-write reads as None too."""
+    try:
+        return manifest(run_dir, s3).get("phases", {}).get(phase, {}).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def running_step(run_dir: str | Path | Location, s3: S3Endpoint | None = None) -> str | None:
+    """The step ``progress.json`` says is under way and unfinished (a phase, or an aggregate step such as
+    ``coincide:train-rows``, whose partition tasks run on the cluster), else None."""
+    loc = run_location(run_dir, s3) / "progress.json"
+    try:
+        state = loc.read_json() if loc.exists() else {}
+    except (OSError, ValueError):
+        return None
+    current = state.get("current")
+    entry = state.get(current) if current else None
+    return current if isinstance(entry, dict) and not entry.get("finished") else None
+
+
+def feature_shards(run_dir: str | Path | Location, s3: S3Endpoint | None = None) -> int:
+    """How many ``features/*.parquet`` shards the run has written so far."""
+    return len((run_location(run_dir, s3) / "features").list(".parquet"))
+
+
+# --- model builds on the nodes -----------------------------------------------------------------------------------
+
+def model_dirs_of_home(home: str | Path) -> dict[str, list[str]]:
+    """What a node's DATASEL_HOME holds of models: ``builds`` (every ``tiny-llava-v1`` folder below it: a build),
+    ``copies`` (the names under ``models/``: downloaded copies, by sha256)."""
+    home = Path(home)
+    builds = sorted(str(p.relative_to(home)) for p in home.rglob("tiny-llava-v1"))
+    models = home / "models"
+    copies = sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+    return {"builds": builds, "copies": copies}

@@ -1,29 +1,35 @@
 """The multi-node harness itself, and a whole ``datasel run`` with pool, images and run directory on a local S3
-server, on a 0-CPU head plus two worker nodes: its rows, quarantine and selections equal those of the same
-config run on local disk in one local node.
+server, on a 0-CPU head plus two worker nodes of 1 CPU: its rows, quarantine and selections equal those of the
+session's one-node local reference run of the same config (``reference_run``), and the run builds its model once.
 
-Both tests share one cluster (module scope); the harness test runs first, removes a worker and adds a fresh one,
-so the run test still gets two alive worker nodes of 2 CPUs.
+The cluster has the shape of the issue's deadlock (two 1-CPU workers, two extraction actors: every CPU is an
+actor's), so this run is also the uninterrupted counterpart of test_node_loss's run: its seconds are left in
+``s3_run_records`` for that module. Both tests share one cluster (module scope); the harness test runs first,
+removes a worker and adds a fresh one, so the run test still gets two alive worker nodes, one of which joined
+after the cluster started. Node health checks every second (``cluster_helpers.FAST_NODE_DEATH``, as in
+test_node_loss): a removed node is known dead after ~5 s instead of ~15 s.
+
+One model build per run: the driver uses the session's DATASEL_HOME (its ``tiny`` build cached across test
+sessions), publishes the content-addressed copy to ``<run_dir>/model/<sha256>/``; the test checks the manifest's
+``model_copy`` and that no node's DATASEL_HOME holds a build, only (at most) that copy under ``models/<sha256>``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from cluster_helpers import (ingested_row_ids, local_env, manifest, quarantine_counts, read_selections,
-                             run_datasel, run_driver)
+from cluster_helpers import (FAST_NODE_DEATH, METHODS, RUNS_BUCKET, ingested_row_ids, manifest, model_dirs_of_home,
+                             quarantine_counts, quarantined_rows, read_selections, run_datasel, run_driver,
+                             standard_config, write_config)
 from datasel_ray.schema import Reason
 
 pytestmark = pytest.mark.integration
 
-CLUSTER_OPTIONS = {"workers": 2, "cpus": 2}
-METHODS = ["coincide", "datatailor", "random"]
+CLUSTER_OPTIONS = {"workers": 2, "cpus": 1, "system_config": FAST_NODE_DEATH}
 
 _NODES = """
 import json, ray
@@ -69,6 +75,7 @@ def test_harness_nodes_and_removal(multinode_cluster):
     assert result.rc == 0, result.tail()
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["alive"] is False, f"node {removed} still shows as {seen['alive']} 30 s after its removal"
+    # ~5 s with FAST_NODE_DEATH's checks every second (Ray's default of every 3 s: 14.7-15 s measured here)
     print(f"removed node shown dead {seen['at'] - removed_at:.1f} s after the removal")
 
     # give the module's later tests their two alive workers back
@@ -76,68 +83,54 @@ def test_harness_nodes_and_removal(multinode_cluster):
     assert len(cluster.alive_workers()) == 2
 
 
-def _config(pool_dir: str, run_dir: str, ray: dict) -> dict:
-    from datasel_ray.demo import demo_config
-
-    data = demo_config(Path("/unused"), Path("/unused/pool.json"), tive=False, seed=5).model_dump(mode="json")
-    data["run_dir"] = run_dir
-    data["pool"]["path"] = f"{pool_dir}/pool.json"
-    data["pool"]["image_root"] = pool_dir
-    data["extract"]["max_actors"] = 2
-    data["model"]["name_or_path"] = "tiny"
-    data["tive"]["enabled"] = False
-    data["select"]["methods"] = METHODS
-    data["ray"] = ray
-    return data
-
-
-@pytest.mark.timeout(780)  # the two runs' own timeouts (420 + 300 s) plus the cluster's start if it runs alone
-def test_object_storage_run_matches_local_run(tmp_path, s3_endpoint, multinode_cluster):
-    from datasel_ray.synthetic import SynthConfig, generate_pool
-
+@pytest.mark.timeout(480)  # the run's own timeout (300 s) plus the cluster's start and the reference run (~50-70 s)
+def test_object_storage_run_matches_local_run(s3_endpoint, s3_pool, reference_run, multinode_cluster, tmp_path,
+                                              s3_run_records):
     cluster = multinode_cluster
     assert len(cluster.alive_workers()) >= 2
-    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=300, seed=11, bad_rate=0.04))
-    assert info.pool_path.name == "pool.json"
-    s3_endpoint.upload_dir(info.image_root, "s3://pools/gen")
-    s3_endpoint.create_bucket("runs")
+    run_uri = f"s3://{RUNS_BUCKET}/run1"
+    data = standard_config(s3_pool.uri, run_uri, {"address": cluster.address, "num_cpus": None})
+    result = run_datasel(write_config(tmp_path / "s3.yaml", data), cluster.env, timeout=300)  # 107-155 s here
+    print(f"multi-node S3 run: {result.seconds:.0f} s (one-node local reference: {reference_run.seconds:.0f} s)")
+    assert result.rc == 0, result.tail()
 
-    s3_data = _config("s3://pools/gen", "s3://runs/run1", {"address": cluster.address, "num_cpus": None})
-    s3_cfg = tmp_path / "s3.yaml"
-    s3_cfg.write_text(yaml.safe_dump(s3_data))
-    local_run = str(tmp_path / "local-run")
-    local_cfg = tmp_path / "local.yaml"
-    local_cfg.write_text(yaml.safe_dump(_config(str(info.image_root), local_run, {"address": None, "num_cpus": 2})))
-
-    s3_result = run_datasel(s3_cfg, cluster.env, timeout=420)  # ~125 s here (a model build by the driver in it)
-    print(f"multi-node S3 run: {s3_result.seconds:.0f} s")
-    assert s3_result.rc == 0, s3_result.tail()
-    local_result = run_datasel(local_cfg, local_env(), timeout=300)  # ~45 s here, its own local Ray of 2 CPUs
-    print(f"one-node local run: {local_result.seconds:.0f} s")
-    assert local_result.rc == 0, local_result.tail()
-
-    s3_manifest, local_manifest = manifest("s3://runs/run1", s3_endpoint), manifest(local_run)
+    s3_manifest = manifest(run_uri, s3_endpoint)
+    phases = {p: s3_manifest["phases"].get(p, {}).get("seconds") for p in data["phases"]}
     print("phase seconds, S3 multi-node / local one-node:",
-          {p: (s3_manifest["phases"].get(p, {}).get("seconds"), local_manifest["phases"].get(p, {}).get("seconds"))
-           for p in s3_data["phases"]})
-    for phase in s3_data["phases"]:
+          {p: (phases[p], reference_run.manifest["phases"].get(p, {}).get("seconds")) for p in data["phases"]})
+    for phase in data["phases"]:
         assert s3_manifest["phases"][phase]["status"] == "done", (phase, s3_manifest["phases"].get(phase))
 
-    s3_rows, local_rows = ingested_row_ids("s3://runs/run1", s3_endpoint), ingested_row_ids(local_run)
-    assert local_rows.size > 0
-    np.testing.assert_array_equal(s3_rows, local_rows, err_msg="ingest kept other rows on S3")
+    s3_rows = ingested_row_ids(run_uri, s3_endpoint)
+    np.testing.assert_array_equal(s3_rows, reference_run.rows, err_msg="ingest kept other rows on S3")
 
-    s3_q, local_q = quarantine_counts("s3://runs/run1", s3_endpoint), quarantine_counts(local_run)
-    assert s3_q["ingest"] == local_q["ingest"], (s3_q, local_q)
+    s3_q = quarantine_counts(run_uri, s3_endpoint)
     for reason in (Reason.IMAGE_CORRUPT, Reason.IMAGE_MISSING):
-        assert s3_q["extract"][reason] <= local_q["extract"][reason], (
-            f"extract quarantined {s3_q['extract'][reason]} rows as {reason} on S3, {local_q['extract'][reason]} "
-            f"locally: {dict(s3_q['extract'])}")
-    assert s3_q["extract"] == local_q["extract"], (s3_q, local_q)
+        assert s3_q["extract"][reason] <= reference_run.quarantine["extract"][reason], (
+            f"extract quarantined {s3_q['extract'][reason]} rows as {reason} on S3, "
+            f"{reference_run.quarantine['extract'][reason]} locally: {dict(s3_q['extract'])}")
+    assert quarantined_rows(run_uri, s3_endpoint) == reference_run.quarantined, (s3_q, reference_run.quarantine)
     print("quarantine:", {phase: dict(counts) for phase, counts in s3_q.items()})
 
-    s3_sel, local_sel = read_selections("s3://runs/run1", s3_endpoint), read_selections(local_run)
-    assert sorted(local_sel) == sorted(METHODS) and sorted(s3_sel) == sorted(METHODS), (s3_sel.keys(), local_sel.keys())
+    s3_sel = read_selections(run_uri, s3_endpoint)
+    assert sorted(s3_sel) == sorted(METHODS), s3_sel.keys()
     for method in METHODS:
-        assert local_sel[method].size > 0, method
-        np.testing.assert_array_equal(s3_sel[method], local_sel[method], err_msg=f"{method}: other ids on S3")
+        np.testing.assert_array_equal(s3_sel[method], reference_run.selections[method],
+                                      err_msg=f"{method}: other ids on S3")
+
+    # One model build per run: the driver resolved the model (from the session's cache) and published one
+    # content-addressed copy under the run directory; every node downloaded that copy and none built one.
+    copy = s3_manifest.get("model_copy") or {}
+    assert copy.get("sha256") and copy.get("uri") == f"{run_uri}/model/{copy['sha256']}", copy
+    assert s3_endpoint.location(copy["uri"]).list(recursive=True), f"no files at {copy['uri']}"
+    homes = {f"worker {n['index']}" if n["index"] is not None else "head": model_dirs_of_home(n["home"])
+             for n in cluster.refresh()}
+    print("model folders of the nodes' DATASEL_HOMEs:", homes)
+    for node, held in homes.items():
+        assert held["builds"] == [], f"{node} built the model itself: {held}"
+        assert set(held["copies"]) <= {copy["sha256"]}, f"{node} holds another model copy than the run's: {held}"
+    loaded = [node for node, held in homes.items() if held["copies"]]
+    assert loaded, f"no node downloaded the run's model copy {copy['sha256']}: {homes}"
+
+    s3_run_records["uninterrupted"] = {"seconds": result.seconds, "phases": phases, "cluster": CLUSTER_OPTIONS,
+                                       "run_dir": run_uri}
