@@ -143,7 +143,10 @@ class ExtractConfig(_Section):
     num_gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when a GPU is visible, else 0.")
     num_cpus_per_actor: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0, description="Actor restarts after a worker dies.")
-    max_task_retries: int = Field(3, ge=0)
+    max_task_retries: int = Field(
+        -1, ge=-1, description="Retries of a shard whose actor died or became unreachable (a lost node); -1: "
+        "while the actor restarts (bounded by max_restarts). A small number can be spent in the seconds before Ray "
+        "declares a lost node dead.")
     shard_rows: int = Field(256, ge=1, description="Rows per written feature shard (resume granularity).")
     preprocess: Literal["auto", "tasks", "actor"] = Field(
         "auto", description="Where image decode and tokenisation run. tasks: separate Ray CPU tasks ahead of the "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import signal
 import sys
 import threading
 import time
@@ -115,6 +116,19 @@ class FailureBudget:
 # ------------------------------------------------------------------------------------------------ stall watch
 
 
+def _interrupt_main_thread() -> None:
+    """KeyboardInterrupt in the main thread, even while it blocks in a lock or a queue (Ray Data's result queue):
+    a real SIGINT sent to that thread interrupts the wait; ``_thread.interrupt_main`` alone only flags it for the
+    next bytecode, which a blocked wait never reaches."""
+    if callable(signal.getsignal(signal.SIGINT)):  # a Python handler: the signal becomes KeyboardInterrupt
+        try:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            return
+        except (AttributeError, OSError, ValueError):
+            pass
+    _thread.interrupt_main()
+
+
 @dataclass
 class ClusterDiagnosis:
     """What the cluster can say about waiting work. ``pending``: resource shapes asked for and not yet granted,
@@ -203,7 +217,7 @@ class StallWatch:
                               f"the per-actor resources (extract.num_cpus_per_actor, num_gpus_per_actor), or "
                               f"re-run: finished shards are kept.")
                 self._record(self.error)
-                _thread.interrupt_main()
+                _interrupt_main_thread()
                 return
             self._record(message)
 

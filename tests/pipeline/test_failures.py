@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 import pyarrow as pa
@@ -84,7 +85,9 @@ def test_stall_warns_then_stops_when_nothing_can_add_capacity(monkeypatch, tmp_p
             assert "no progress for 12s" in stream.getvalue()
             assert watch.error is None
             clock.idle = 25
-            time.sleep(10)  # interrupted by the watch
+            started = time.monotonic()
+            threading.Event().wait(60)  # a blocked wait, as the driver's in Ray Data's result queue
+    assert time.monotonic() - started < 10, "the watch did not interrupt the blocked main thread"
     text = str(err.value)
     assert "pending resource requests: 2 x {CPU: 1}" in text
     assert "free: {CPU: 0} of {CPU: 1}" in text
