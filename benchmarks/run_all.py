@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_extract.py", "bench_gradients.py", "bench_select.py", "bench_serve.py", "quality.py",
-           "duplicate_sensitivity.py"]
+           "duplicate_sensitivity.py", "bench_cluster.py"]
 
 
 def main() -> int:
