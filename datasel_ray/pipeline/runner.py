@@ -111,10 +111,10 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
         wanted = [p for p in wanted if p != "warmup"]
     apply_storage_options(cfg.storage)
     ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
+    preflight(cfg, wanted)  # refusals first: sharing the model may build it
     run_dir = RunDir(cfg.run_dir)
     if MODEL_PHASES & set(wanted):
         cfg = share_model(cfg, run_dir)
-    preflight(cfg, wanted)
     run_dir.init(cfg)
     results: dict[str, dict] = {}
     for phase in PHASE_ORDER:
