@@ -94,7 +94,10 @@ def test_scale_from_zero_runs_on_launched_nodes_and_scales_back(tmp_path, autosc
         assert result.rc == 0, result.tail()
         phases = manifest(tmp_path / "run")["phases"]
         assert all(phases[p]["status"] == "done" for p in phases), phases
-        first = next(t for t, n in timeline if n >= 1) - submitted
+        assert timeline, "the worker-node watcher recorded nothing (it could not join the cluster)"
+        first = next((t for t, n in timeline if n >= 1), None)
+        assert first is not None, f"no worker node was ever launched: {timeline[-5:]}"
+        first -= submitted
         second = next((t for t, n in timeline if n >= 2), None)
         print(f"autoscaling run {result.seconds:.0f} s; first worker node {first:.0f} s after submit; second "
               f"{'never' if second is None else f'{second - submitted:.0f} s'}; peak "
