@@ -104,7 +104,8 @@ class FailureBudget:
         counts, first = quarantine_reasons(self.quarantine_dir, self.exclude)
         lines = [f"{self.phase}: {self.failed} of {self.seen} rows quarantined ({self.failed / self.seen:.1%}), more "
                  f"than failures.max_quarantine_fraction={self.cfg.max_quarantine_fraction:g}: stopped, since a "
-                 f"share this large is rarely the rows' own fault. Top reasons:"]
+                 f"share this large is rarely the rows' own fault. Top reasons in its quarantine files so far (shards "
+                 f"still in flight included):"]
         for reason, n in counts.most_common(TOP_REASONS):
             lines.append(f"  {reason}: {n} rows, e.g. {first[reason]}")
         lines.append(f"Rows are in {self.quarantine_dir}. Fix the cause (storage access, pool paths, image_root, "
