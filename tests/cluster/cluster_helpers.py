@@ -59,6 +59,7 @@ class S3Endpoint:
     def __post_init__(self):
         self.env = {
             "AWS_ENDPOINT_URL": self.url,
+            "AWS_ENDPOINT_URL_S3": self.url,  # wins over AWS_ENDPOINT_URL in every S3 client: never another server
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
             "AWS_REGION": REGION,

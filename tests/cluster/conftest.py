@@ -141,7 +141,9 @@ def multinode_cluster(request, s3_endpoint) -> ClusterHandle:
     ``.add_worker(cpus)``, ``.nodes``, ``.stop()``."""
     options = {"workers": 2, "cpus": 2, **getattr(request.module, "CLUSTER_OPTIONS", {})}
     workdir = tempfile.mkdtemp(prefix="dsc", dir="/tmp")  # short: Ray's Unix sockets live under it
-    base = {**os.environ, **s3_endpoint.env}
+    # no S3 setting of this process (another test's server, a developer's profile) may reach the cluster
+    base = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DATASEL_STORAGE_"))},
+            **s3_endpoint.env}
     cluster = start_cluster(workdir, base, **options)
     # the driver's DATASEL_HOME: the session's (tests/conftest.py sets it before anything starts), whose built
     # models persist across sessions; the nodes have homes of their own (harness.py)
