@@ -56,9 +56,10 @@ def folder_sha256(root: str | Location) -> str:
     return digest.hexdigest()
 
 
-def publish(local_dir: str, store: Location) -> Location:
-    """Copy ``local_dir`` to ``store/<sha256>/`` unless a complete copy is there; returns that location."""
-    sha = folder_sha256(local_dir)
+def publish(local_dir: str, store: Location, sha: str | None = None) -> Location:
+    """Copy ``local_dir`` to ``store/<sha256>/`` unless a complete copy is there; returns that location.
+    ``sha``: the folder's :func:`folder_sha256` when the caller has it (hashing a 7B checkpoint takes a while)."""
+    sha = sha or folder_sha256(local_dir)
     target = store / sha
     if (target / MARKER).exists():
         return target
@@ -179,7 +180,7 @@ def share_model(cfg, run_dir):
         source = _local_source(cfg.model)
         store = model_store(cfg.model, run_dir)
         sha = folder_sha256(source)
-        uri = str(publish(source, store)) if store is not None else source
+        uri = str(publish(source, store, sha)) if store is not None else source
         recorded = {"uri": uri, "sha256": sha, "identity": identity, "source": source}
         manifest = run_dir.load_manifest()
         manifest["model_copy"] = recorded
