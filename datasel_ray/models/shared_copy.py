@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "_datasel_model.json"  # written last into a published copy: its presence means the copy is complete
 _CHUNK = 1 << 22
+_PARTIAL = ".partial-"  # prefix of a download in progress under $DATASEL_HOME/models: .partial-<pid>-<sha256[:12]>-<random>
 _verified: dict[tuple[str, str], str] = {}  # (local dir, sha256) -> dir, hashed once per process
 
 
@@ -85,7 +86,8 @@ def local_model_dir(uri: str, sha256: str) -> str:
     """A local folder holding the model copy at ``uri``, checked against ``sha256`` (once per process).
 
     Local ``uri``: hashed in place. Remote: downloaded to ``$DATASEL_HOME/models/<sha256>`` unless already there
-    (a temp folder, hashed, then renamed, so concurrent workers of a node never see a partial copy). Raises
+    (a ``.partial-<pid>-*`` folder, hashed, then renamed, so concurrent workers of a node never see a partial
+    copy; partial folders of processes that died mid-download are removed by the next download). Raises
     :class:`ModelCopyMismatch` when the files hash otherwise, FileNotFoundError when there is no copy."""
     from datasel_ray.models.loading import datasel_home
 
@@ -99,7 +101,8 @@ def local_model_dir(uri: str, sha256: str) -> str:
         raise FileNotFoundError(f"model.shared: no complete model copy at {uri} (no {MARKER}): the driver "
                                 f"publishes it at run start; re-run `datasel run`, or check the storage settings")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}.tmp-{uuid.uuid4().hex[:8]}-", dir=cached.parent))
+    _remove_abandoned_downloads(cached.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL}{os.getpid()}-{sha256[:12]}-{uuid.uuid4().hex[:8]}-", dir=cached.parent))
     try:
         prefix = loc.path.rstrip("/") + "/"
         for f in _files(loc):
@@ -120,6 +123,28 @@ def local_model_dir(uri: str, sha256: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified[(str(cached), sha256)] = str(cached)
     return str(cached)
+
+
+def _remove_abandoned_downloads(models_dir: Path) -> None:
+    """Delete the partial downloads under ``models_dir`` whose process is gone (a worker killed mid-download:
+    an actor ended with its pool, a node stopped); those of live processes are left to finish."""
+    for partial in models_dir.glob(f"{_PARTIAL}*"):
+        try:
+            pid = int(partial.name[len(_PARTIAL):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _process_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _checked(path: str, sha256: str, uri: str) -> str:

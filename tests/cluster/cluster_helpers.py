@@ -410,9 +410,11 @@ def feature_shards(run_dir: str | Path | Location, s3: S3Endpoint | None = None)
 
 def model_dirs_of_home(home: str | Path) -> dict[str, list[str]]:
     """What a node's DATASEL_HOME holds of models: ``builds`` (every ``tiny-llava-v1`` folder below it: a build),
-    ``copies`` (the names under ``models/``: downloaded copies, by sha256)."""
+    ``copies`` (the names under ``models/``: downloaded copies, by sha256), ``partial`` (downloads a worker began
+    and did not finish: an extraction actor the pool ended, or one on a node that was stopped, mid-download)."""
     home = Path(home)
     builds = sorted(str(p.relative_to(home)) for p in home.rglob("tiny-llava-v1"))
     models = home / "models"
-    copies = sorted(p.name for p in models.iterdir()) if models.is_dir() else []
-    return {"builds": builds, "copies": copies}
+    names = sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+    return {"builds": builds, "copies": [n for n in names if not n.startswith(".")],
+            "partial": [n.split("-")[2] for n in names if n.startswith(".partial-")]}

@@ -133,7 +133,10 @@ def test_nodes_lost_during_extract_and_aggregate(s3_endpoint, s3_pool, reference
     print("model folders of the workers' DATASEL_HOMEs:", homes)
     for index, held in homes.items():
         assert held["builds"] == [] and set(held["copies"]) <= {sha}, (index, held)
-    assert homes[replacement["index"]]["copies"] == [sha], (
+    joined = homes[replacement["index"]]
+    # its actor loads the run's copy; whether the download finished before extraction ended is a race the run
+    # may win or lose (the pool ends the actor with the phase), so a partial download of that copy counts too
+    assert joined["copies"] == [sha] or joined["partial"] == [sha[:12]], (
         f"the worker that joined mid-run ran no extraction actor (no model copy in its home): {homes}")
 
 

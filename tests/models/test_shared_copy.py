@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow.fs as pafs
 import pytest
 
@@ -57,6 +59,26 @@ def test_publish_download_verify(model_dir, tmp_path, monkeypatch):
     assert folder_sha256(local) == sha
     assert (tmp_path / "home" / "models" / sha / "model.safetensors").read_bytes() == \
         (model_dir / "model.safetensors").read_bytes()
+
+
+def test_a_download_abandoned_by_a_dead_process_is_removed(model_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    copy = publish(str(model_dir), _mock_store())
+    sha = folder_sha256(str(model_dir))
+    uri = str(copy)
+    parse = Location.parse
+    monkeypatch.setattr(Location, "parse", staticmethod(lambda text: copy if str(text) == uri else parse(text)))
+    models = tmp_path / "home" / "models"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = models / f".partial-{int(dead.stdout)}-abcd1234-x"
+    in_progress = models / f".partial-{os.getpid()}-ffff0000-y"
+    for partial in (abandoned, in_progress):
+        partial.mkdir(parents=True)
+        (partial / "model.safetensors").write_bytes(b"half")
+    local_model_dir(uri, sha)
+    assert sorted(p.name for p in models.iterdir()) == sorted([sha, in_progress.name])
 
 
 def test_changed_copy_is_refused(model_dir):
