@@ -33,6 +33,8 @@ class _Section(BaseModel):
 class PoolConfig(_Section):
     """Where the pool lives and how rows are validated at ingest."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     path: str = Field("", description="Pool file, directory of pool files, or glob; local path or filesystem URI.")
     format: Literal["auto", "json", "jsonl", "parquet"] = "auto"
     image_root: str = Field("", description="Root that relative image paths resolve under; default: the pool's folder.")
@@ -49,6 +51,13 @@ class PoolConfig(_Section):
     max_chars: int = Field(32768, ge=1, description="Rows with more characters of text are quarantined as too_long.")
     check_images: bool = Field(True, description="Decode-check every image at ingest (catches corrupt files early).")
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
+    shape: Literal["auto", "llava", "texts", "messages"] = Field(
+        "auto", alias="schema", description="How a record is written (datasel_ray/io/shapes.py): llava "
+        "(conversations + image/images), texts (the_cauldron / FineVision), messages (role/content chat rows); "
+        "auto: detected from the first records of the first pool file. YAML key: schema.")
+    source_fields: list[str] = Field(
+        ["data_source", "source"], description="Row fields holding the pool's own source label; the first "
+        "non-empty one is the task (after task_field, before any image-folder rule). [] turns it off.")
 
 
 class StorageConfig(_Section):

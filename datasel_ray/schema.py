@@ -12,7 +12,11 @@ FEATURE_SCHEMA_VERSION = 2  # 2: vectors as datasel.vector columns (io/vectors.p
 ROW_ID = "row_id"
 TASK = "task"
 N_TURNS = "n_turns"
-IMAGE = "image"  # relative image path as written in the pool, or null for text-only samples
+IMAGE = "image"  # the first image's reference as written in the pool, or null for text-only samples
+IMAGES = "images"  # list<struct<ref, uri, data>> in placeholder order: ref as written (path, or the struct's path),
+#                  uri resolved under the image root ("" for embedded bytes), data the embedded bytes (null for a uri)
+N_IMAGES = "n_images"  # int32, len(images)
+TASK_FROM = "task_from"  # how the row's task was decided: one of TaskFrom.ALL
 CONVERSATIONS = "conversations"  # JSON string of the validated [{"from", "value"}, ...] list
 RAW = "raw"  # the original record, JSON text, exactly as read
 SOURCE_FILE = "source_file"
@@ -69,11 +73,28 @@ class Reason:
     UNKNOWN_TASK = "unknown_task"  # task could not be inferred and no default is configured
     DUPLICATE_ID = "duplicate_id"  # the record's ``id`` was already used by an earlier row of the pool
     EXTRACT_FAILED = "extract_failed"  # the model pass failed for this sample
+    PLACEHOLDER_MISMATCH = "placeholder_mismatch"  # the <image> placeholders are not one per image
+    IMAGE_BYTES_CORRUPT = "image_bytes_corrupt"  # an image embedded in the row (bytes) does not decode
+    UNSUPPORTED_VIDEO = "unsupported_video"  # the row carries a video (not scored yet)
 
     ALL = (
         INVALID_JSON, WRONG_TYPE, MISSING_FIELD, NO_ASSISTANT_TURN, EMPTY_TEXT, TOO_LONG,
         IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_PATH_ESCAPE, UNKNOWN_TASK, DUPLICATE_ID, EXTRACT_FAILED,
+        PLACEHOLDER_MISMATCH, IMAGE_BYTES_CORRUPT, UNSUPPORTED_VIDEO,
     )
+
+
+class TaskFrom:
+    """How a row's task was decided (``task_from`` column; counted in the ingest result of the manifest)."""
+
+    FIELD = "task_field"  # the record's task field (pool.task_field)
+    SOURCE_LABEL = "source_label"  # the pool's own source label (pool.source_fields: data_source, source)
+    MAP = "task_map"  # a user prefix rule (pool.task_map)
+    INDEX_BLOCK = "index_block"  # the llava_v1_5_mix665k.json source blocks
+    RULE = "rule"  # the recipe's folder / prompt rules, or the text-only task
+    DEFAULT = "default"  # pool.default_task
+
+    ALL = (FIELD, SOURCE_LABEL, MAP, INDEX_BLOCK, RULE, DEFAULT)
 
 
 class RowError(Exception):
@@ -87,6 +108,20 @@ class RowError(Exception):
 
     def __reduce__(self):  # crosses Ray process boundaries intact
         return type(self), (self.reason, str(self))
+
+
+class FieldError(RowError):
+    """A row refused for one of its fields: ``field`` (a path such as ``conversations[2].value`` or
+    ``images[1]``), ``reason`` (a :class:`Reason` code) and ``detail`` (what is wrong, without the field).
+    ``str(err)`` is ``"field: detail"``, the quarantine message; the scorer answers with the three attributes."""
+
+    def __init__(self, field: str, reason: str, detail: str):
+        super().__init__(reason, f"{field}: {detail}" if field else detail)
+        self.field = field
+        self.detail = detail
+
+    def __reduce__(self):
+        return type(self), (self.field, self.reason, self.detail)
 
 
 def is_machine_fault(err: BaseException) -> bool:

@@ -73,6 +73,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from datasel_ray.roles import IMAGE_PLACEHOLDER
 from datasel_ray.schema import Reason
 
 TASK_FOLDERS: dict[str, str] = {
@@ -141,7 +142,7 @@ OCR_INK: dict[str, tuple[int, int, int]] = {
 }
 OCR_FONT_SIZES: tuple[int, ...] = (9, 10, 11, 12)
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_PLACEHOLDER
 GRID = 3  # scenes are laid out on a GRID x GRID grid of cells, one shape per cell
 TOO_LONG_PAIRS = 65  # > default max_turns (64) whether turns are counted as messages or as pairs
 TOO_LONG_CHARS = 33000  # > default max_chars (32768)
@@ -732,7 +733,7 @@ def plan_rows(config: SynthConfig) -> list[PlannedRow]:
         kind = kinds[i % len(kinds)]
         variant = i // len(kinds)
         needs_image = kind in _IMAGE_BAD_KINDS or (kind == Reason.WRONG_TYPE and _wrong_type_variant(
-            variant, config.format) == "image_is_list")
+            variant, config.format) == "image_is_number")
         task_pool = IMAGE_TASKS if needs_image else TASKS
         rows.append(PlannedRow(SAMPLE_MAKERS[_pick(rng, task_pool)](rng), bad_kind=kind, bad_variant=variant))
 
@@ -743,9 +744,9 @@ def plan_rows(config: SynthConfig) -> list[PlannedRow]:
 
 
 def _wrong_type_variant(variant: int, pool_format: str) -> str:
-    options = ["conversations_is_string", "turn_value_is_int", "image_is_list"]
+    options = ["conversations_is_string", "turn_value_is_int", "image_is_number"]
     if pool_format == "parquet":
-        options.remove("image_is_list")  # the parquet image column is a string column
+        options.remove("image_is_number")  # the parquet image column is a string column
     return options[variant % len(options)]
 
 
@@ -787,7 +788,7 @@ def _break_record(record: dict, row: PlannedRow, out_dir: Path, config: SynthCon
         elif how == "turn_value_is_int":
             record["conversations"][-1]["value"] = 42
         else:
-            record["image"] = [record["image"]]
+            record["image"] = len(record["image"])  # a list of paths is a valid multi-image row
     elif kind == Reason.TOO_LONG:
         record["conversations"] = _too_long_conversations(sample, variant)
     elif kind == Reason.MISSING_FIELD:

@@ -17,7 +17,7 @@ from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.features.activations import coincide_vector
 from datasel_ray.features.spectrum import spectrum_stats
-from datasel_ray.io.images import load_image
+from datasel_ray.io.images import load_row_images
 from datasel_ray.models.vlm import (
     ContextTooShortError,
     PreparedSample,
@@ -27,7 +27,7 @@ from datasel_ray.models.vlm import (
     length_groups,
     load_conversations,
 )
-from datasel_ray.schema import RowError
+from datasel_ray.schema import FieldError, RowError
 
 INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"
@@ -49,7 +49,8 @@ def object_column(arrays: list[np.ndarray]) -> np.ndarray:
 class Preprocessor:
     """CPU stage: image decode, chat template, tokenisation and token masks (no model weights).
 
-    Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only).
+    Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only), and
+    ``images`` (the samples table's per-row image list, embedded bytes included) when the samples have it.
     Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64 [L_i];
     ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
     [B, C, H, W] (zeros where ``has_image`` is False), or object [B] of per-image arrays when the processor's
@@ -75,10 +76,22 @@ class Preprocessor:
         probe = self.processor.pixel_values(Image.new("RGB", (size, size), (127, 127, 127)))
         self.pixel_shape = tuple(probe.shape)
 
-    def prepare_row(self, conversations, image_path: str) -> PreparedSample:
+    def prepare_row(self, conversations, image_path: str | dict) -> PreparedSample:
         """One row -> PreparedSample; raises RowError with the quarantine reason on the row's own failure, and
-        StorageError (:mod:`datasel_ray.io.images`) when the image cannot be read for another cause."""
-        image = load_image(image_path, self.model_cfg.image_size) if image_path else None
+        StorageError (:mod:`datasel_ray.io.images`) when the image cannot be read for another cause.
+
+        ``image_path``: the image's path ("" for text-only), or the samples-table row (a dict with ``images`` /
+        ``image_path``) whose images :func:`~datasel_ray.io.images.load_row_images` reads."""
+        row = image_path if isinstance(image_path, dict) else {schema.IMAGE_PATH: image_path}
+        return self.prepare_images(conversations, load_row_images(row, self.model_cfg.image_size))
+
+    def prepare_images(self, conversations, images: list) -> PreparedSample:
+        """One sample from its turns and its decoded images (placeholder order). The processor here takes one
+        image per sample: a row with more is refused with a FieldError on ``images``."""
+        if len(images) > 1:
+            raise FieldError("images", schema.Reason.EXTRACT_FAILED,
+                             f"{len(images)} images in one sample; this model code takes one image per sample")
+        image = images[0] if images else None
         try:
             return self.processor.prepare(load_conversations(conversations), image)
         except ContextTooShortError as err:
@@ -94,10 +107,13 @@ class Preprocessor:
         reasons: list[str] = []
         messages: list[str] = []
         paths = batch.get(schema.IMAGE_PATH)
+        images = batch.get(schema.IMAGES)
         for i in range(len(batch[schema.ROW_ID])):
-            path = "" if paths is None or paths[i] is None else str(paths[i])
+            row = {schema.IMAGE_PATH: "" if paths is None or paths[i] is None else str(paths[i])}
+            if images is not None and images[i] is not None:
+                row[schema.IMAGES] = list(images[i])
             try:
-                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], path)
+                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], row)
                 reason, message = "", ""
             except RowError as err:
                 sample, reason, message = self._dummy(), err.reason, str(err)

@@ -26,7 +26,8 @@ from datasel_ray.schema import Reason, RowError
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
-__all__ = ["IMAGE_TOO_LARGE", "ImageError", "decode_image", "image_exists", "load_image", "read_image_bytes"]
+__all__ = ["IMAGE_TOO_LARGE", "ImageError", "decode_image", "image_exists", "load_image", "load_row_images",
+           "read_image_bytes", "row_image_sources"]
 
 IMAGE_TOO_LARGE = "image_too_large"
 
@@ -150,3 +151,43 @@ def load_image(source: str | Location, image_size: int | None = None, max_pixels
     a square; raises ImageError for the row's faults and StorageError for the store's."""
     loc = _location(source)
     return decode_image(read_image_bytes(loc, max_bytes), str(loc), image_size, max_pixels)
+
+
+def row_image_sources(row: dict) -> list[tuple[str, bytes | None]]:
+    """``(uri, data)`` per image of a samples-table row, in placeholder order: ``data`` the embedded bytes (then
+    ``uri`` is the reference as written, for messages) or None (then ``uri`` is the resolved path/URI).
+
+    Reads ``row["images"]`` (list of ``{ref, uri, data}``, :data:`datasel_ray.schema.IMAGES`); a row without that
+    column (samples written before it existed, or a caller's own dict) falls back to ``row["image_path"]``.
+    """
+    from datasel_ray import schema
+
+    images = row.get(schema.IMAGES)
+    if images is None:
+        path = row.get(schema.IMAGE_PATH)
+        return [(str(path), None)] if path else []
+    out = []
+    for i, image in enumerate(images):
+        data = image.get("data")
+        if data is not None:
+            out.append((image.get("ref") or f"images[{i}] (embedded)", bytes(data)))
+        else:
+            out.append((str(image["uri"]), None))
+    return out
+
+
+def load_row_images(row: dict, image_size: int | None = None) -> list[PILImage.Image]:
+    """The decoded RGB images of one samples-table row, in placeholder order; [] for a text-only row.
+
+    ``row``: a dict with the samples columns (``images`` and/or ``image_path``); each image is read from its
+    path/URI (:func:`read_image_bytes`) or decoded from the bytes embedded in the row, resized to ``image_size``
+    squared when given (as :func:`decode_image`). Raises ImageError (the row's fault) or StorageError (the
+    store's). Extraction, warm-up and the scorer get a sample's images through this function.
+    """
+    out = []
+    for uri, data in row_image_sources(row):
+        if data is None:
+            out.append(load_image(uri, image_size))
+        else:
+            out.append(decode_image(data, uri, image_size))
+    return out

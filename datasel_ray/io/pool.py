@@ -6,7 +6,8 @@ Formats:
   streaming: :func:`scan_json_array` walks the file in 8 MiB chunks and records the byte span of every
   top-level element, so a block is read by its own task without parsing the whole file.
 * ``jsonl``  — one record per line; a broken line becomes an ``invalid_json`` record, not a failed read.
-* ``parquet``— columns ``id``, ``image``, ``conversations`` (list of structs, or a JSON string), optional ``task``.
+* ``parquet``— the columns of one of the shapes of :mod:`datasel_ray.io.shapes` (``conversations`` / ``messages``
+  / ``texts`` as lists of structs, or JSON strings; images as path strings or ``{bytes, path}`` structs).
   A block is a row range; reading it decodes only the row groups that range touches.
 
 A record's identity is ``(file_index, record_index)``; see :func:`datasel_ray.schema.make_row_id`. Ingest records
@@ -274,14 +275,42 @@ def read_parquet_records(loc: Location, indices: np.ndarray) -> pa.Table:
     return table.take(pa.array(local))
 
 
+# list columns some writers store as JSON text
+_JSON_TEXT_COLUMNS = ("conversations", "messages", "conversation", "texts")
+
+
+def raw_text(row: dict) -> str:
+    """The JSON text of a parquet row for ``samples.raw`` / ``quarantine.raw``: embedded image bytes are written
+    as ``"<N bytes>"`` (the subset of a parquet pool is copied from the pool file itself, bytes included)."""
+    return json.dumps(row, ensure_ascii=False,
+                      default=lambda v: f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else str(v))
+
+
 def _read_parquet_block(loc: Location, spec: BlockSpec) -> Iterator[RawRecord]:
+    """The block's rows, reading only the row groups its row range touches (never the whole file)."""
     table = loc.read_parquet_rows(spec.start, spec.num_records)
     for i, row in enumerate(table.to_pylist()):
-        conv = row.get("conversations")
-        if isinstance(conv, str):
-            try:
-                row["conversations"] = json.loads(conv)
-            except json.JSONDecodeError:
-                pass  # left as a string: validation reports wrong_type for the field
+        for name in _JSON_TEXT_COLUMNS:
+            if isinstance(row.get(name), str):
+                try:
+                    row[name] = json.loads(row[name])
+                except json.JSONDecodeError:
+                    pass  # left as a string: validation reports wrong_type for the field
         row = {k: v for k, v in row.items() if v is not None}  # a null cell is a missing field
-        yield RawRecord(spec.first_record + i, json.dumps(row, ensure_ascii=False, default=str), row)
+        yield RawRecord(spec.first_record + i, raw_text(row), row)
+
+
+SHAPE_PROBE_RECORDS = 16
+
+
+def probe_records(blocks: list[BlockSpec], n: int = SHAPE_PROBE_RECORDS) -> list:
+    """The parsed values of the first ``n`` records of the pool (its first block), for shape detection."""
+    if not blocks:
+        return []
+    out = []
+    for raw in read_block(blocks[0]):
+        if raw.value is not None:
+            out.append(raw.value)
+        if len(out) >= n:
+            break
+    return out

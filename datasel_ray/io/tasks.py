@@ -25,6 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from datasel_ray.roles import HUMAN_ROLES
+from datasel_ray.schema import TaskFrom
+
 TASK_RECIPES = ("prefix", "llava_665k")
 
 LLAVA_665K_PREFIXES = {
@@ -88,7 +91,7 @@ def _first_human_text(conversations) -> str:
     if not isinstance(conversations, list):
         return ""
     for turn in conversations:
-        if isinstance(turn, dict) and str(turn.get("from", "")).lower() in ("human", "user"):
+        if isinstance(turn, dict) and str(turn.get("from", "")).lower() in HUMAN_ROLES:
             value = turn.get("value")
             return value if isinstance(value, str) else ""
     return ""
@@ -126,7 +129,7 @@ def llava_source_task(image: str | None, conversations) -> str | None:
 class TaskResolver:
     """Maps a record to its task name. ``resolve`` returns None when nothing matches and no default is set.
 
-    Order: the record's task field, the user map (prefix rules; ``<text-only>`` for rows without an image), the
+    Order: the record's task field, the pool's source label (when the caller gives one), the user map (prefix rules; ``<text-only>`` for rows without an image), the
     LLaVA-665k index blocks when enabled, the recipe's rules, ``default_task``.
 
     ``recipe``: one of :data:`TASK_RECIPES`. ``index_blocks``: with ``recipe="llava_665k"``, resolve by
@@ -157,27 +160,44 @@ class TaskResolver:
     def resolve(self, record: dict, image: str | None, record_index: int | None = None) -> str | None:
         """``record``: the parsed pool record; ``image``: its image path (None when text-only);
         ``record_index``: its position in the pool file (used by the LLaVA-665k index blocks only)."""
+        return self.resolve_how(record, image, record_index)[0]
+
+    def resolve_how(self, record: dict, image: str | None, record_index: int | None = None,
+                    has_image: bool | None = None, source_label: str | None = None) -> tuple[str | None, str]:
+        """The task and how it was decided (a :class:`~datasel_ray.schema.TaskFrom` value).
+
+        ``image``: the first image's path as written ("" or None when it has none); ``has_image``: whether the
+        sample has an image at all (default: ``bool(image)``; an image embedded as bytes without a path has one
+        but no path for the prefix rules: it gets the index block or ``default_task``); ``source_label``: the
+        pool's own source label of the row (:func:`datasel_ray.io.shapes.source_label`), the task when present
+        after the task field and before every rule.
+        """
+        has_image = bool(image) if has_image is None else has_image
         explicit = record.get(self.task_field)
         if isinstance(explicit, str) and explicit.strip():
-            return explicit.strip()
+            return explicit.strip(), TaskFrom.FIELD
+        if source_label:
+            return source_label, TaskFrom.SOURCE_LABEL
         normalized = strip_dot_prefix(image) if image else ""
         if normalized:
             for prefix, task in self.user_rules:
                 if normalized.startswith(prefix):
-                    return task
-        elif self.user_text_only:
-            return self.text_only_task
+                    return task, TaskFrom.MAP
+        elif not has_image and self.user_text_only:
+            return self.text_only_task, TaskFrom.MAP
         if self.index_blocks and record_index is not None:
-            return llava_665k_block_task(record_index)
+            return llava_665k_block_task(record_index), TaskFrom.INDEX_BLOCK
+        if not has_image:
+            return self.text_only_task, TaskFrom.RULE
         if not normalized:
-            return self.text_only_task
+            return self.default_task, TaskFrom.DEFAULT
         if self.recipe == "llava_665k":
             task = llava_source_task(normalized, record.get("conversations"))
-            return self.default_task if task is None else task
+            return (self.default_task, TaskFrom.DEFAULT) if task is None else (task, TaskFrom.RULE)
         for prefix, task in self.rules:
             if normalized.startswith(prefix):
-                return task
-        return self.default_task
+                return task, TaskFrom.MAP if any(prefix == p for p, _ in self.user_rules) else TaskFrom.RULE
+        return self.default_task, TaskFrom.DEFAULT
 
 
 def llava_665k_mismatch(files: list, blocks: list) -> str | None:

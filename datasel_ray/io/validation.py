@@ -11,40 +11,23 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from datasel_ray import schema
-from datasel_ray.io.images import ImageError, image_exists, load_image
+from datasel_ray.io.images import ImageError, decode_image, image_exists, load_image
 from datasel_ray.io.pool import RawRecord
+from datasel_ray.io.shapes import DEFAULT_SOURCE_FIELDS, ImageItem, NormalizedRecord, detect_shape, normalize_record
 from datasel_ray.io.storage import Location
 from datasel_ray.io.tasks import TaskResolver
-from datasel_ray.schema import Reason
-
-HUMAN_ROLES = {"human", "user"}
-ASSISTANT_ROLES = {"gpt", "assistant"}
-SYSTEM_ROLES = {"system"}
-IMAGE_PLACEHOLDER = "<image>"
-
-
-class Turn(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-    role: StrictStr = Field(alias="from")
-    value: StrictStr
-
-
-class Record(BaseModel):
-    """One LLaVA-format record. Extra fields are kept in the raw text and ignored here."""
-
-    model_config = ConfigDict(extra="allow")
-    id: StrictStr | int | None = None
-    image: StrictStr | None = None
-    conversations: list[Turn]
-
-
-@dataclass
-class Rejection:
-    reason: str
-    message: str
+from datasel_ray.roles import (
+    ASSISTANT,
+    IMAGE_PLACEHOLDER,
+    KNOWN_ROLES,
+    SYSTEM,
+    canonical_role,
+    count_placeholders,
+    normalize_placeholders,
+)
+from datasel_ray.schema import FieldError, Reason
 
 
 @dataclass
@@ -54,134 +37,159 @@ class Limits:
     check_images: bool = True
 
 
-class RecordValidator:
-    """Validates raw records of one pool file against ``image_root`` and the limits."""
+@dataclass
+class ValidRecord:
+    """A record that passed validation: its normalised form, canonical turns with one placeholder per image
+    (``[{"from", "value"}]``), the number of assistant turns, its task and how the task was decided
+    (:class:`~datasel_ray.schema.TaskFrom`), and per image the resolved location ("" for embedded bytes, or
+    when images were not resolved)."""
 
-    def __init__(self, image_root: str, resolver: TaskResolver, limits: Limits):
+    record: NormalizedRecord
+    conversations: list[dict]
+    n_turns: int
+    task: str
+    task_from: str
+    uris: list[str]
+
+    @property
+    def images(self) -> list[ImageItem]:
+        return self.record.images
+
+
+def resolve_image_path(root: Location, ref: str, where: str = "image") -> Location:
+    """``ref`` (relative to ``root``, or absolute) as a Location under ``root``; FieldError(image_path_escape)
+    when it resolves outside it."""
+    base = root.path.rstrip("/") or "/"
+    joined = ref if posixpath.isabs(ref) else posixpath.join(base, ref)
+    resolved = posixpath.normpath(joined)
+    if not (resolved == base or resolved.startswith(base.rstrip("/") + "/")):
+        raise FieldError(where, Reason.IMAGE_PATH_ESCAPE, f"path '{ref}' resolves outside the image root '{root}'")
+    return type(root)(root.fs, resolved, root.uri_prefix)
+
+
+class RecordValidator:
+    """Validates raw records of one pool against ``image_root`` and the limits.
+
+    ``shape``: one of :data:`~datasel_ray.io.shapes.SHAPES`, or ``auto`` to detect it per record (the scorer;
+    ingest detects it once per pool). ``source_fields``: where the pool's source label is read.
+    """
+
+    def __init__(self, image_root: str, resolver: TaskResolver, limits: Limits, shape: str = "auto",
+                 source_fields=DEFAULT_SOURCE_FIELDS):
         self.image_root = Location.parse(image_root)
         self.resolver = resolver
         self.limits = limits
+        self.shape = shape
+        self.source_fields = tuple(source_fields)
 
     def validate(self, raw: RawRecord, row_id: int, source_file: str) -> tuple[dict | None, dict | None]:
         """Return ``(sample_row, None)`` for a good record or ``(None, quarantine_row)`` for a bad one."""
         try:
-            sample = self._validate(raw, row_id, source_file)
+            sample = self._sample_row(raw, row_id, source_file)
             return sample, None
-        except _Reject as rej:
-            return None, quarantine_row(row_id, source_file, raw.record_index, "ingest", rej.reason, rej.message,
+        except FieldError as err:
+            return None, quarantine_row(row_id, source_file, raw.record_index, "ingest", err.reason, str(err),
                                         raw.text)
 
-    def _validate(self, raw: RawRecord, row_id: int, source_file: str) -> dict:
+    def _sample_row(self, raw: RawRecord, row_id: int, source_file: str) -> dict:
         if raw.error:
-            raise _Reject(Reason.INVALID_JSON, f"record: {raw.error}")
-        if not isinstance(raw.value, dict):
-            raise _Reject(Reason.WRONG_TYPE, f"record: expected a JSON object, got {type(raw.value).__name__}")
-        record = _parse_record(raw.value)
-        turns = [(t.role.lower(), t.value) for t in record.conversations]
-        self._check_turns(turns)
-        image_path = self._check_image(record.image) if record.image else ""
-        task = self.resolver.resolve(raw.value, record.image, raw.record_index)
-        if task is None:
-            raise _Reject(Reason.UNKNOWN_TASK, f"task: no '{self.resolver.task_field}' field and no prefix rule "
-                                               f"matches image '{record.image}' (set pool.default_task or pool.task_map)")
-        conversations = normalize_placeholders([{"from": _canonical_role(r), "value": v} for r, v in turns],
-                                               has_image=bool(record.image))
+            raise FieldError("record", Reason.INVALID_JSON, raw.error)
+        valid = self.accept(raw.value, raw.record_index)
+        images = valid.images
         return {
             schema.ROW_ID: row_id,
-            schema.SAMPLE_ID: "" if record.id is None else str(record.id),
-            schema.TASK: task,
-            schema.N_TURNS: sum(1 for r, _ in turns if r in ASSISTANT_ROLES),
-            schema.IMAGE: record.image,
-            schema.IMAGE_PATH: image_path,
-            schema.CONVERSATIONS: json.dumps(conversations, ensure_ascii=False),
+            schema.SAMPLE_ID: valid.record.sample_id,
+            schema.TASK: valid.task,
+            schema.TASK_FROM: valid.task_from,
+            schema.N_TURNS: valid.n_turns,
+            schema.IMAGE: images[0].ref if images else None,
+            schema.IMAGES: [{"ref": im.ref, "uri": uri, "data": im.data} for im, uri in zip(images, valid.uris)],
+            schema.N_IMAGES: len(images),
+            schema.IMAGE_PATH: valid.uris[0] if images else "",
+            schema.CONVERSATIONS: json.dumps(valid.conversations, ensure_ascii=False),
             schema.RAW: raw.text,
             schema.SOURCE_FILE: source_file,
             schema.SOURCE_INDEX: raw.record_index,
         }
 
-    def _check_turns(self, turns: list[tuple[str, str]]) -> None:
-        if not turns:
-            raise _Reject(Reason.NO_ASSISTANT_TURN, "conversations: empty list, expected human/gpt turns")
-        for i, (role, value) in enumerate(turns):
-            if role not in HUMAN_ROLES | ASSISTANT_ROLES | SYSTEM_ROLES:
-                raise _Reject(Reason.WRONG_TYPE, f"conversations[{i}].from: expected human, gpt or system, got {role!r}")
-            if not value.replace(IMAGE_PLACEHOLDER, "").strip():
-                raise _Reject(Reason.EMPTY_TEXT, f"conversations[{i}].value: empty text")
-        if not any(r in ASSISTANT_ROLES for r, _ in turns):
-            raise _Reject(Reason.NO_ASSISTANT_TURN, "conversations: no turn from 'gpt' (the assistant)")
-        n_turns = sum(1 for r, _ in turns if r not in SYSTEM_ROLES)
-        if n_turns > self.limits.max_turns:
-            raise _Reject(Reason.TOO_LONG, f"conversations: {n_turns} turns, more than pool.max_turns={self.limits.max_turns}")
-        n_chars = sum(len(v) for _, v in turns)
-        if n_chars > self.limits.max_chars:
-            raise _Reject(Reason.TOO_LONG, f"conversations: {n_chars} characters, more than pool.max_chars={self.limits.max_chars}")
+    def accept(self, value, record_index: int | None = None, check_images: bool | None = None,
+               resolve_images: bool = True) -> ValidRecord:
+        """Validate one parsed record; raises :class:`~datasel_ray.schema.FieldError` naming the field.
 
-    def _check_image(self, image: str) -> str:
-        root = self.image_root.path.rstrip("/") or "/"
-        joined = image if posixpath.isabs(image) else posixpath.join(root, image)
-        resolved = posixpath.normpath(joined)
-        if not (resolved == root or resolved.startswith(root.rstrip("/") + "/")):
-            raise _Reject(Reason.IMAGE_PATH_ESCAPE, f"image: path '{image}' resolves outside the image root '{self.image_root}'")
-        loc = type(self.image_root)(self.image_root.fs, resolved, self.image_root.uri_prefix)
+        ``resolve_images=False`` leaves the images unresolved and unread (the scorer reads them itself, under its
+        own roots and limits); ``check_images`` defaults to ``limits.check_images`` (decode every image, else
+        only check that path images exist)."""
+        if not isinstance(value, dict):
+            raise FieldError("record", Reason.WRONG_TYPE, f"expected a JSON object, got {type(value).__name__}")
+        shape = detect_shape([value]) if self.shape == "auto" else self.shape
+        record = normalize_record(value, shape, self.source_fields)
+        self._check_turns(record)
+        n_images = len(record.images)
+        written = sum(t.value.count(IMAGE_PLACEHOLDER) for t in record.turns)
+        if n_images and written and written != n_images:
+            raise FieldError(record.turns_field, Reason.PLACEHOLDER_MISMATCH,
+                             f"{written} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s) in "
+                             f"'{record.images_field}'; write one placeholder per image, or none")
+        check = self.limits.check_images if check_images is None else check_images
+        uris = [self._check_image(im, im.where, check) if resolve_images else "" for im in record.images]
+        first_ref = record.images[0].ref if record.images else None
+        task, task_from = self.resolver.resolve_how(value, first_ref, record_index, has_image=bool(n_images),
+                                                    source_label=record.source_label)
+        if task is None:
+            raise FieldError("task", Reason.UNKNOWN_TASK,
+                             f"no '{self.resolver.task_field}' field, no source label "
+                             f"({', '.join(self.source_fields) or 'pool.source_fields is empty'}) and no prefix rule "
+                             f"matches image '{first_ref}' (set pool.default_task or pool.task_map)")
+        turns = [{"from": canonical_role(t.role), "value": t.value} for t in record.turns]
+        conversations = normalize_placeholders(turns, n_images)
+        assert count_placeholders(conversations) == n_images
+        return ValidRecord(record, conversations, sum(1 for t in turns if t["from"] == ASSISTANT), task, task_from,
+                           uris)
+
+    def _check_turns(self, record: NormalizedRecord) -> None:
+        turns = record.turns
+        if not turns:
+            raise FieldError(record.turns_field, Reason.NO_ASSISTANT_TURN, "empty list, expected human/gpt turns")
+        for t in turns:
+            if t.role not in KNOWN_ROLES:
+                raise FieldError(t.role_field, Reason.WRONG_TYPE, f"expected human, gpt or system, got {t.role!r}")
+            if not t.value.replace(IMAGE_PLACEHOLDER, "").strip():
+                raise FieldError(t.value_field, Reason.EMPTY_TEXT, "empty text")
+        roles = [canonical_role(t.role) for t in turns]
+        if ASSISTANT not in roles:
+            raise FieldError(record.turns_field, Reason.NO_ASSISTANT_TURN, "no turn from 'gpt' (the assistant)")
+        n_turns = sum(1 for r in roles if r != SYSTEM)
+        if n_turns > self.limits.max_turns:
+            raise FieldError(record.turns_field, Reason.TOO_LONG,
+                             f"{n_turns} turns, more than pool.max_turns={self.limits.max_turns}")
+        n_chars = sum(len(t.value) for t in turns)
+        if n_chars > self.limits.max_chars:
+            raise FieldError(record.turns_field, Reason.TOO_LONG,
+                             f"{n_chars} characters, more than pool.max_chars={self.limits.max_chars}")
+
+    def _check_image(self, image: ImageItem, where: str, check: bool) -> str:
+        """The resolved location of a path image ("" for embedded bytes), after the checks ``check`` asks for."""
+        if image.data is not None:
+            if check:
+                try:
+                    decode_image(image.data, where)
+                except ImageError as err:
+                    raise FieldError(f"{where}.bytes", Reason.IMAGE_BYTES_CORRUPT,
+                                     f"the embedded image does not decode: {err.detail}") from None
+            return ""
+        loc = resolve_image_path(self.image_root, image.ref, where)
         # a StorageError (not the row's fault) propagates: it stops the phase instead of quarantining the row
-        if not self.limits.check_images:
+        if not check:
             if not image_exists(loc):
-                raise _Reject(Reason.IMAGE_MISSING, f"image: file not found: {loc}")
+                raise FieldError(where, Reason.IMAGE_MISSING, f"file not found: {loc}")
             return str(loc)
         try:
             load_image(loc)
         except ImageError as err:
             if err.reason == Reason.IMAGE_MISSING:
-                raise _Reject(Reason.IMAGE_MISSING, f"image: file not found: {loc}") from None
-            raise _Reject(Reason.IMAGE_CORRUPT, f"image: cannot decode '{image}': {err.detail}") from None
+                raise FieldError(where, Reason.IMAGE_MISSING, f"file not found: {loc}") from None
+            raise FieldError(where, Reason.IMAGE_CORRUPT, f"cannot decode '{image.ref}': {err.detail}") from None
         return str(loc)
-
-
-class _Reject(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-def _parse_record(value: dict) -> Record:
-    try:
-        return Record.model_validate(value)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "missing":
-            raise _Reject(Reason.MISSING_FIELD, f"{field}: required field is missing") from None
-        got = first.get("input")
-        raise _Reject(Reason.WRONG_TYPE, f"{field}: {first['msg']} (got {type(got).__name__} {_short(got)})") from None
-
-
-def normalize_placeholders(conversations: list[dict], has_image: bool) -> list[dict]:
-    """Exactly one ``<image>`` (in the first human turn) when there is an image, none otherwise (LLaVA convention)."""
-    out = [{**t, "value": t["value"].replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in t["value"]
-            else t["value"]} for t in conversations]
-    if has_image:
-        first_human = next((i for i, t in enumerate(out) if t["from"] == "human"), 0)
-        original = conversations[first_human]["value"]
-        if original.count(IMAGE_PLACEHOLDER) == 1 and all(
-                IMAGE_PLACEHOLDER not in t["value"] for j, t in enumerate(conversations) if j != first_human):
-            out[first_human] = dict(conversations[first_human])
-        else:
-            out[first_human]["value"] = f"{IMAGE_PLACEHOLDER}\n{out[first_human]['value']}"
-    return out
-
-
-def _canonical_role(role: str) -> str:
-    if role in ASSISTANT_ROLES:
-        return "gpt"
-    if role in HUMAN_ROLES:
-        return "human"
-    return "system"
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def first_seen_duplicates(row_ids: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,18 @@ PASSTHROUGH_COLUMNS = [schema.TASK, schema.N_TURNS]
 _STATUS_COLUMNS = (schema.ERROR_REASON, schema.ERROR_MESSAGE)
 
 
+def image_lists(samples_file: Location, offset: int, count: int) -> np.ndarray | None:
+    """The ``images`` column (object [count] of per-row lists of ``{ref, uri, data}`` dicts) of rows
+    ``[offset, offset + count)`` of a samples file, or None when the file has no such column."""
+    if schema.IMAGES not in pq.ParquetFile(samples_file.open_input()).schema_arrow.names:
+        return None
+    column = samples_file.read_parquet_rows(offset, count, [schema.IMAGES]).column(schema.IMAGES)
+    out = np.empty(len(column), dtype=object)
+    for i, images in enumerate(column.to_pylist()):
+        out[i] = images
+    return out
+
+
 def plan_shards(run_dir: RunDir, shard_rows: int) -> list[dict]:
     """Shards of every samples file, in row order: ``{shard_id, samples_file, offset, count}``."""
     shards = []
@@ -70,10 +82,14 @@ class ShardPreprocessStage:
 
     def prepare(self, samples_file: str, offset: int, count: int) -> dict:
         """``{"samples": the shard's sample columns, "prepared": the Preprocessor output}`` of one shard."""
-        rows = Location.parse(samples_file).read_parquet_rows(offset, count, SAMPLE_COLUMNS)
+        loc = Location.parse(samples_file)
+        rows = loc.read_parquet_rows(offset, count, SAMPLE_COLUMNS)
         columns = {name: rows.column(name).to_numpy(zero_copy_only=False) for name in SAMPLE_COLUMNS}
-        prepared = self.preprocessor({k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS,
-                                                               schema.IMAGE_PATH)})
+        inputs = {k: columns[k] for k in (schema.ROW_ID, schema.CONVERSATIONS, schema.IMAGE_PATH)}
+        images = image_lists(loc, offset, count)
+        if images is not None:  # samples written before the images column read their image_path alone
+            inputs[schema.IMAGES] = images
+        prepared = self.preprocessor(inputs)
         return {"samples": columns, "prepared": prepared}
 
     def __call__(self, batch: dict) -> dict:

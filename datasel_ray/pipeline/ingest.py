@@ -24,7 +24,9 @@ import pyarrow.compute as pc
 
 from datasel_ray import schema
 from datasel_ray.config import PoolConfig, RunConfig
-from datasel_ray.io.pool import POOL_FILES, BlockSpec, list_pool_files, plan_blocks, read_block, write_pool_files
+from datasel_ray.io.pool import (POOL_FILES, BlockSpec, list_pool_files, plan_blocks, probe_records, read_block,
+                                 write_pool_files)
+from datasel_ray.io.shapes import detect_shape
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
@@ -36,12 +38,17 @@ from datasel_ray.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
+# one struct per image, in placeholder order (schema.IMAGES)
+IMAGES_TYPE = pa.list_(pa.struct([("ref", pa.string()), ("uri", pa.string()), ("data", pa.binary())]))
 SAMPLES_SCHEMA = pa.schema([
     (schema.ROW_ID, pa.int64()),
     (schema.SAMPLE_ID, pa.string()),
     (schema.TASK, pa.string()),
+    (schema.TASK_FROM, pa.string()),
     (schema.N_TURNS, pa.int32()),
     (schema.IMAGE, pa.string()),
+    (schema.IMAGES, IMAGES_TYPE),
+    (schema.N_IMAGES, pa.int32()),
     (schema.IMAGE_PATH, pa.string()),
     (schema.CONVERSATIONS, pa.string()),
     (schema.RAW, pa.string()),
@@ -71,10 +78,12 @@ class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
     def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None,
-                 index_blocks: bool = False):
+                 index_blocks: bool = False, shape: str | None = None):
         cfg = PoolConfig.model_validate(pool)
         resolver = TaskResolver.for_pool(cfg, index_blocks=index_blocks)
-        self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images))
+        shape = shape or (cfg.shape if cfg.shape != "auto" else "llava")
+        self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images),
+                                         shape=shape, source_fields=cfg.source_fields)
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
 
@@ -124,6 +133,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
     write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
+    shape = pool_shape(cfg.pool, blocks)
     tasks = task_source(cfg.pool, files, blocks)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
@@ -135,7 +145,8 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
             "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
-            "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks"})
+            "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks",
+            "shape": shape["shape"]})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
             budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]))
@@ -146,7 +157,9 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         raise RuntimeError(f"ingest lost rows: {total} read but {counts['samples']} samples + "
                            f"{counts['quarantined']} quarantined (stale shards from another pool in {run_dir}?)")
     counts["rows_in"] = total
+    counts["shape"] = shape
     counts["tasks"] = tasks
+    counts["tasks_decided_by"] = task_decisions(run_dir)
     counts["seconds"] = round(time.monotonic() - started, 3)
     return counts
 
@@ -198,6 +211,30 @@ def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None)
         target.write_parquet(quarantined)
         shard.write_parquet(table.filter(pa.array(~is_dup)), row_group_rows=row_group_rows)
     return len(dup)
+
+
+def pool_shape(pool: PoolConfig, blocks: list[BlockSpec]) -> dict:
+    """``{"shape", "from"}``: ``pool.schema`` when set (``from: config``), else the shape of the pool's first
+    records (:func:`datasel_ray.io.shapes.detect_shape`, ``from: detected``)."""
+    if pool.shape != "auto":
+        return {"shape": pool.shape, "from": "config"}
+    return {"shape": detect_shape(probe_records(blocks)), "from": "detected"}
+
+
+def task_decisions(run_dir: RunDir) -> dict[str, int]:
+    """How many samples got their task each way (``task_from`` counts, :class:`~datasel_ray.schema.TaskFrom`)."""
+    out: dict[str, int] = {}
+    for f in (run_dir / "samples").list(".parquet"):
+        table = f.read_parquet([schema.TASK_FROM]) if schema.TASK_FROM in pq_columns(f) else None
+        for value in ([] if table is None else table.column(schema.TASK_FROM).to_pylist()):
+            out[value] = out.get(value, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def pq_columns(f: Location) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(f.open_input()).schema_arrow.names
 
 
 def task_source(pool: PoolConfig, files: list, blocks: list[BlockSpec]) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig, RunConfig, TiveConfig
@@ -186,10 +187,21 @@ def load_warmup_rows(samples_dir: str, row_ids: np.ndarray) -> dict[str, np.ndar
     wanted = pa.array(np.asarray(row_ids, dtype=np.int64))
     parts = []
     for f in Location.parse(samples_dir).list(".parquet"):
-        table = f.read_parquet([schema.ROW_ID, schema.CONVERSATIONS, schema.IMAGE_PATH])
+        columns = [schema.ROW_ID, schema.CONVERSATIONS, schema.IMAGE_PATH]
+        if schema.IMAGES in pq.ParquetFile(f.open_input()).schema_arrow.names:
+            columns.append(schema.IMAGES)  # per-row image lists, embedded bytes included
+        table = f.read_parquet(columns)
         parts.append(table.filter(pc.is_in(table.column(schema.ROW_ID), value_set=wanted)))
-    table = pa.concat_tables(parts).sort_by(schema.ROW_ID)
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    table = pa.concat_tables(parts, promote_options="default").sort_by(schema.ROW_ID)
+    out = {}
+    for name in table.column_names:
+        if name == schema.IMAGES:
+            out[name] = np.empty(table.num_rows, dtype=object)
+            for i, images in enumerate(table.column(name).to_pylist()):
+                out[name][i] = images
+        else:
+            out[name] = table.column(name).to_numpy(zero_copy_only=False)
+    return out
 
 
 def prepare_warmup_samples(model_cfg: ModelConfig, rows: dict[str, np.ndarray]) -> tuple[list, int]:

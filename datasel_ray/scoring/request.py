@@ -1,34 +1,26 @@
 """Request validation of the online scorer: body shape, limits, image paths under the roots, base64 images.
 
 :class:`SampleParser` turns request JSON into :class:`ValidatedSample` objects or raises :class:`SampleError`
-(field, reason code, HTTP status); record validation reuses the ingest
-:class:`~datasel_ray.io.validation.RecordValidator`.
+(field, reason code, HTTP status); record validation is the ingest
+:class:`~datasel_ray.io.validation.RecordValidator`, whose :class:`~datasel_ray.schema.FieldError` carries the
+field, reason and detail to the response (nothing is parsed back out of message text).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from datasel_ray import schema
 from datasel_ray.config import RunConfig
-from datasel_ray.io.images import IMAGE_TOO_LARGE, ImageError, decode_image, read_image_bytes
-from datasel_ray.io.pool import RawRecord
-from datasel_ray.io.storage import StorageError
+from datasel_ray.io.images import IMAGE_TOO_LARGE, ImageError, decode_image, image_exists, read_image_bytes
+from datasel_ray.io.shapes import ImageItem
+from datasel_ray.io.storage import Location, StorageError
 from datasel_ray.io.tasks import TaskResolver
-from datasel_ray.io.validation import (
-    ASSISTANT_ROLES,
-    HUMAN_ROLES,
-    Limits,
-    RecordValidator,
-    normalize_placeholders,
-)
-from datasel_ray.schema import Reason
+from datasel_ray.io.validation import Limits, RecordValidator, ValidRecord, resolve_image_path
+from datasel_ray.schema import FieldError, Reason, TaskFrom
 
 __all__ = ["IMAGE_TOO_LARGE", "STORAGE_ERROR", "TOO_MANY_SAMPLES", "SampleError", "SampleParser", "ScoringLimits",
            "ValidatedSample"]
@@ -37,17 +29,26 @@ log = logging.getLogger(__name__)
 
 TOO_MANY_SAMPLES = "too_many_samples"
 STORAGE_ERROR = "storage_error"  # the image store failed (not the request's fault): 503
+BASE64 = "base64"  # ValidatedSample.image_refs entry of an image sent as bytes
 
 
 # ---------------------------------------------------------------------------------------------- input errors
 class SampleError(ValueError):
-    """A request or sample the scorer refuses. ``field`` is a dotted path such as ``samples[2].image``."""
+    """A request or sample the scorer refuses. ``field`` is a dotted path such as ``samples[2].image``;
+    ``detail`` what is wrong (without the field); ``str(err)`` is ``"field: detail"``."""
 
     def __init__(self, field_name: str, reason: str, message: str, status: int = 422):
         super().__init__(f"{field_name}: {message}" if field_name else message)
         self.field = field_name
         self.reason = reason
+        self.detail = message
         self.status = status
+
+    @classmethod
+    def of(cls, err: FieldError) -> SampleError:
+        """The request error of a record refused by the ingest validator, from its attributes: a path outside
+        the image roots is refused (403), every other record problem is unprocessable (422)."""
+        return cls(err.field, err.reason, err.detail, status=403 if err.reason == Reason.IMAGE_PATH_ESCAPE else 422)
 
     def to_dict(self) -> dict:
         """JSON body of the error response."""
@@ -56,8 +57,7 @@ class SampleError(ValueError):
     def within(self, prefix: str) -> SampleError:
         """The same error with ``prefix`` prepended to its field (``samples[3]`` + ``image``)."""
         joined = f"{prefix}.{self.field}" if prefix and self.field else (prefix or self.field)
-        message = str(self).split(": ", 1)[1] if self.field else str(self)
-        return SampleError(joined, self.reason, message, self.status)
+        return SampleError(joined, self.reason, self.detail, self.status)
 
 
 @dataclass
@@ -73,8 +73,8 @@ class ScoringLimits:
 class ValidatedSample:
     """One accepted sample, tokenised and ready for the model pass.
 
-    ``image_ref``: the resolved image path, ``"base64"``, or ``""`` (text-only); ``prepared``: the
-    :class:`~datasel_ray.models.vlm.PreparedSample` from the model's processor.
+    ``image_refs``: per image (placeholder order) its resolved path, or ``"base64"`` for bytes sent in the
+    request; ``prepared``: the :class:`~datasel_ray.models.vlm.PreparedSample` from the model's processor.
     """
 
     index: int
@@ -83,27 +83,37 @@ class ValidatedSample:
     task_source: str
     n_turns: int
     conversations: list[dict]
-    image_ref: str
+    image_refs: list[str] = field(default_factory=list)
     prepared: Any = None
+
+    @property
+    def image_ref(self) -> str:
+        """The first image's reference, ``""`` for a text-only sample."""
+        return self.image_refs[0] if self.image_refs else ""
 
 
 # ---------------------------------------------------------------------------------------------- validation
 class SampleParser:
-    """Turns request JSON into :class:`ValidatedSample` objects, or raises :class:`SampleError`.
+    """Turns request JSON into :class:`ValidatedSample` objects, or raises :class:`SampleError`. Needs no model.
 
-    Image paths are accepted only under ``image_roots`` (each root gets an ingest
-    :class:`~datasel_ray.io.validation.RecordValidator`; a relative path resolves under the first root that
-    holds the file). ``image_base64`` images are decoded in memory and need an explicit ``task`` (they carry
-    no path for the task rules).
+    A sample is a pool record in any shape ingest reads (:mod:`datasel_ray.io.shapes`: LLaVA ``conversations``,
+    ``texts``, chat ``messages``), validated by the ingest :class:`~datasel_ray.io.validation.RecordValidator`;
+    its errors reach the response through their ``field`` / ``reason`` / ``detail`` attributes. Images, one or
+    several per sample: paths (``image``: a string or a list; ``images``: a list; typed ``{type: image, image}``
+    parts), accepted only under ``image_roots`` (a relative path resolves under the first root that holds the
+    file), or bytes sent as base64 (``image_base64``: a string or a list; ``{"bytes": <base64>, "path"?}`` in
+    place of a path). Bytes without a path need a ``task`` or a source label (there is no path for the task
+    rules).
     """
 
     def __init__(self, cfg: RunConfig, tasks: list[str], image_roots: list[str], limits: ScoringLimits):
         pool = cfg.pool
         self.resolver = TaskResolver.for_pool(pool)
         record_limits = Limits(pool.max_turns, pool.max_chars, check_images=False)
-        self.validators = [RecordValidator(root, self.resolver, record_limits) for root in image_roots]
-        self.text_validator = RecordValidator(image_roots[0] if image_roots else "/", self.resolver, record_limits)
+        self.validator = RecordValidator(image_roots[0] if image_roots else "/", self.resolver, record_limits,
+                                         shape="auto", source_fields=pool.source_fields)
         self.image_roots = image_roots
+        self.roots = [Location.parse(r) for r in image_roots]
         self.tasks = tasks
         self.limits = limits
         self.image_size = cfg.model.image_size
@@ -126,8 +136,9 @@ class SampleParser:
                               f"the limit of {self.limits.max_samples}", status=413)
         return [(s, f"samples[{i}]") for i, s in enumerate(samples)], True
 
-    def validate(self, value: Any, index: int) -> tuple[ValidatedSample, Any]:
-        """Validate one sample object; returns it with its decoded image (PIL, or None when text-only).
+    def validate(self, value: Any, index: int) -> tuple[ValidatedSample, list]:
+        """Validate one sample object; returns it with its decoded images (PIL, placeholder order; [] when
+        text-only).
 
         Fields in errors are relative to the sample; the caller adds the ``samples[i]`` prefix. An image store
         that fails for a cause other than a missing file (a StorageError: endpoint, credentials, permissions) is
@@ -137,101 +148,144 @@ class SampleParser:
         except StorageError as err:
             log.warning("image store error while validating a request: %s", err)
             raise SampleError("image", STORAGE_ERROR, str(err), status=503) from None
+        except FieldError as err:
+            raise SampleError.of(err) from None
 
-    def _validate(self, value: Any, index: int) -> tuple[ValidatedSample, Any]:
+    def _validate(self, value: Any, index: int) -> tuple[ValidatedSample, list]:
         if not isinstance(value, dict):
             raise SampleError("", Reason.WRONG_TYPE, f"expected a sample object, got {type(value).__name__}")
-        self._check_optional_types(value)
-        b64 = value.get("image_base64")
-        if b64 is not None and value.get("image") is not None:
-            raise SampleError("image_base64", Reason.WRONG_TYPE, "give either 'image' (a path) or 'image_base64', not both")
+        task_value = value.get(self.resolver.task_field)
+        if task_value is not None and not isinstance(task_value, str):
+            raise SampleError(self.resolver.task_field, Reason.WRONG_TYPE,
+                              f"expected a string, got {type(task_value).__name__}")
+        record, renamed = self._with_bytes(value)
+        valid = self.validator.accept(record, index, resolve_images=False)
+        images = valid.images
+        wheres = [renamed.get(image.where, image.where) for image in images]
+        refs = [BASE64 if image.data is not None else self._resolve_path(image, where)
+                for image, where in zip(images, wheres)]
+        if valid.task_from == TaskFrom.DEFAULT and any(im.data is not None and not im.ref for im in images):
+            raise SampleError(self.resolver.task_field, Reason.MISSING_FIELD,
+                              "required with an image sent as bytes without a path (it has no path for the task "
+                              "rules) unless the sample carries a source label")
+        self._check_task(value, valid)
+        decoded = [self._decode_image(image.data, where) if image.data is not None
+                   else self._read_path_image(ref, where) for image, ref, where in zip(images, refs, wheres)]
+        given = valid.task_from == TaskFrom.FIELD
+        sample = ValidatedSample(index=index, sample_id=valid.record.sample_id, task=valid.task,
+                                 task_source="given" if given else "inferred", n_turns=valid.n_turns,
+                                 conversations=valid.conversations, image_refs=refs)
+        return sample, decoded
+
+    def _check_task(self, value: dict, valid: ValidRecord) -> None:
+        if valid.task in self.tasks:
+            return
+        if valid.task_from == TaskFrom.FIELD:
+            how = "is"
+        elif valid.task_from == TaskFrom.SOURCE_LABEL:
+            how = "is the sample's source label"
+        else:
+            ref = valid.images[0].ref if valid.images else ""
+            how = f"was inferred from image '{ref}' as"
+        raise SampleError(self.resolver.task_field, Reason.UNKNOWN_TASK,
+                          f"the task {how} '{valid.task}', which is not a task of this run; known tasks: "
+                          f"{', '.join(self.tasks)}")
+
+    # ---- images
+    def _with_bytes(self, value: dict) -> tuple[dict, dict[str, str]]:
+        """The sample with every base64 image decoded to bytes (``{"bytes": b, "path": p}``), as a pool row holds
+        embedded images, and the field renames for messages (``image_base64`` is validated as ``image``)."""
+        record = dict(value)
+        renamed: dict[str, str] = {}
+        b64 = record.pop("image_base64", None)
         if b64 is not None:
-            return self._validate_base64(value, index, b64)
-        row = self._validate_record(value, index)
-        image_ref = row[schema.IMAGE_PATH]
-        image = self._read_path_image(image_ref) if image_ref else None
-        return self._accepted(value, index, row, image_ref, image)
+            if record.get("image") is not None or record.get("images") is not None:
+                raise SampleError("image_base64", Reason.WRONG_TYPE,
+                                  "give either 'image' / 'images' (paths) or 'image_base64', not both")
+            if isinstance(b64, str):
+                record["image"] = {"bytes": self._b64decode(b64, "image_base64"), "path": None}
+                renamed.update({"image": "image_base64", "image.bytes": "image_base64"})
+            elif isinstance(b64, list):
+                record["image"] = [{"bytes": self._b64decode(item, f"image_base64[{i}]"), "path": None}
+                                   for i, item in enumerate(b64)]
+                renamed.update({f"image[{i}]": f"image_base64[{i}]" for i in range(len(b64))})
+            else:
+                raise SampleError("image_base64", Reason.WRONG_TYPE,
+                                  f"expected a base64 string or a list of them, got {type(b64).__name__}")
+        for name in ("image", "images"):
+            given = record.get(name)
+            if isinstance(given, dict):
+                record[name] = self._struct_bytes(given, name)
+            elif isinstance(given, list):
+                record[name] = [self._struct_bytes(item, f"{name}[{i}]") if isinstance(item, dict) else item
+                                for i, item in enumerate(given)]
+        for name in ("messages", "conversation"):
+            if isinstance(record.get(name), list):
+                record[name] = [self._message_bytes(m, f"{name}[{i}]") for i, m in enumerate(record[name])]
+        return record, renamed
 
-    def _check_optional_types(self, value: dict) -> None:
-        for name in ("task", "image", "image_base64"):
-            if value.get(name) is not None and not isinstance(value[name], str):
-                raise SampleError(name, Reason.WRONG_TYPE, f"expected a string, got {type(value[name]).__name__}")
+    def _message_bytes(self, message, where: str):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+            return message
+        parts = []
+        for j, part in enumerate(message["content"]):
+            if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), dict):
+                part = {**part, "image": self._struct_bytes(part["image"], f"{where}.content[{j}]")}
+            parts.append(part)
+        return {**message, "content": parts}
 
-    def _validate_record(self, value: dict, index: int, validators=None) -> dict:
-        raw = RawRecord(record_index=index, text=json.dumps(value, default=str)[:2000], value=value)
-        rejections = []
-        for validator in validators or (self.validators if value.get("image") else [self.text_validator]):
-            row, bad = validator.validate(raw, index, "request")
-            if row is not None:
-                return row
-            rejections.append(bad)
-        # a path outside every root is an escape only when no root accepted it; else report the nearer problem
-        bad = next((r for r in rejections if r[schema.REASON] != Reason.IMAGE_PATH_ESCAPE), rejections[0])
-        field_name, _, message = bad[schema.MESSAGE].partition(": ")  # ingest messages are "field: text"
-        field_name = re.sub(r"\.(\d+)", r"[\1]", field_name)  # pydantic paths: conversations.0.value
-        if field_name == "image" and bad[schema.REASON] == Reason.IMAGE_PATH_ESCAPE:
-            message = f"path '{value.get('image')}' is outside the configured image roots"
-        return self._raise(field_name, bad[schema.REASON], message)
+    def _struct_bytes(self, item: dict, where: str) -> dict:
+        data = item.get("bytes")
+        if isinstance(data, str):
+            return {**item, "bytes": self._b64decode(data, f"{where}.bytes")}
+        return item
 
-    @staticmethod
-    def _raise(field_name: str, reason: str, message: str):
-        """A path outside the image roots is refused (403); every other record problem is unprocessable (422)."""
-        raise SampleError(field_name, reason, message, status=403 if reason == Reason.IMAGE_PATH_ESCAPE else 422)
-
-    def _validate_base64(self, value: dict, index: int, b64: str) -> tuple[ValidatedSample, Any]:
-        if not (isinstance(value.get("task"), str) and value["task"].strip()):
-            raise SampleError("task", Reason.MISSING_FIELD, "required with image_base64 (a base64 image has no "
-                              "path for the task rules)")
-        text_only = {k: v for k, v in value.items() if k not in ("image", "image_base64")}
-        row = self._validate_record(text_only, index, [self.text_validator])
+    def _b64decode(self, text, where: str) -> bytes:
+        if not isinstance(text, str):
+            raise SampleError(where, Reason.WRONG_TYPE, f"expected a base64 string, got {type(text).__name__}")
         max_chars = 4 * (self.limits.max_image_bytes // 3 + 1)
-        if len(b64) > max_chars:
-            raise SampleError("image_base64", IMAGE_TOO_LARGE, f"{len(b64)} base64 characters, more than the limit "
+        if len(text) > max_chars:
+            raise SampleError(where, IMAGE_TOO_LARGE, f"{len(text)} base64 characters, more than the limit "
                               f"of {self.limits.max_image_bytes} bytes", status=413)
         try:
-            data = base64.b64decode(b64.split(",", 1)[1] if b64.startswith("data:") else b64, validate=True)
+            return base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
         except (binascii.Error, ValueError) as err:
-            raise SampleError("image_base64", Reason.IMAGE_CORRUPT, f"not valid base64: {err}") from None
-        image = self._decode_image(data, "image_base64")
-        return self._accepted(value, index, row, "base64", image)
+            raise SampleError(where, Reason.IMAGE_CORRUPT, f"not valid base64: {err}") from None
 
-    def _read_path_image(self, path: str):
+    def _resolve_path(self, image: ImageItem, where: str) -> str:
+        """The image's location under the first root that holds it; 403 when it is under none of them."""
+        inside = []
+        for root in self.roots:
+            try:
+                loc = resolve_image_path(root, image.ref, where)
+            except FieldError:
+                continue
+            if image_exists(loc):
+                return str(loc)
+            inside.append(loc)
+        if not inside:
+            raise SampleError(where, Reason.IMAGE_PATH_ESCAPE,
+                              f"path '{image.ref}' is outside the configured image roots", status=403)
+        raise SampleError(where, Reason.IMAGE_MISSING, f"file not found: {inside[0]}")
+
+    def _read_path_image(self, path: str, where: str):
         """Read (byte limit checked before reading) and decode the image at a resolved path."""
         try:
             data = read_image_bytes(path, max_bytes=self.limits.max_image_bytes)
         except ImageError as err:
-            raise _image_error("image", err) from None
-        return self._decode_image(data, "image")
+            raise _image_error(where, err) from None
+        return self._decode_image(data, where)
 
-    def _decode_image(self, data: bytes, field_name: str):
+    def _decode_image(self, data: bytes, where: str):
         """Decode to RGB, resized as the batch path does (:func:`datasel_ray.io.images.decode_image`); bytes and
         pixels (from the header) checked before the raster is decoded."""
         if len(data) > self.limits.max_image_bytes:
-            raise SampleError(field_name, IMAGE_TOO_LARGE, f"{len(data)} bytes, more than the limit of "
+            raise SampleError(where, IMAGE_TOO_LARGE, f"{len(data)} bytes, more than the limit of "
                               f"{self.limits.max_image_bytes}", status=413)
         try:
-            return decode_image(data, field_name, self.image_size, self.limits.max_image_pixels)
+            return decode_image(data, where, self.image_size, self.limits.max_image_pixels)
         except ImageError as err:
-            raise _image_error(field_name, err) from None
-
-    def _accepted(self, value: dict, index: int, row: dict, image_ref: str, image) -> tuple[ValidatedSample, Any]:
-        task = row[schema.TASK]
-        explicit = value.get(self.resolver.task_field)
-        given = isinstance(explicit, str) and bool(explicit.strip())
-        if task not in self.tasks:
-            how = "is" if given else f"was inferred from image '{value.get('image') or ''}' as"
-            raise SampleError(self.resolver.task_field, Reason.UNKNOWN_TASK,
-                              f"the task {how} '{task}', which is not a task of this run; known tasks: "
-                              f"{', '.join(self.tasks)}")
-        conversations = json.loads(row[schema.CONVERSATIONS])
-        if image_ref == "base64":  # validated as text-only above; the image placeholder goes back in
-            conversations = normalize_placeholders(
-                [{"from": _canonical(t["from"].lower()), "value": t["value"]} for t in value["conversations"]],
-                has_image=True)
-        sample = ValidatedSample(index=index, sample_id="" if value.get("id") is None else str(value["id"]),
-                                 task=task, task_source="given" if given else "inferred",
-                                 n_turns=int(row[schema.N_TURNS]), conversations=conversations, image_ref=image_ref)
-        return sample, image
+            raise _image_error(where, err) from None
 
 
 def _image_error(field_name: str, err: ImageError) -> SampleError:
@@ -241,7 +295,3 @@ def _image_error(field_name: str, err: ImageError) -> SampleError:
     if err.reason == Reason.IMAGE_MISSING:
         return SampleError(field_name, Reason.IMAGE_MISSING, f"file not found: {err.uri}")
     return SampleError(field_name, Reason.IMAGE_CORRUPT, f"cannot decode image: {err.detail}")
-
-
-def _canonical(role: str) -> str:
-    return "gpt" if role in ASSISTANT_ROLES else "human" if role in HUMAN_ROLES else "system"

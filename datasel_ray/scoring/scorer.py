@@ -120,22 +120,24 @@ class Scorer:
         out = []
         for i, (value, prefix) in enumerate(items):
             try:
-                sample, image = self.parser.validate(value, i)
-                sample.prepared = self._prepare(sample, image)
+                sample, images = self.parser.validate(value, i)
+                sample.prepared = self._prepare(sample, images)
             except SampleError as err:
                 raise err.within(prefix) from None
             out.append(sample)
         return out
 
-    def _prepare(self, sample: ValidatedSample, image):
-        from datasel_ray.models.vlm import ContextTooShortError
+    def _prepare(self, sample: ValidatedSample, images: list):
+        """Tokenise one validated sample with its decoded images, as extraction does
+        (:meth:`~datasel_ray.features.extractor.Preprocessor.prepare_images`); a refusal names its field."""
+        from datasel_ray.schema import FieldError, RowError
 
         try:
-            return self.preprocessor.processor.prepare(sample.conversations, image)
-        except ContextTooShortError as err:
-            raise SampleError("conversations", Reason.TOO_LONG, str(err)) from None
-        except Exception as err:  # the processor/template refuses this sample
-            raise SampleError("conversations", Reason.EXTRACT_FAILED, f"{type(err).__name__}: {err}") from None
+            return self.preprocessor.prepare_images(sample.conversations, images)
+        except FieldError as err:
+            raise SampleError(err.field, err.reason, err.detail) from None
+        except RowError as err:  # too long for the context, or the processor/template refuses this sample
+            raise SampleError("conversations", err.reason, str(err)) from None
 
     # ---- scoring
     def score_records(self, records: list[dict] | dict) -> list[dict]:

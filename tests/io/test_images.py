@@ -54,8 +54,11 @@ def test_decode_is_bit_identical_to_the_old_load_image(tmp_path, mode, fmt, imag
     assert new.mode == "RGB" and new.size == old.size == ((37, 23) if image_size is None else (image_size,) * 2)
     np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
     from datasel_ray.features import extractor
+    from datasel_ray.io.images import load_row_images
 
-    assert extractor.load_image is load_image  # the extraction path decodes with this one function
+    assert extractor.load_row_images is load_row_images  # the extraction path decodes with this one function
+    row = load_row_images({"image_path": str(path)}, image_size)[0]
+    np.testing.assert_array_equal(np.asarray(row), np.asarray(old))
 
 
 def test_missing_file_and_directory_are_image_missing(tmp_path):
@@ -242,7 +245,7 @@ def test_scorer_maps_image_faults_to_4xx_and_storage_errors_to_503(tmp_path, mon
     assert str(corrupt).startswith("image_base64: cannot decode image: ")
 
     parser.limits.max_image_pixels = 1200
-    _, image = parser.validate({"image": "a.png", "conversations": convs}, 0)
+    _, (image,) = parser.validate({"image": "a.png", "conversations": convs}, 0)
     assert image.mode == "RGB" and image.size == (16, 16)
 
     def unreachable(*args, **kwargs):
