@@ -90,7 +90,7 @@ def _phase_command(phase: str):
         if phase == "ingest":
             pool = {k: v for k, v in {"path": args.pool, "image_root": args.image_root,
                                       "task_map": args.task_map, "format": args.format,
-                                      "task_recipe": args.task_recipe}.items() if v}
+                                      "task_recipe": args.task_recipe, "schema": args.schema}.items() if v}
             extra = {"pool": pool} if pool else {}
         if phase == "select":
             sel = {}
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=["auto", "json", "jsonl", "parquet"])
             p.add_argument("--task-recipe", choices=TASK_RECIPES,
                            help="how tasks are inferred (pool.task_recipe; README, Tasks)")
+            p.add_argument("--schema", choices=["auto", "llava", "texts", "messages"],
+                           help="record shape (pool.schema; README, Pools); default: detected from the first records")
         if phase == "select":
             p.add_argument("--method", action="append", help=f"method name(s), repeatable or comma-separated: "
                            f"{', '.join(method_names())}")

@@ -28,7 +28,7 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every field of ``model`` and of its nested pydantic sections, as dotted paths."""
     paths = []
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # the YAML key (pool.schema is the field pool.shape)
         paths.append(path)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
