@@ -330,7 +330,8 @@ class FailureConfig(_Section):
 
     max_quarantine_fraction: float = Field(
         0.05, ge=0, le=1, description="A phase that quarantines more than this share of the rows it has seen "
-        "stops with the top reasons (ingest's duplicate_id rows do not count: they are the pool's bookkeeping).")
+        "stops with the top reasons (ingest's duplicate_id and unsupported_video rows do not count: they are the pool's "
+        "bookkeeping and a known gap, not failures).")
     min_rows: int = Field(
         500, ge=1, description="The budget is checked once a phase has seen this many rows (a few early bad rows "
         "do not stop it); smaller phases are never stopped by it.")

@@ -24,14 +24,26 @@ import pyarrow.compute as pc
 
 from datasel_ray import schema
 from datasel_ray.config import PoolConfig, RunConfig
-from datasel_ray.io.pool import (POOL_FILES, BlockSpec, list_pool_files, plan_blocks, probe_records, read_block,
-                                 write_pool_files)
-from datasel_ray.io.shapes import detect_shape
+from datasel_ray.io.pool import (
+    POOL_FILES,
+    BlockSpec,
+    list_pool_files,
+    plan_blocks,
+    probe_records,
+    read_block,
+    write_pool_files,
+)
 from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.shapes import detect_shape
 from datasel_ray.io.storage import Location
 from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
-from datasel_ray.io.validation import (Limits, RecordValidator, duplicate_id_message, first_seen_duplicates,
-                                       quarantine_row)
+from datasel_ray.io.validation import (
+    Limits,
+    RecordValidator,
+    duplicate_id_message,
+    first_seen_duplicates,
+    quarantine_row,
+)
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.failures import FailureBudget
 from datasel_ray.pipeline.progress import Progress
@@ -74,6 +86,10 @@ def resolve_image_root(pool: PoolConfig) -> str:
     return str(loc if loc.is_dir() else loc.parent)
 
 
+# quarantined on purpose, not failures: they do not count against failures.max_quarantine_fraction
+NOT_FAILURES = frozenset({schema.Reason.DUPLICATE_ID, schema.Reason.UNSUPPORTED_VIDEO})
+
+
 class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
@@ -86,24 +102,29 @@ class IngestBlockStage:
                                          shape=shape, source_fields=cfg.source_fields)
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
+        self.last_kept_out = 0
 
     def __call__(self, batch: dict) -> dict:
-        names, good, bad = [], [], []
+        names, good, bad, kept_out = [], [], [], []
         for i in range(len(batch["file_index"])):
             spec = BlockSpec(**{k: _py(batch[k][i]) for k in BlockSpec.__dataclass_fields__})
             n_good, n_bad = self.process(spec)
             names.append(spec.name)
             good.append(n_good)
             bad.append(n_bad)
-        return {"block": names, "good": good, "bad": bad}
+            kept_out.append(self.last_kept_out)
+        return {"block": names, "good": good, "bad": bad, "kept_out": kept_out}
 
     def process(self, spec: BlockSpec) -> tuple[int, int]:
+        """Validate one block and write its shards; returns ``(samples, quarantined)``. ``last_kept_out``: how
+        many of the quarantined rows were kept out by design (:data:`NOT_FAILURES`, e.g. video rows)."""
         samples, quarantined = [], []
         for raw in read_block(spec):
             row_id = schema.make_row_id(spec.file_index, raw.record_index)
             sample, bad = self.validator.validate(raw, row_id, spec.uri)
             (samples if sample else quarantined).append(sample or bad)
         write_block_outputs(self.run_dir, spec.name, samples, quarantined, self.row_group_rows)
+        self.last_kept_out = sum(1 for q in quarantined if q[schema.REASON] in NOT_FAILURES)
         return len(samples), len(quarantined)
 
 
@@ -140,7 +161,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     done = total - sum(b.num_records for b in pending)
     progress = Progress("ingest", total, run_dir / "progress.json", already_done=done, quiet=quiet)
     budget = FailureBudget("ingest", cfg.failures, run_dir / "quarantine" / "ingest", seen=done,
-                           exclude=frozenset({schema.Reason.DUPLICATE_ID}))
+                           exclude=NOT_FAILURES)
     if pending:
         ds = ray_adapter.from_rows([b.to_dict() for b in pending])
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
@@ -149,7 +170,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
             "shape": shape["shape"]})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
-            budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]))
+            budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]) - int(row["kept_out"]))
     progress.finish()
     quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)
     counts = ingest_counts(run_dir)
@@ -225,13 +246,13 @@ def task_decisions(run_dir: RunDir) -> dict[str, int]:
     """How many samples got their task each way (``task_from`` counts, :class:`~datasel_ray.schema.TaskFrom`)."""
     out: dict[str, int] = {}
     for f in (run_dir / "samples").list(".parquet"):
-        table = f.read_parquet([schema.TASK_FROM]) if schema.TASK_FROM in pq_columns(f) else None
+        table = f.read_parquet([schema.TASK_FROM]) if schema.TASK_FROM in _parquet_columns(f) else None
         for value in ([] if table is None else table.column(schema.TASK_FROM).to_pylist()):
             out[value] = out.get(value, 0) + 1
     return dict(sorted(out.items()))
 
 
-def pq_columns(f: Location) -> list[str]:
+def _parquet_columns(f: Location) -> list[str]:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(f.open_input()).schema_arrow.names

@@ -20,7 +20,6 @@ import numpy as np
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.io.rundir import RunDir
-from datasel_ray.schema import Reason
 from datasel_ray.scoring.request import SampleError, SampleParser, ScoringLimits, ValidatedSample
 from datasel_ray.scoring.state import RunStats
 

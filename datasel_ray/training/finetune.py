@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from datasel_ray.models.vlm import PreparedSample, VLMProcessor, collate
+from datasel_ray.roles import ASSISTANT_ROLES
 
 Schedule = Literal["cosine", "linear", "constant"]
 TrainWhat = Literal["all", "projector_lm", "lm", "projector"]
@@ -360,4 +361,4 @@ def _gold_answers(sample) -> list[str]:
     if not isinstance(sample, dict):
         return []
     return [str(t.get("value", "")) for t in sample["conversations"]
-            if str(t.get("from", t.get("role", ""))).lower() in ("gpt", "assistant")]
+            if str(t.get("from", t.get("role", ""))).lower() in ASSISTANT_ROLES]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -124,7 +125,7 @@ def test_configured_shape_overrides_detection(tmp_path, shape_pools):
 
 def test_source_fields_are_configurable(tmp_path, shape_pools):
     image_root, pools = shape_pools
-    _, rd, counts = _run(tmp_path, pools["llava_json"].path, image_root, source_fields=[])
+    _, rd, _ = _run(tmp_path, pools["llava_json"].path, image_root, source_fields=[])
     samples, _ = samples_by_index(rd)
     assert (samples[3][schema.TASK], samples[3][schema.TASK_FROM]) == ("gqa", TaskFrom.RULE)
     # the explicit task field still comes first
@@ -153,7 +154,7 @@ def test_subset_is_written_in_the_input_shape(tmp_path, shape_pools):
     ids = np.array(sorted(r[schema.ROW_ID] for r in samples_by_index(rd)[0].values()), dtype=np.int64)
     (written,) = write_subset(rd, rd / "subset", ids)
     source = json.loads(pool.path.read_text())
-    text = open(written, encoding="utf-8").read()
+    text = Path(written).read_text(encoding="utf-8")
     assert json.loads(text) == [source[i] for i in (0, 1, 2, 3)]
     # each record's text as it stands in the pool file (indent and key order kept)
     for i in (0, 1, 2, 3):
@@ -164,7 +165,7 @@ def test_parquet_blocks_read_only_their_row_groups(tmp_path, shape_pools, monkey
     from datasel_ray.io import pool as pool_module
     from datasel_ray.io.pool import list_pool_files, plan_blocks, read_block
 
-    image_root, pools = shape_pools
+    _, pools = shape_pools
     path = pools["cauldron_parquet"].path
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
     read_groups = []
@@ -245,3 +246,31 @@ def test_roles_module_is_the_one_definition():
     # one image written in a later turn moves to the first human turn (LLaVA's rule, as before)
     later = [two[0], {"from": "gpt", "value": "a"}, {"from": "human", "value": "<image>\nmore"}, two[1]]
     assert [t["value"] for t in roles.normalize_placeholders(later, 1)] == ["<image>\nq", "a", "more", "a"]
+
+
+def test_run_ingest_records_the_shape_and_keeps_video_rows_out_of_the_failure_budget(tmp_path, ray_local):
+    """The Ray path: a chat pool with 4 video rows in 10 ingests under a 10% failure budget (video rows are kept
+    out by design, not failures); the manifest result says the shape and how the tasks were decided."""
+    from datasel_ray.pipeline.ingest import run_ingest
+
+    rows = []
+    for i in range(10):
+        row = {"id": f"v{i}", "source": "clips" if i < 4 else "chat",
+               "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        if i < 4:
+            row["video"] = f"clip{i}.mp4"
+        rows.append(row)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "pool": {"path": str(path),
+                                    "records_per_block": 3},
+                                    "failures": {"min_rows": 1, "max_quarantine_fraction": 0.1}})
+    rd = RunDir(cfg.run_dir)
+    rd.init(cfg)
+    counts = run_ingest(cfg, rd, quiet=True)
+    assert (counts["samples"], counts["by_reason"]) == (6, {Reason.UNSUPPORTED_VIDEO: 4})
+    assert counts["shape"] == {"shape": "messages", "from": "detected"}
+    assert counts["tasks_decided_by"] == {TaskFrom.SOURCE_LABEL: 6}
+    samples, quarantined = samples_by_index(rd)
+    assert {r[schema.TASK] for r in samples.values()} == {"chat"}
+    assert quarantined[0][schema.MESSAGE] == "video: video samples are not scored yet (images only)"
