@@ -274,3 +274,28 @@ def test_run_ingest_records_the_shape_and_keeps_video_rows_out_of_the_failure_bu
     samples, quarantined = samples_by_index(rd)
     assert {r[schema.TASK] for r in samples.values()} == {"chat"}
     assert quarantined[0][schema.MESSAGE] == "video: video samples are not scored yet (images only)"
+
+
+def test_object_storage_pools_of_every_kind(tmp_path, shape_pools, s3_bucket):
+    """The same pools on S3 (moto): parquet rows with embedded bytes need no image root, JSONL rows read their
+    images under an s3:// image root; load_row_images reads both."""
+    from datasel_ray.io.storage import Location
+
+    image_root, pools = shape_pools
+    for name in ("coco/a.png", "coco/b.png", "gqa/c.png"):
+        Location.parse(f"{s3_bucket}/images/{name}").write_bytes((image_root / name).read_bytes())
+    for key in ("ov_parquet", "messages_jsonl"):
+        pool = pools[key]
+        Location.parse(f"{s3_bucket}/pools/{pool.path.name}").write_bytes(pool.path.read_bytes())
+        _, rd, counts = _run(tmp_path / key, f"{s3_bucket}/pools/{pool.path.name}", f"{s3_bucket}/images")
+        want_bad = sum(1 for e in pool.expected if e.reason)
+        assert (counts["samples"], counts["quarantined"]) == (len(pool.expected) - want_bad, want_bad)
+        samples, _ = samples_by_index(rd)
+        row = samples[0]
+        if key == "messages_jsonl":
+            assert [im["uri"] for im in row[schema.IMAGES]] == [f"{s3_bucket}/images/coco/a.png",
+                                                                 f"{s3_bucket}/images/coco/b.png"]
+        images = load_row_images(row)
+        assert len(images) == pool.expected[0].n_images
+        np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(Image.open(io.BytesIO(
+            png(10) if key == "ov_parquet" else png(0))).convert("RGB")))

@@ -76,11 +76,14 @@ def test_pool_rows_in_other_shapes_get_the_batch_decision(scorer, run_dir, demo_
 
 def test_several_images_are_refused_per_sample_until_the_model_takes_them(scorer, demo_pool):
     records = json.loads(Path(demo_pool.pool_path).read_text())
-    record = next(r for r in records if r.get("image") and (Path(demo_pool.image_root) / r["image"]).is_file())
-    two = {"image": [record["image"], record["image"]], "conversations": [
+    image = next(r["image"] for r in records if r.get("image") and (Path(demo_pool.image_root) / r["image"]).is_file())
+    one = {"image": image, "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                                             {"from": "gpt", "value": "Shapes."}]}
+    two = {"image": [image, image], "conversations": [
         {"from": "human", "value": "<image>\n<image>\nAre these the same?"}, {"from": "gpt", "value": "Yes."}]}
+    assert scorer.score_records([one])[0]["features"]["n_image_tokens"] > 0
     with pytest.raises(SampleError) as info:
-        scorer.score_records([record, two])
+        scorer.score_records([one, two])
     err = info.value
     assert (err.field, err.reason, err.status) == ("samples[1].images", schema.Reason.EXTRACT_FAILED, 422)
     assert err.detail == "2 images in one sample; this model code takes one image per sample"
