@@ -49,6 +49,8 @@ class PoolConfig(_Section):
     max_chars: int = Field(32768, ge=1, description="Rows with more characters of text are quarantined as too_long.")
     check_images: bool = Field(True, description="Decode-check every image at ingest (catches corrupt files early).")
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
+    io_threads: int = Field(16, ge=1, description="Records an ingest task validates at once: image checks are "
+                            "reads (a round trip each on object storage) and decodes, which release the GIL.")
 
 
 class StorageConfig(_Section):
