@@ -58,6 +58,8 @@ class PoolConfig(_Section):
     source_fields: list[str] = Field(
         ["data_source", "source"], description="Row fields holding the pool's own source label; the first "
         "non-empty one is the task (after task_field, before any image-folder rule). [] turns it off.")
+    io_threads: int = Field(16, ge=1, description="Records an ingest task validates at once: image checks are "
+                            "reads (a round trip each on object storage) and decodes, which release the GIL.")
 
 
 class StorageConfig(_Section):
@@ -145,8 +147,16 @@ class ModelConfig(_Section):
 class ExtractConfig(_Section):
     """The model pass over the pool (Ray Data actor pool)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_keys(cls, data):
+        """``preprocess_batch_size`` never sized anything (a preprocessing task takes one shard of
+        ``shard_rows``); configs and manifests that carry it still load."""
+        if isinstance(data, dict) and "preprocess_batch_size" in data:
+            data = {k: v for k, v in data.items() if k != "preprocess_batch_size"}
+        return data
+
     batch_size: int = Field(8, ge=1)
-    preprocess_batch_size: int = Field(32, ge=1)
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when a GPU is visible, else 0.")
@@ -156,7 +166,8 @@ class ExtractConfig(_Section):
         -1, ge=-1, description="Retries of a shard whose actor died or became unreachable (a lost node); -1: "
         "while the actor restarts (bounded by max_restarts). A small number can be spent in the seconds before Ray "
         "declares a lost node dead.")
-    shard_rows: int = Field(256, ge=1, description="Rows per written feature shard (resume granularity).")
+    shard_rows: int = Field(256, ge=1, description="Rows per written feature shard (resume granularity) and per "
+                            "preprocessing task.")
     preprocess: Literal["auto", "tasks", "actor"] = Field(
         "auto", description="Where image decode and tokenisation run. tasks: separate Ray CPU tasks ahead of the "
         "model actors (keeps GPU actors fed); actor: inside each model actor (no task can then wait for a CPU an "

@@ -231,11 +231,12 @@ def worker_environment(cfg: "StorageConfig") -> dict[str, str]:
 
 
 def apply_storage_options(cfg: "StorageConfig") -> dict[str, str]:
-    """Set :func:`storage_environment` of ``cfg`` in this process's ``os.environ`` and forget the cached
-    filesystems; returns the variables set."""
+    """Set :func:`storage_environment` of ``cfg`` in this process's ``os.environ``; returns the variables set.
+    The cached filesystems are forgotten only when a variable changed (they were built from the old values)."""
     env = storage_environment(cfg)
-    os.environ.update(env)
-    clear_filesystem_cache()
+    if any(os.environ.get(name) != value for name, value in env.items()):
+        os.environ.update(env)
+        clear_filesystem_cache()
     return env
 
 

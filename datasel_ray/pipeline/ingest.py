@@ -15,6 +15,8 @@ Invariant checked at the end: rows in = samples + quarantined.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import logging
 import time
 
@@ -100,6 +102,7 @@ class IngestBlockStage:
         shape = shape or (cfg.shape if cfg.shape != "auto" else "llava")
         self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images),
                                          shape=shape, source_fields=cfg.source_fields)
+        self.io_threads = cfg.io_threads
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
         self.last_kept_out = 0
@@ -116,13 +119,17 @@ class IngestBlockStage:
         return {"block": names, "good": good, "bad": bad, "kept_out": kept_out}
 
     def process(self, spec: BlockSpec) -> tuple[int, int]:
-        """Validate one block and write its shards; returns ``(samples, quarantined)``. ``last_kept_out``: how
-        many of the quarantined rows were kept out by design (:data:`NOT_FAILURES`, e.g. video rows)."""
+        """Validate the block's records, ``pool.io_threads`` at a time (each image check is a read, on object
+        storage a round trip, and a decode), in record order; a StorageError of any record stops the block.
+        Returns ``(samples, quarantined)``; ``last_kept_out``: how many of the quarantined rows were kept out by
+        design (:data:`NOT_FAILURES`, e.g. video rows)."""
+        def validate(raw):
+            return self.validator.validate(raw, schema.make_row_id(spec.file_index, raw.record_index), spec.uri)
+
         samples, quarantined = [], []
-        for raw in read_block(spec):
-            row_id = schema.make_row_id(spec.file_index, raw.record_index)
-            sample, bad = self.validator.validate(raw, row_id, spec.uri)
-            (samples if sample else quarantined).append(sample or bad)
+        with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ingest-io") as threads:
+            for sample, bad in threads.map(validate, read_block(spec)):
+                (samples if sample else quarantined).append(sample or bad)
         write_block_outputs(self.run_dir, spec.name, samples, quarantined, self.row_group_rows)
         self.last_kept_out = sum(1 for q in quarantined if q[schema.REASON] in NOT_FAILURES)
         return len(samples), len(quarantined)
