@@ -24,7 +24,6 @@ from datasel_ray.roles import (
     KNOWN_ROLES,
     SYSTEM,
     canonical_role,
-    count_placeholders,
     normalize_placeholders,
 )
 from datasel_ray.schema import FieldError, Reason
@@ -141,8 +140,7 @@ class RecordValidator:
                              f"({', '.join(self.source_fields) or 'pool.source_fields is empty'}) and no prefix rule "
                              f"matches image '{first_ref}' (set pool.default_task or pool.task_map)")
         turns = [{"from": canonical_role(t.role), "value": t.value} for t in record.turns]
-        conversations = normalize_placeholders(turns, n_images)
-        assert count_placeholders(conversations) == n_images
+        conversations = normalize_placeholders(turns, n_images)  # one placeholder per image, in image order
         return ValidRecord(record, conversations, sum(1 for t in turns if t["from"] == ASSISTANT), task, task_from,
                            uris)
 

@@ -168,7 +168,7 @@ class SampleParser:
             raise SampleError(self.resolver.task_field, Reason.MISSING_FIELD,
                               "required with an image sent as bytes without a path (it has no path for the task "
                               "rules) unless the sample carries a source label")
-        self._check_task(value, valid)
+        self._check_task(valid)
         decoded = [self._decode_image(image.data, where) if image.data is not None
                    else self._read_path_image(ref, where) for image, ref, where in zip(images, refs, wheres)]
         given = valid.task_from == TaskFrom.FIELD
@@ -177,7 +177,7 @@ class SampleParser:
                                  conversations=valid.conversations, image_refs=refs)
         return sample, decoded
 
-    def _check_task(self, value: dict, valid: ValidRecord) -> None:
+    def _check_task(self, valid: ValidRecord) -> None:
         if valid.task in self.tasks:
             return
         if valid.task_from == TaskFrom.FIELD:

@@ -178,7 +178,8 @@ class Scorer:
         """Scores of one sample from its feature row (``features/`` columns) against the run's statistics."""
         result: dict[str, Any] = {
             "index": sample.index, "id": sample.sample_id, "task": sample.task, "task_source": sample.task_source,
-            "features": {"n_turns": sample.n_turns, "n_image_tokens": int(row[schema.N_IMAGE_TOKENS]),
+            "features": {"n_turns": sample.n_turns, "n_images": len(sample.image_refs),
+                         "n_image_tokens": int(row[schema.N_IMAGE_TOKENS]),
                          "n_text_tokens": int(row[schema.N_TEXT_TOKENS]),
                          "n_answer_tokens": int(row[schema.N_ANSWER_TOKENS]), "truncated": bool(row[schema.TRUNCATED]),
                          "tau": float(row[schema.TAU]), "answer_loss": _finite_or_none(row[schema.ANSWER_LOSS])},

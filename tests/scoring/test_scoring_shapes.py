@@ -71,6 +71,7 @@ def test_pool_rows_in_other_shapes_get_the_batch_decision(scorer, run_dir, demo_
             assert got["coincide"]["pool_row_id"] == row_id
             assert got["coincide"]["would_select"] == selected[row_id]
             assert got["features"]["n_image_tokens"] == want["features"]["n_image_tokens"] > 0
+            assert got["features"]["n_images"] == want["features"]["n_images"] == 1
             np.testing.assert_allclose(got["datatailor"]["score"], want["datatailor"]["score"], rtol=1e-4, atol=1e-5)
 
 
