@@ -121,6 +121,20 @@ def test_base64_image_with_task(server, records):
     assert result["features"]["n_image_tokens"] > 0
 
 
+def test_messages_row_gets_the_same_answer_as_its_llava_form(server, records):
+    record = next((r for r in records if r.get("image")), records[0])
+    chat = {"id": record.get("id"), "images": [record["image"]] if record.get("image") else [],
+            "messages": [{"role": {"human": "user", "gpt": "assistant"}[t["from"]], "content": t["value"]}
+                         for t in record["conversations"]]}
+    r = server.post("/score", json={"samples": [record, chat]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    llava, messages = r.json()["results"]
+    assert messages["task"] == llava["task"]
+    assert messages["features"] == llava["features"]
+    assert messages["coincide"]["cluster"] == llava["coincide"]["cluster"]
+    assert messages["datatailor"]["score"] == pytest.approx(llava["datatailor"]["score"], rel=1e-4, abs=1e-4)
+
+
 def _bad_requests(records):
     convs = records[0]["conversations"]
     return [
@@ -157,6 +171,11 @@ def _bad_requests(records):
         ("oversized_body", {"samples": [{"conversations": convs, "pad": "x" * 1_100_000}]}, 413, "body"),
         ("second_sample_bad", {"samples": [records[0], {"conversations": [{"from": "gpt"}]}]}, 422,
          "samples[1].conversations[0].value"),
+        ("placeholder_mismatch", {"samples": [{"image": ["coco/a.png", "coco/b.png"], "conversations": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]}, 422, "samples[0].conversations"),
+        ("video", {"samples": [{"video": "clip.mp4", "conversations": convs}]}, 422, "samples[0].video"),
+        ("messages_bad_part", {"samples": [{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}]}, 422,
+         "samples[0].messages[0].content[0]"),
     ]
 
 
