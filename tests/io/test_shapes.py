@@ -299,3 +299,18 @@ def test_object_storage_pools_of_every_kind(tmp_path, shape_pools, s3_bucket):
         assert len(images) == pool.expected[0].n_images
         np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(Image.open(io.BytesIO(
             png(10) if key == "ov_parquet" else png(0))).convert("RGB")))
+
+
+def test_task_label_precedence():
+    """task field > source label > user map > recipe rules > default; an image without a path has no folder."""
+    from datasel_ray.io.tasks import TaskResolver
+
+    resolver = TaskResolver({"coco/train/": "mine", "<text-only>": "chat"}, default_task="other")
+    assert resolver.resolve_how({"task": "t"}, "coco/train/a.png", source_label="s") == ("t", TaskFrom.FIELD)
+    assert resolver.resolve_how({}, "coco/train/a.png", source_label="s") == ("s", TaskFrom.SOURCE_LABEL)
+    assert resolver.resolve_how({}, "coco/train/a.png") == ("mine", TaskFrom.MAP)
+    assert resolver.resolve_how({}, "coco/val/a.png") == ("coco", TaskFrom.RULE)
+    assert resolver.resolve_how({}, "elsewhere/a.png") == ("other", TaskFrom.DEFAULT)
+    assert resolver.resolve_how({}, None) == ("chat", TaskFrom.MAP)
+    assert resolver.resolve_how({}, "", has_image=True) == ("other", TaskFrom.DEFAULT)
+    assert resolver.resolve({}, "coco/val/a.png") == "coco"  # the old entry point, same answer
