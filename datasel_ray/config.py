@@ -54,7 +54,7 @@ class PoolConfig(_Section):
     shape: Literal["auto", "llava", "texts", "messages"] = Field(
         "auto", alias="schema", description="How a record is written (datasel_ray/io/shapes.py): llava "
         "(conversations + image/images), texts (the_cauldron / FineVision), messages (role/content chat rows); "
-        "auto: detected from the first records of the first pool file. YAML key: schema.")
+        "auto: detected from the first records of each pool file. YAML key: schema.")
     source_fields: list[str] = Field(
         ["data_source", "source"], description="Row fields holding the pool's own source label; the first "
         "non-empty one is the task (after task_field, before any image-folder rule). [] turns it off.")

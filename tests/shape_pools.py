@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datasel_ray import schema
-from datasel_ray.pipeline.ingest import ingest_counts, pool_shape, quarantine_duplicate_ids
+from datasel_ray.pipeline.ingest import file_shapes, ingest_counts, pool_shape, quarantine_duplicate_ids
 from datasel_ray.schema import Reason, TaskFrom
 
 
@@ -203,9 +203,9 @@ def ingest_in_process(cfg, run_dir) -> dict:
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
     write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
-    shape = pool_shape(cfg.pool, blocks)
+    shape = pool_shape(cfg.pool, files, blocks)
     stage = IngestBlockStage(cfg.pool.model_dump(), resolve_image_root(cfg.pool), str(run_dir),
-                             cfg.extract.shard_rows, shape=shape["shape"])
+                             cfg.extract.shard_rows, shape=shape["shape"], file_shapes=file_shapes(shape, files))
     for block in blocks:
         stage.process(block)
     quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)

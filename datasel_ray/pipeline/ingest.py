@@ -96,12 +96,17 @@ class IngestBlockStage:
     """Validates one block of records and writes its samples and quarantine shards. No Ray inside."""
 
     def __init__(self, pool: dict, image_root: str, run_dir: str, row_group_rows: int | None = None,
-                 index_blocks: bool = False, shape: str | None = None):
+                 index_blocks: bool = False, shape: str | None = None, file_shapes: dict[int, str] | None = None):
+        """``shape``: the record shape of every pool file (default: ``pool.schema``, ``llava`` when auto);
+        ``file_shapes``: ``{file_index: shape}`` for the files whose shape differs (a folder of mixed pools)."""
         cfg = PoolConfig.model_validate(pool)
         resolver = TaskResolver.for_pool(cfg, index_blocks=index_blocks)
         shape = shape or (cfg.shape if cfg.shape != "auto" else "llava")
-        self.validator = RecordValidator(image_root, resolver, Limits(cfg.max_turns, cfg.max_chars, cfg.check_images),
-                                         shape=shape, source_fields=cfg.source_fields)
+        limits = Limits(cfg.max_turns, cfg.max_chars, cfg.check_images)
+        self.validators = {s: RecordValidator(image_root, resolver, limits, shape=s, source_fields=cfg.source_fields)
+                           for s in {shape, *(file_shapes or {}).values()}}
+        self.validator = self.validators[shape]
+        self.file_shapes = {int(k): v for k, v in (file_shapes or {}).items()}
         self.io_threads = cfg.io_threads
         self.run_dir = RunDir(run_dir)
         self.row_group_rows = row_group_rows
@@ -123,8 +128,11 @@ class IngestBlockStage:
         storage a round trip, and a decode), in record order; a StorageError of any record stops the block.
         Returns ``(samples, quarantined)``; ``last_kept_out``: how many of the quarantined rows were kept out by
         design (:data:`NOT_FAILURES`, e.g. video rows)."""
+        validator = self.validators[self.file_shapes[spec.file_index]] if spec.file_index in self.file_shapes \
+            else self.validator
+
         def validate(raw):
-            return self.validator.validate(raw, schema.make_row_id(spec.file_index, raw.record_index), spec.uri)
+            return validator.validate(raw, schema.make_row_id(spec.file_index, raw.record_index), spec.uri)
 
         samples, quarantined = [], []
         with ThreadPoolExecutor(self.io_threads, thread_name_prefix="ingest-io") as threads:
@@ -161,7 +169,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     files = list_pool_files(cfg.pool.path, cfg.pool.format)
     write_pool_files(run_dir / "samples" / POOL_FILES, files)
     blocks = plan_blocks(files, cfg.pool.records_per_block)
-    shape = pool_shape(cfg.pool, blocks)
+    shape = pool_shape(cfg.pool, files, blocks)
     tasks = task_source(cfg.pool, files, blocks)
     total = sum(b.num_records for b in blocks)
     pending = [b for b in blocks if not block_done(run_dir, b.name)]
@@ -174,7 +182,7 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
             "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
             "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks",
-            "shape": shape["shape"]})
+            "shape": shape["shape"], "file_shapes": file_shapes(shape, files)})
         for row in ray_adapter.iter_result_rows(ds):
             progress.update(int(row["good"]) + int(row["bad"]))
             budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]) - int(row["kept_out"]))
@@ -241,12 +249,27 @@ def quarantine_duplicate_ids(run_dir: RunDir, row_group_rows: int | None = None)
     return len(dup)
 
 
-def pool_shape(pool: PoolConfig, blocks: list[BlockSpec]) -> dict:
-    """``{"shape", "from"}``: ``pool.schema`` when set (``from: config``), else the shape of the pool's first
-    records (:func:`datasel_ray.io.shapes.detect_shape`, ``from: detected``)."""
+def pool_shape(pool: PoolConfig, files: list, blocks: list[BlockSpec]) -> dict:
+    """``{"shape", "from"}``: ``pool.schema`` when set (``from: config``), else the shape of each pool file's
+    first records (:func:`datasel_ray.io.shapes.detect_shape`, ``from: detected``); ``shape`` is the first file's,
+    and ``files`` (``{file uri: shape}``) is added when the files of a pool folder differ."""
     if pool.shape != "auto":
         return {"shape": pool.shape, "from": "config"}
-    return {"shape": detect_shape(probe_records(blocks)), "from": "detected"}
+    per_file = {}
+    for f in files:
+        first = next((b for b in blocks if b.file_index == f.index), None)
+        per_file[f.uri] = detect_shape(probe_records([first] if first else []))
+    shapes = list(per_file.values())
+    out = {"shape": shapes[0] if shapes else "llava", "from": "detected"}
+    if len(set(shapes)) > 1:
+        out["files"] = per_file
+    return out
+
+
+def file_shapes(shape: dict, files: list) -> dict[int, str]:
+    """``{file_index: shape}`` of the files whose shape is not ``shape["shape"]`` (from :func:`pool_shape`)."""
+    return {f.index: shape["files"][f.uri] for f in files
+            if f.uri in shape.get("files", {}) and shape["files"][f.uri] != shape["shape"]}
 
 
 def task_decisions(run_dir: RunDir) -> dict[str, int]:

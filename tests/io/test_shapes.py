@@ -314,3 +314,21 @@ def test_task_label_precedence():
     assert resolver.resolve_how({}, None) == ("chat", TaskFrom.MAP)
     assert resolver.resolve_how({}, "", has_image=True) == ("other", TaskFrom.DEFAULT)
     assert resolver.resolve({}, "coco/val/a.png") == "coco"  # the old entry point, same answer
+
+
+def test_a_folder_of_pools_in_different_shapes(tmp_path, shape_pools):
+    """Each pool file's shape is detected from its own first records; the result lists them when they differ."""
+    import shutil
+
+    image_root, pools = shape_pools
+    folder = tmp_path / "pools"
+    folder.mkdir()
+    for key in ("llava_json", "cauldron_parquet", "messages_jsonl"):
+        shutil.copy(pools[key].path, folder / pools[key].path.name)
+    _, rd, counts = _run(tmp_path, folder, image_root)
+    assert counts["shape"] == {"shape": "texts", "from": "detected", "files": {
+        str(folder / "cauldron.parquet"): "texts", str(folder / "llava.json"): "llava",
+        str(folder / "messages.jsonl"): "messages"}}
+    expected = [e for key in ("cauldron_parquet", "llava_json", "messages_jsonl") for e in pools[key].expected]
+    assert counts["samples"] == sum(1 for e in expected if not e.reason)
+    assert counts["quarantined"] == sum(1 for e in expected if e.reason)
