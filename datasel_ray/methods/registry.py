@@ -49,7 +49,8 @@ class SelectionMethod:
     ``selections/<name>/``); ``description`` (one line for the CLI and the docs); ``columns`` (the ``features/``
     columns ``fit``/``select`` read); ``needs_tive`` (reads the TIVE gradients: fitted only when
     ``tive.enabled``); ``fits`` (``fit`` writes ``stats/<name>/`` in the aggregate phase); ``scored`` (``load``
-    returns a state whose ``score_new`` answers ``POST /score``).
+    returns a state whose ``score_new`` answers ``POST /score``); ``report_clusters`` (the title of the report's
+    plot of ``stats/<name>/clusters.parquet``, with ``size`` and optionally ``density`` columns; None: no plot).
     """
 
     name: ClassVar[str]
@@ -58,6 +59,7 @@ class SelectionMethod:
     needs_tive: ClassVar[bool] = False
     fits: ClassVar[bool] = False
     scored: ClassVar[bool] = False
+    report_clusters: ClassVar[str | None] = None
 
     def fit(self, ctx: FitContext) -> dict:
         """Budget-independent statistics into ``ctx.stats(self.name)``; a JSON-ready summary for ``meta.json``.

@@ -1,5 +1,6 @@
 """A method defined in this file, registered through the public contract (``register_method``), runs through the
-config, the aggregate and select phases, the online scorer's state and the report, with no edit to the package."""
+config, the aggregate and select phases, the online scorer's state (``RunStats.score_new``, what ``Scorer`` and
+``POST /score`` answer with) and the report, with no edit to the package."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from datasel_ray import schema
@@ -38,6 +40,7 @@ class TauAboveTaskMedian(SelectionMethod):
     columns = (schema.TAU,)
     fits = True
     scored = True
+    report_clusters = "Tasks as clusters"
 
     MEDIANS = "medians.json"  # stats/tau_above_median/medians.json: {task: median τ}
     MARGIN = "margin"  # scores.parquet column
@@ -48,6 +51,9 @@ class TauAboveTaskMedian(SelectionMethod):
         codes = ctx.store.task_codes
         medians = {str(name): float(np.median(tau[codes == t])) for t, name in enumerate(ctx.store.task_names)}
         (ctx.stats(self.name) / self.MEDIANS).write_json(medians)
+        sizes = np.bincount(codes, minlength=len(medians)).astype(np.int64)  # the report's cluster plot
+        (ctx.stats(self.name) / layout.CLUSTERS).write_parquet(pa.table({
+            layout.CLUSTER: np.arange(len(sizes), dtype=np.int64), layout.SIZE: sizes}))
         return {"tasks": len(medians)}
 
     def select(self, ctx: FitContext, budget: int) -> MethodSelection:
@@ -123,11 +129,14 @@ def test_a_registered_method_runs_through_every_phase(tmp_path, registered):
     assert answers[0][registered.name] == {"margin": pytest.approx(margin[picked]), "would_select": True}
     assert answers[1][registered.name]["would_select"] is False
 
-    # report: a row for the method, its task counts and its score histogram
+    # report: a row for the method, its task counts and score histogram, and the cluster plot its class names
     report = write_report(run_dir)
     rows = {r["method"]: r for r in json.loads(Path(report["summary"]).read_text())["methods"]}
     assert rows[registered.name]["selected"] == 60
-    assert registered.name in Path(report["html"]).read_text()
+    assert rows[registered.name]["task_counts"] == summary["task_counts"]
+    page = Path(report["html"]).read_text()
+    assert registered.name in page and "Tasks as clusters" in page
+    assert f"{registered.name}_clusters.png" in {Path(p).name for p in report["plots"]}
 
 
 def test_an_unregistered_method_is_refused_by_the_config():
