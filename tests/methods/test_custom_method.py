@@ -142,3 +142,48 @@ def test_a_registered_method_runs_through_every_phase(tmp_path, registered):
 def test_an_unregistered_method_is_refused_by_the_config():
     with pytest.raises(ValueError, match="Unknown method 'tau_above_median'"):
         RunConfig.model_validate({"run_dir": "/tmp/x", "select": {"methods": ["tau_above_median"]}})
+
+
+@pytest.mark.integration  # the session's demo run (Ray ingest + extract) and the tiny model
+def test_a_registered_method_answers_post_score(demo_run, demo_pool, tmp_path, registered):
+    """The registered method on a copy of the demo run: aggregate and select, then the served path of
+    ``POST /score`` (``serve.app.parse_and_score_requests`` over a loaded :class:`Scorer`) answers for it."""
+    from datasel_ray.scoring import Scorer
+    from serve.app import parse_and_score_requests
+
+    cfg, _ = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run)
+    mine = cfg.model_copy(deep=True)
+    mine.run_dir = str(run)
+    mine.select.methods = ["coincide", registered.name]
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"] = mine.model_dump(mode="json")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    run_aggregate(mine, RunDir(str(run)), quiet=True)
+    run_select(mine, RunDir(str(run)), quiet=True)
+
+    scorer = Scorer(str(run))
+    assert scorer.info()["methods"] == ["coincide", registered.name]
+    records = json.loads(Path(demo_pool.pool_path).read_text())[:40]
+    good = [r for r in records if not isinstance(scorer_parse_error(scorer, r), Exception)][:4]
+    assert len(good) == 4
+    [(samples, results)] = parse_and_score_requests([(scorer, {"samples": good})], pass_size=8)
+    medians = (layout.method_stats(RunDir(str(run)), registered.name) / registered.MEDIANS).read_json()
+    cutoff = (layout.selection_dir(RunDir(str(run)), registered.name) / layout.SUMMARY).read_json()[registered.CUTOFF]
+    for result in results:
+        answer = result[registered.name]
+        assert answer["margin"] == pytest.approx(result["features"]["tau"] - medians[result["task"]], abs=1e-6)
+        assert answer["would_select"] == (answer["margin"] >= cutoff)
+        assert "cluster" in result["coincide"]
+
+
+def scorer_parse_error(scorer, record) -> Exception | None:
+    """The SampleError a record raises when parsed (the demo pool has injected bad rows), else None."""
+    from datasel_ray.scoring import SampleError
+
+    try:
+        scorer.parse({"samples": [record]})
+    except SampleError as err:
+        return err
+    return None
