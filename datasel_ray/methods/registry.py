@@ -50,7 +50,9 @@ class SelectionMethod:
     columns ``fit``/``select`` read); ``needs_tive`` (reads the TIVE gradients: fitted only when
     ``tive.enabled``); ``fits`` (``fit`` writes ``stats/<name>/`` in the aggregate phase); ``scored`` (``load``
     returns a state whose ``score_new`` answers ``POST /score``); ``report_clusters`` (the title of the report's
-    plot of ``stats/<name>/clusters.parquet``, with ``size`` and optionally ``density`` columns; None: no plot).
+    plot of ``stats/<name>/clusters.parquet``, with ``size`` and optionally ``density`` columns; None: no plot);
+    ``config_section`` (the :class:`~datasel_ray.config.RunConfig` section holding its switches, recorded in
+    ``stats/meta.json``; None: none).
     """
 
     name: ClassVar[str]
@@ -60,6 +62,7 @@ class SelectionMethod:
     fits: ClassVar[bool] = False
     scored: ClassVar[bool] = False
     report_clusters: ClassVar[str | None] = None
+    config_section: ClassVar[str | None] = None
 
     def fit(self, ctx: FitContext) -> dict:
         """Budget-independent statistics into ``ctx.stats(self.name)``; a JSON-ready summary for ``meta.json``.

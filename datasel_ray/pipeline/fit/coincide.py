@@ -57,6 +57,7 @@ class Coincide(SelectionMethod):
     columns = (schema.COINCIDE_VECTOR, schema.LAST_TOKEN)
     fits = True
     scored = True
+    config_section = "coincide"
     report_clusters = "COINCIDE clusters"
 
     # columns of stats/coincide/clusters.parquet (besides layout.CLUSTER, SIZE, BUCKET, OFFSET)

@@ -52,6 +52,7 @@ class DataTailor(SelectionMethod):
     columns = (schema.LAST_TOKEN, schema.INFORMATIVENESS, schema.TAU, schema.N_TURNS)
     fits = True
     scored = True
+    config_section = "datatailor"
 
     # columns of stats/datatailor/clusters.parquet (besides layout.CLUSTER, SIZE, BUCKET, OFFSET and the task)
     ASSOCIATION = "association"

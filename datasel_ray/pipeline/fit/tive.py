@@ -47,6 +47,7 @@ class Tive(SelectionMethod):
     needs_tive = True
     fits = True
     scored = True
+    config_section = "tive"
 
     # columns of stats/tive/tasks.parquet (besides the task and layout.SIZE)
     TASK_VALUE = "task_value"
