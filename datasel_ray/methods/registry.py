@@ -110,33 +110,35 @@ def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
 def unregister_method(name: str) -> None:
     """Remove a method registered with :func:`register_method` (built-in methods stay)."""
     _ensure_builtins()
-    if name in _BUILTIN_NAMES:
+    if name in {cls.name for cls in _builtin_classes()}:
         raise ValueError(f"unregister_method: {name!r} is a built-in method")
     METHOD_REGISTRY.pop(name, None)
 
 
-_BUILTIN_NAMES: tuple[str, ...] = ("coincide", "datatailor", "tive", "random", "random_per_task", "answer_loss")
+def _builtin_classes() -> tuple[type[SelectionMethod], ...]:
+    """The built-in methods, in registry order (imported here, not at module import: they run on the pipeline,
+    which imports the config, which validates method names against this registry)."""
+    from datasel_ray.pipeline.fit.baselines import AnswerLoss, RandomGlobal, RandomPerTask
+    from datasel_ray.pipeline.fit.coincide import Coincide
+    from datasel_ray.pipeline.fit.datatailor import DataTailor
+    from datasel_ray.pipeline.fit.tive import Tive
+
+    return Coincide, DataTailor, Tive, RandomGlobal, RandomPerTask, AnswerLoss
 
 
 def _ensure_builtins() -> None:
-    """Register the built-in method classes once, first (imported here, not at module import: they run on the
-    pipeline, which imports the config, which validates method names against this registry)."""
+    """Register the built-in method classes once, before any other."""
     global _builtins_registered
     if _builtins_registered:
         return
     _builtins_registered = True
     try:
-        from datasel_ray.pipeline.fit.baselines import AnswerLoss, RandomGlobal, RandomPerTask
-        from datasel_ray.pipeline.fit.coincide import Coincide
-        from datasel_ray.pipeline.fit.datatailor import DataTailor
-        from datasel_ray.pipeline.fit.tive import Tive
+        builtins = _builtin_classes()
     except BaseException:
         _builtins_registered = False
         raise
-    for cls in (Coincide, DataTailor, Tive, RandomGlobal, RandomPerTask, AnswerLoss):
+    for cls in builtins:
         METHOD_REGISTRY[cls.name] = cls
-    if tuple(METHOD_REGISTRY) != _BUILTIN_NAMES:
-        raise RuntimeError(f"built-in methods registered as {tuple(METHOD_REGISTRY)}, expected {_BUILTIN_NAMES}")
 
 
 def registry() -> dict[str, type[SelectionMethod]]:
