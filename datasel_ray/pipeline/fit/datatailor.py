@@ -125,8 +125,8 @@ class ClustersTask:
     bucket: int
     members: str
     ward: tuple[bool, ...]
-    cut: Any
-    cut_ratio: Any
+    cut: str
+    cut_ratio: float
     dense_max_rows: int
 
 
