@@ -127,10 +127,13 @@ def serve_state_memory(run: Path, method: str, samples: int = 256) -> dict | Non
     """RSS a serve replica adds for the run's frozen state of ``method``: load it and score ``samples`` pool rows
     through ``score_new`` (filling the member cache), in a fresh subprocess (so the phases' memory is not
     counted). The replica's model is the same for every run and is not loaded."""
-    if method not in ("coincide", "datatailor", "tive"):
+    from datasel_ray.methods.registry import get_method
+
+    if not type(get_method(method)).scored:
         return None
     code = f"""
 import json, resource, sys, psutil, numpy as np
+from types import SimpleNamespace
 sys.path.insert(0, {str(ROOT)!r})
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.pipeline.store import FeatureStore, read_shard
@@ -140,18 +143,13 @@ stats = RunStats.load(RunDir({str(run)!r}))
 rss_loaded = psutil.Process().memory_info().rss
 state = stats.states[{method!r}]
 store = FeatureStore(RunDir({str(run)!r}) / "features")
+columns = sorted(set({list(get_method(method).columns)!r}) | {{"task", "n_turns"}})
 done = 0
 for path in store.files[::max(1, len(store.files) // 16)]:
-    cols = read_shard(path, ["last_token", "informativeness", "n_turns", "task"]
-                      if {method!r} == "datatailor" else [{{"coincide": "coincide_vector", "tive": "grad_proj"}}[{method!r}], "task"])
+    cols = read_shard(path, columns)
     for i in range(min(16, len(cols["row_id"]))):
-        if {method!r} == "coincide":
-            state.score_new(cols["coincide_vector"][i])
-        elif {method!r} == "datatailor":
-            state.score_new(cols["last_token"][i], float(cols["informativeness"][i]), int(cols["n_turns"][i]),
-                            str(cols["task"][i]))
-        else:
-            state.score_new(cols["grad_proj"][i], str(cols["task"][i]))
+        sample = SimpleNamespace(task=str(cols["task"][i]), n_turns=int(cols["n_turns"][i]))
+        state.score_new({{name: values[i] for name, values in cols.items()}}, sample)
         done += 1
     if done >= {samples}:
         break

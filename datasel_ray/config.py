@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datasel_ray.methods.registry import method_names
 
 PHASES = ("ingest", "warmup", "extract", "aggregate", "select", "report")
-METHODS = method_names()
 TINY_MODEL = "tiny"
 
 
@@ -309,7 +308,7 @@ class SelectConfig(_Section):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, value: list[str]) -> list[str]:
-        return _check_choices(value, METHODS, "method")
+        return _check_choices(value, method_names(), "method")  # the live registry: registered methods too
 
     def budget_rows(self, pool_rows: int) -> int:
         """Return the budget as a row count for a pool of ``pool_rows`` rows (fraction < 1, else a count)."""

@@ -1,7 +1,8 @@
 """The report phase: ``report/index.html`` plus PNG plots and ``report/summary.json`` for a run directory.
 
 Reads what the other phases wrote (all optional): ``manifest.json``, ``samples/``, ``quarantine/{ingest,extract}/``,
-``selections/<method>/{scores.parquet,summary.json}`` and ``stats/coincide/clusters.parquet``. A missing input
+``selections/<method>/{scores.parquet,summary.json}`` and ``stats/<method>/clusters.parquet`` of the methods whose
+class names a cluster plot (``SelectionMethod.report_clusters``; COINCIDE). A missing input
 skips its plot with a note on the page; it is never an error. All I/O goes through :class:`Location`, so the
 run directory may live on object storage. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot
 global state, safe inside Ray workers.
@@ -9,6 +10,7 @@ global state, safe inside Ray workers.
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import math
@@ -24,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from datasel_ray.io import layout
 from datasel_ray.io.rundir import PHASE_ORDER, RunDir
 from datasel_ray.io.storage import Location
+from datasel_ray.methods.registry import registry
 
 FIG_WIDTH_IN = 7.0
 FIG_HEIGHT_IN = 3.5
@@ -70,7 +73,7 @@ class RunInputs:
     pool_task_counts: dict[str, int]
     quarantine: pa.Table | None
     methods: list[MethodResult]
-    clusters: pa.Table | None
+    clusters: dict[str, pa.Table | None]  # per method with a cluster plot: its stats/<method>/clusters.parquet
 
 
 def _count(values) -> dict[str, int]:
@@ -146,7 +149,8 @@ def read_run_inputs(run_dir: RunDir) -> RunInputs:
         pool_task_counts=_pool_task_counts(run_dir, methods),
         quarantine=_read_quarantine(run_dir),
         methods=methods,
-        clusters=_read_table(layout.method_stats(run_dir, "coincide") / layout.CLUSTERS, ["cluster", "size", "density"]),
+        clusters={name: _read_table(layout.method_stats(run_dir, name) / layout.CLUSTERS, list(CLUSTER_COLUMNS))
+                  for name in _cluster_plot_methods()},
     )
 
 
@@ -232,12 +236,21 @@ def plot_score_distributions(inputs: RunInputs) -> bytes | None:
     return _png_bytes(fig)
 
 
-def plot_clusters(inputs: RunInputs) -> bytes | None:
-    """COINCIDE clusters: histogram of sizes, and size vs density."""
-    table = inputs.clusters
-    if table is None or "size" not in table.column_names:
+#: columns of ``stats/<method>/clusters.parquet`` a cluster plot reads: size (needed) and density (optional)
+CLUSTER_COLUMNS = (layout.CLUSTER, layout.SIZE, "density")
+
+
+def _cluster_plot_methods() -> dict[str, str]:
+    """{method: plot title} of the registered methods that name a cluster plot."""
+    return {name: cls.report_clusters for name, cls in registry().items() if cls.report_clusters}
+
+
+def plot_clusters(inputs: RunInputs, method: str, title: str) -> bytes | None:
+    """A method's clusters (``stats/<method>/clusters.parquet``): histogram of sizes, and size vs density."""
+    table = inputs.clusters.get(method)
+    if table is None or layout.SIZE not in table.column_names:
         return None
-    sizes = table.column("size").to_numpy(zero_copy_only=False).astype(np.float64)
+    sizes = table.column(layout.SIZE).to_numpy(zero_copy_only=False).astype(np.float64)
     has_density = "density" in table.column_names
     fig, axes = _new_figure(1, 2 if has_density else 1)
     axes[0].hist(sizes, bins=min(40, max(5, len(np.unique(sizes)))), color="tab:green")
@@ -253,7 +266,7 @@ def plot_clusters(inputs: RunInputs) -> bytes | None:
         axes[1].set_xlabel("cluster size (rows)")
         axes[1].set_ylabel("density")
         axes[1].set_title("Size vs density", fontsize="medium")
-    fig.suptitle("COINCIDE clusters")
+    fig.suptitle(title)
     return _png_bytes(fig)
 
 
@@ -327,18 +340,26 @@ class PlotSpec:
     missing_note: str
 
 
-PLOTS = (
+PLOTS = (  # the plots of every run; plot_specs() adds one cluster plot per method that names one
     PlotSpec("task_mix.png", "Task mix", plot_task_mix,
              "No task mix: no samples/ and no selections/ in this run."),
     PlotSpec("score_distributions.png", "Score distributions", plot_score_distributions,
              "No score distributions: no selections/<method>/scores.parquet with a score column."),
-    PlotSpec("coincide_clusters.png", "COINCIDE clusters", plot_clusters,
-             "No cluster plots: stats/coincide/clusters.parquet is absent (COINCIDE not aggregated)."),
     PlotSpec("quarantine_reasons.png", "Quarantine", plot_quarantine,
              "No quarantined rows (or no quarantine/ tables)."),
     PlotSpec("phase_times.png", "Time per phase", plot_phase_times,
              "No phase timings in manifest.json."),
 )
+
+
+def plot_specs() -> tuple[PlotSpec, ...]:
+    """The report's plots: :data:`PLOTS` with, after the score distributions, one cluster plot per registered
+    method whose class names one (``<method>_clusters.png``)."""
+    clusters = tuple(PlotSpec(f"{name}_clusters.png", title,
+                              functools.partial(plot_clusters, method=name, title=title),
+                              f"No cluster plots: stats/{name}/clusters.parquet is absent ({name} not aggregated).")
+                     for name, title in _cluster_plot_methods().items())
+    return PLOTS[:2] + clusters + PLOTS[2:]
 
 
 # --- page -----------------------------------------------------------------------------------------------------
@@ -507,7 +528,7 @@ def write_report(run_dir: RunDir) -> dict:
         stale.delete()
     written: list[tuple[PlotSpec, Location]] = []
     notes: list[str] = [] if inputs.methods else [NO_SELECTIONS_NOTE]
-    for spec in PLOTS:
+    for spec in plot_specs():
         png = spec.render(inputs)
         if png is None:
             notes.append(spec.missing_note)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from datasel_ray.io.rundir import RunDir
-from datasel_ray.report import PLOTS, write_report
+from datasel_ray.report import plot_specs, write_report
 
 TASKS = ("caption", "color_qa", "counting", "ocr", "text_chat")
 TASK_WEIGHTS = (0.35, 0.25, 0.2, 0.15, 0.05)
@@ -125,7 +125,7 @@ def test_full_report(tmp_path):
     run_dir = make_run_dir(tmp_path / "run")
     result = write_report(run_dir)
     page = _check_report(result)
-    assert {Path(p).name for p in result["plots"]} == {spec.filename for spec in PLOTS}
+    assert {Path(p).name for p in result["plots"]} == {spec.filename for spec in plot_specs()}
     assert result["notes"] == []
     assert "fab123456789" in page and "tiny" in page and "ray 2.60.0" in page
     for method in METHODS:
@@ -163,7 +163,7 @@ def test_empty_run_dir(tmp_path):
     result = write_report(RunDir(str(tmp_path / "empty")))
     page = _check_report(result)
     assert result["plots"] == []
-    assert len(result["notes"]) == len(PLOTS) + 1
+    assert len(result["notes"]) == len(plot_specs()) + 1
     assert "unknown run" in page
 
 

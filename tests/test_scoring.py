@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from datasel_ray.io.rundir import RunDir
 from datasel_ray.methods import coincide, datatailor, tive
 from datasel_ray.pipeline.feature_store import column_to_numpy, load_features
 from datasel_ray.scoring import RunStats, SampleError, Scorer, score_pool_samples
-from datasel_ray.scoring.state import MemberCache, TiveState
+from datasel_ray.pipeline.fit.tive import TiveState
+from datasel_ray.scoring.state import MemberCache
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,14 @@ def pool_features(run_dir) -> dict:
                                            schema.TASK, schema.N_TURNS])
 
 
+@dataclass
+class _Sample:
+    """The fields of a validated request sample that the methods' ``score_new`` read."""
+
+    task: str
+    n_turns: int = 1
+
+
 def _scores(run_dir: str, method: str) -> dict:
     table = (RunDir(run_dir) / "selections" / method / "scores.parquet").read_parquet()
     return {name: column_to_numpy(table.column(name)) for name in table.column_names}
@@ -40,7 +50,7 @@ def _scores(run_dir: str, method: str) -> dict:
 def test_coincide_pool_rows_get_their_cluster_and_the_batch_decision(stats, pool_features, run_dir):
     pool = _scores(run_dir, "coincide")
     state = stats.states["coincide"]
-    scored = [state.score_new(v) for v in pool_features[schema.COINCIDE_VECTOR]]
+    scored = [state.score_new({schema.COINCIDE_VECTOR: v}, None) for v in pool_features[schema.COINCIDE_VECTOR]]
     np.testing.assert_array_equal([s["cluster"] for s in scored], pool["cluster"])
     np.testing.assert_allclose([s["probability"] for s in scored], pool["probability"])
     _assert_pool_rows_recognised(scored, pool, pool_features[schema.COINCIDE_VECTOR])
@@ -65,8 +75,10 @@ def test_datatailor_pool_rows_get_the_batch_decision_and_values(stats, pool_feat
     pool = _scores(run_dir, "datatailor")
     f = pool_features
     state = stats.states["datatailor"]
-    scored = [state.score_new(f[schema.LAST_TOKEN][i], float(f[schema.INFORMATIVENESS][i]), int(f[schema.N_TURNS][i]),
-                              str(f[schema.TASK][i])) for i in range(len(f[schema.ROW_ID]))]
+    scored = [state.score_new({schema.LAST_TOKEN: f[schema.LAST_TOKEN][i],
+                               schema.INFORMATIVENESS: f[schema.INFORMATIVENESS][i]},
+                              _Sample(task=str(f[schema.TASK][i]), n_turns=int(f[schema.N_TURNS][i])))
+              for i in range(len(f[schema.ROW_ID]))]
     _assert_pool_rows_recognised(scored, pool, f[schema.LAST_TOKEN])
 
 
@@ -109,9 +121,11 @@ def test_tive_state_instance_value_matches_batch_formula():
                       mean_grad=tive.task_mean_gradients(g, codes), kappa={"a": 0.0, "b": None, "c": 2.0},
                       draw_all=set(), selected_fraction={"a": 0.5}, temperature=1.0, sampling="softmax")
     names = ["a", "b", "c"]
-    got = [state.score_new(g[i], names[codes[i]])["instance_value"] for i in range(30)]
+    got = [state.score_new({schema.GRAD_PROJ: g[i]}, _Sample(task=names[codes[i]]))["instance_value"]
+           for i in range(30)]
     np.testing.assert_allclose(got, tive.instance_values(g, codes), atol=1e-5)
-    assert state.score_new(g[0], "b")["inclusion_probability"] == 0.0  # the task drew nothing
+    # the task drew nothing
+    assert state.score_new({schema.GRAD_PROJ: g[0]}, _Sample(task="b"))["inclusion_probability"] == 0.0
 
 
 def test_tive_inclusion_probability_is_calibrated_against_repeated_draws():

@@ -11,7 +11,9 @@ online scorer and the report (one definition per file and column name).
     offset), ``means.npy``, ``rows.parquet`` (per-row scalars), ``members/<bucket>.parquet``;
     ``tive/``: ``tasks.parquet`` (task, size, task_value, mean_gradient_norm), ``task_mean_grad.npy``,
     ``rows.parquet`` (row_id, instance_value).
-    ``_work/`` holds per-partition results of an unfinished phase (resume); removed when the phase ends.
+    ``_work/`` holds per-partition results of an unfinished phase (resume) and the intermediate files passed
+    between a method's fit steps (:data:`WORK_REGROUP`, :data:`WORK_UNIT`, :data:`WORK_MEANS`, ...); removed
+    when the phase ends.
 ``selections/<method>/``
     ``scores.parquet``, ``selected_ids.npy``, ``summary.json``, ``subset/``; COINCIDE also ``quotas.parquet``.
 """
@@ -39,6 +41,16 @@ SUMMARY = "summary.json"
 SUBSET = "subset"
 QUOTAS = "quotas.parquet"
 
+# intermediate files under stats/_work/<method>/ (passed between the fit steps of one aggregate phase)
+WORK_REGROUP = "buckets"  # regrouped rows: <bucket>/<partition>.parquet (row_id, cluster, vector, ...)
+WORK_BUCKET_PLAN = "buckets.npy"  # int64 [groups]: the regroup bucket of each cluster / group
+WORK_GROUPS = "groups.npy"  # int64 [N]: the group of each row (DataTailor)
+WORK_UNIT = "unit"  # COINCIDE with reduce_dim: <partition>.npy, the partition's clustering-space rows
+WORK_MEANS = "means"  # COINCIDE with reduce_dim: <bucket>.npy, original-space means of the bucket's clusters
+WORK_PRECLUSTERS = "preclusters"  # DataTailor: PRECLUSTER_CENTROIDS of each large task
+PRECLUSTER_CENTROIDS = "centroids-{task:05d}.npy"  # float32 [m, d] pre-cluster centroids of task code ``task``
+WORK_TASK_MEANS = "means.npy"  # TIVE: float64 [T, k] task-mean normalised gradients
+
 # column names of the stats tables
 CLUSTER = "cluster"
 SIZE = "size"
@@ -59,5 +71,10 @@ def selection_dir(run_dir, method: str) -> Location:
     return run_dir / SELECTIONS / method
 
 
+def bucket_key(bucket: int) -> str:
+    """The name of bucket ``bucket`` in file and work-step names (``00012``)."""
+    return f"{int(bucket):05d}"
+
+
 def members_file(stats: Location, bucket: int) -> Location:
-    return stats / MEMBERS / f"{int(bucket):05d}.parquet"
+    return stats / MEMBERS / f"{bucket_key(bucket)}.parquet"

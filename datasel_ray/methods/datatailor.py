@@ -9,8 +9,10 @@ Per task t (rows with the same task label):
 1. Ward clusters of the last-token states ``h`` (App. B.1) — :func:`datasel_ray.clustering.ward_clusters`;
 2. uniqueness U (Eq. 3) — :func:`uniqueness`;
 3. inter-cluster association A and representativeness R (Eq. 4–5) — :func:`association`, :func:`representativeness`;
-4. within-task percentile ranks and ``score = (r·rk(I) + rk(U) + rk(R)) / (r + 2)`` (Eq. 6, code form);
-5. task budgets ``k_t ∝ N_t · τ̄_t²`` (Eq. 7 / App. Eq. 14) and deterministic top-k per task.
+4. within-task percentile ranks and ``score = (r·rk(I) + rk(U) + rk(R)) / (r + 2)`` (Eq. 6, code form) —
+   :func:`task_ranks_and_score`;
+5. task budgets ``k_t ∝ N_t · τ̄_t²`` (Eq. 7 / App. Eq. 14) and deterministic top-k per task —
+   :func:`task_budgets`, :func:`top_k_per_task`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ __all__ = [
     "representativeness_value",
     "select",
     "task_budgets",
+    "task_ranks_and_score",
+    "task_tau_means",
+    "top_k_per_task",
     "uniqueness",
     "uniqueness_new",
 ]
@@ -188,6 +193,39 @@ def combined_score(rank_I, rank_U, rank_R, n_turns) -> np.ndarray:
     return (r * np.asarray(rank_I) + np.asarray(rank_U) + np.asarray(rank_R)) / (r + 2.0)
 
 
+def task_ranks_and_score(informativeness: np.ndarray, U: np.ndarray, R: np.ndarray, n_turns: np.ndarray,
+                         task_rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Within-task percentile ranks of I, U and R (:func:`percentile_rank` over each task's rows ``task_rows``)
+    and the combined score (:func:`combined_score`), float64[N] each: steps 4 of the module docstring."""
+    n = len(informativeness)
+    rank_I, rank_U, rank_R = np.zeros(n), np.zeros(n), np.zeros(n)
+    for rows in task_rows:
+        rank_I[rows] = percentile_rank(informativeness[rows])
+        rank_U[rows] = percentile_rank(U[rows])
+        rank_R[rows] = percentile_rank(R[rows])
+    return rank_I, rank_U, rank_R, combined_score(rank_I, rank_U, rank_R, n_turns)
+
+
+def task_tau_means(tau: np.ndarray, task_rows: list[np.ndarray]) -> np.ndarray:
+    """τ̄_t, the mean τ of each task's rows (float64[T])."""
+    tau = np.asarray(tau, dtype=np.float64)
+    return np.array([tau[rows].mean() for rows in task_rows])
+
+
+def top_k_per_task(score: np.ndarray, task_rows: list[np.ndarray],
+                   task_budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``task_budget[t]`` highest-scoring rows of each task (ties: lowest row position): int64 positions,
+    ascending, and each row's position in its task's descending-score order (int64[N], 0 = best)."""
+    row_rank = np.empty(len(score), dtype=np.int64)
+    chosen = []
+    for t, rows in enumerate(task_rows):
+        order = rows[np.argsort(-score[rows], kind="stable")]
+        row_rank[order] = np.arange(len(order))
+        chosen.append(order[:task_budget[t]])
+    selected = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+    return selected, row_rank
+
+
 def task_budgets(task_sizes: np.ndarray, tau_mean: np.ndarray, budget: int) -> np.ndarray:
     """Task budgets (Eq. 7 / App. Eq. 14): ``k_t ∝ N_t · τ̄_t²``, summing exactly to ``budget``.
 
@@ -330,24 +368,11 @@ def select(h: np.ndarray, informativeness: np.ndarray, tau: np.ndarray, n_turns:
     A = association(means, cluster_task)
     R = representativeness(A[labels], v, labels, cfg.representativeness)
     r = np.maximum(1.0, nt)
-    rank_I = np.zeros(n)
-    rank_U = np.zeros(n)
-    rank_R = np.zeros(n)
-    for rows in t_rows:
-        rank_I[rows] = percentile_rank(v[rows])
-        rank_U[rows] = percentile_rank(U[rows])
-        rank_R[rows] = percentile_rank(R[rows])
-    score = combined_score(rank_I, rank_U, rank_R, nt)
+    rank_I, rank_U, rank_R, score = task_ranks_and_score(v, U, R, nt, t_rows)
     tsize = np.array([len(rw) for rw in t_rows], dtype=np.int64)
-    ttau = np.array([tau[rw].mean() for rw in t_rows])
+    ttau = task_tau_means(tau, t_rows)
     kb = task_budgets(tsize, ttau, B)
-    row_rank = np.empty(n, dtype=np.int64)
-    chosen = []
-    for t, rows in enumerate(t_rows):
-        order = rows[np.argsort(-score[rows], kind="stable")]
-        row_rank[order] = np.arange(len(order))
-        chosen.append(order[:kb[t]])
-    selected = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+    selected, row_rank = top_k_per_task(score, t_rows, kb)
     return DataTailorResult(
         selected=selected, task_names=names, task_index=tindex, task_size=tsize, task_budget=kb, task_tau=ttau,
         labels=labels, cluster_task=cluster_task, cluster_size=size, cluster_A=A, U=U, R=R, rank_I=rank_I,

@@ -206,6 +206,19 @@ def instance_values_against(grad_proj: np.ndarray, tasks: np.ndarray, task_means
     return out.astype(np.float32)
 
 
+def task_members(tasks: np.ndarray, n_tasks: int) -> list[np.ndarray]:
+    """Per task code ``0..n_tasks-1``, its rows' positions in ascending order (int64 arrays)."""
+    codes = _as_codes(tasks)
+    sizes = np.bincount(codes, minlength=n_tasks).astype(np.int64)
+    return np.split(np.argsort(codes, kind="stable"), np.cumsum(sizes)[:-1])
+
+
+def split_task_budget(budget: int, size: int) -> tuple[int, int]:
+    """A task's budget ``n_t`` over its ``N_t = size`` rows: ``(n_t // N_t, n_t % N_t)`` full repeats of every
+    row (only ``oversample`` budgets exceed the size) and the rows left to draw; ``(0, 0)`` for an empty task."""
+    return divmod(int(budget), int(size)) if size else (0, 0)
+
+
 def draw(instance_value: np.ndarray, tasks: np.ndarray, budgets: np.ndarray, config: TiveConfig,
          seed: int) -> np.ndarray:
     """The budgeted draw of Sec. 3.3: per task ``t``, ``n_t // N_t`` full repeats (``oversample`` only) plus
@@ -214,18 +227,33 @@ def draw(instance_value: np.ndarray, tasks: np.ndarray, budgets: np.ndarray, con
     Args: instance_value float [N]; tasks int [N] codes in [0, T); budgets int [T]. Returns int64 positions,
     ascending (with repeats under ``oversample``).
     """
-    codes = _as_codes(tasks)
     inst = np.asarray(instance_value)
-    sizes = np.bincount(codes, minlength=len(budgets)).astype(np.int64)
-    order = np.argsort(codes, kind="stable")
-    members = np.split(order, np.cumsum(sizes)[:-1])
     picks = []
-    for t, (rows, n_t) in enumerate(zip(members, budgets)):
-        repeats, rest = divmod(int(n_t), rows.size) if rows.size else (0, 0)
+    for t, (rows, n_t) in enumerate(zip(task_members(tasks, len(budgets)), budgets)):
+        repeats, rest = split_task_budget(n_t, rows.size)
         picks.extend([rows] * repeats)
         rng = np.random.default_rng([seed, t])
         picks.append(rows[sample_within_task(inst[rows], rest, config.temperature, config.sampling, rng)])
     return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, dtype=np.int64)
+
+
+def draw_inclusion(instance_value: np.ndarray, tasks: np.ndarray, budgets: np.ndarray, temperature: float,
+                   sampling: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's probability of being in :func:`draw`'s selection (float64 [N]) and each task's key threshold
+    κ_t (float64 [T]; ``-inf``: every row is taken, ``+inf``: none): a task with full repeats takes every row,
+    otherwise :func:`inclusion_threshold` of the rest to draw and :func:`inclusion_probability` under it.
+
+    Args: instance_value float [N]; tasks int [N] codes in [0, T); budgets int [T] (as :func:`draw`).
+    """
+    inst = np.asarray(instance_value)
+    prob = np.zeros(inst.shape[0])
+    kappa = np.zeros(len(budgets))
+    for t, (rows, n_t) in enumerate(zip(task_members(tasks, len(budgets)), budgets)):
+        repeats, rest = split_task_budget(n_t, rows.size)
+        k_t = float("-inf") if repeats else inclusion_threshold(inst[rows], rest, temperature, sampling)
+        prob[rows] = inclusion_probability(inst[rows], k_t, temperature, sampling)
+        kappa[t] = k_t
+    return prob, kappa
 
 
 def _gumbel_inclusion(z: np.ndarray, kappa: float) -> np.ndarray:

@@ -23,7 +23,7 @@ from datasel_ray import schema
 from datasel_ray.config import RunConfig
 from datasel_ray.io import layout
 from datasel_ray.io.rundir import RunDir
-from datasel_ray.methods.registry import fitted_methods, get_method
+from datasel_ray.methods.registry import fitted_methods, get_method, registry
 from datasel_ray.pipeline.executor import LocalExecutor
 from datasel_ray.pipeline.fit.context import FitContext
 from datasel_ray.pipeline.memory import release_free_memory
@@ -102,7 +102,7 @@ def run_aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     result["step_seconds"] = timings
     result["seconds"] = round(time.monotonic() - started, 3)
     (stats / layout.WORK).delete()
+    sections = {cls.config_section for cls in registry().values() if cls.config_section}
     (stats / layout.META).write_json({**result, "widths": ctx.store.widths,
-                                      "config": cfg.model_dump(mode="json", include={"coincide", "datatailor",
-                                                                                      "tive", "seed", "aggregate"})})
+                                      "config": cfg.model_dump(mode="json", include={*sections, "seed", "aggregate"})})
     return result

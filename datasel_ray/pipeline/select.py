@@ -25,7 +25,7 @@ from datasel_ray.io.storage import Location
 from datasel_ray.io import layout
 from datasel_ray.methods.registry import get_method
 from datasel_ray.pipeline.feature_store import column_to_numpy
-from datasel_ray.pipeline.fit.context import FitContext
+from datasel_ray.pipeline.fit.context import TASK_SCORE_THRESHOLD, FitContext
 from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.progress import Progress
 
@@ -85,7 +85,7 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
         "unique_selected": int(len(np.unique(selected))),
         "task_counts": _task_counts(names, codes[selected]),
         "pool_task_counts": _task_counts(names, codes),
-        "task_score_threshold": thresholds,
+        TASK_SCORE_THRESHOLD: thresholds,
         "subset_files": subset_files,
         "seed": ctx.cfg.seed,
         "executor": ctx.executor.name,

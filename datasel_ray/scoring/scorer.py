@@ -4,9 +4,9 @@ One :class:`Scorer` serves both :func:`score_pool_samples` (in-process) and the 
 ``serve/app.py`` (which only parses HTTP and forwards here). It loads once the reference model (and the TIVE
 LoRA adapter when the run used TIVE) through the extraction stages, so a new sample's features are computed
 exactly as the extract phase computes them, and the run's frozen state (:mod:`datasel_ray.scoring.state`).
-Per sample it returns the task (given, or inferred with the pool's task rules) and, per method the run
-selected with, the fields of that method's ``score_new`` (their meaning is documented in
-:mod:`datasel_ray.scoring.state`).
+Per sample it returns the task (given, or inferred with the pool's task rules) and, per scored method the run
+selected with (in registry order), the fields of that method's ``score_new(features, sample)`` (their meaning
+is documented on each method's state class in :mod:`datasel_ray.pipeline.fit`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Scorer:
                              f"as extraction (replica num_gpus) or re-extract")
 
     def _lora_dir(self) -> str | None:
-        if "tive" not in self.stats.states:
+        if not self.stats.needs_gradients:
             return None
         from datasel_ray.pipeline.warmup import adapter_location
 
@@ -107,7 +107,7 @@ class Scorer:
         manifest = self.stats.manifest
         return {"run_id": self.stats.run_id, "run_dir": self.run_dir, "model": manifest.get("model_id"),
                 "model_revision": manifest.get("model_revision"), "methods": self.stats.methods,
-                "budgets": self.stats.budgets, "tasks": self.stats.tasks, "tive": "tive" in self.stats.states,
+                "budgets": self.stats.budgets, "tasks": self.stats.tasks, "tive": self.stats.needs_gradients,
                 "image_roots": self.image_roots, "limits": self.limits.__dict__,
                 "versions": {"run": manifest.get("versions", {}), "datasel-ray": __version__},
                 "feature_schema_version": manifest.get("feature_schema_version")}
@@ -184,14 +184,7 @@ class Scorer:
                          "n_answer_tokens": int(row[schema.N_ANSWER_TOKENS]), "truncated": bool(row[schema.TRUNCATED]),
                          "tau": float(row[schema.TAU]), "answer_loss": _finite_or_none(row[schema.ANSWER_LOSS])},
         }
-        states = self.stats.states
-        if "coincide" in states:
-            result["coincide"] = states["coincide"].score_new(np.asarray(row[schema.COINCIDE_VECTOR]))
-        if "datatailor" in states:
-            result["datatailor"] = states["datatailor"].score_new(
-                row[schema.LAST_TOKEN], float(row[schema.INFORMATIVENESS]), sample.n_turns, sample.task)
-        if "tive" in states:
-            result["tive"] = states["tive"].score_new(np.asarray(row[schema.GRAD_PROJ]), sample.task)
+        result.update(self.stats.score_new(row, sample))
         return result
 
 

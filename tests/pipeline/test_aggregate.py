@@ -113,7 +113,8 @@ def test_pipeline_equals_library_methods(tmp_path, store_feats, monkeypatch):
 
 def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_path, store_feats, monkeypatch):
     from datasel_ray.methods import coincide
-    from datasel_ray.scoring.state import CoincideState, MemberCache
+    from datasel_ray.methods.registry import get_method
+    from datasel_ray.scoring.state import MemberCache
     from datasel_ray.seeds import derive_seed
 
     monkeypatch.setattr(coincide, "TRANSFER_BLOCK", 5)  # blocks of cluster means spanning several bucket files
@@ -128,7 +129,7 @@ def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_pa
     np.testing.assert_array_equal(scores["cluster"], lib.labels)
     np.testing.assert_allclose(scores["transferability"], lib.row_S, rtol=1e-6)
     np.testing.assert_array_equal(got, np.sort(f["row_id"][lib.selected]))
-    state = CoincideState.load(RunDir(str(tmp_path / "run")), cfg, {}, MemberCache())
+    state = type(get_method("coincide")).load(RunDir(str(tmp_path / "run")), cfg, {}, MemberCache())
     served, _ = state.assign(f["coincide_vector"])
     np.testing.assert_array_equal(served, lib.labels)  # a pool row is served in its stored cluster
 
@@ -140,11 +141,11 @@ def test_aggregate_resumes_per_partition_after_a_kill(tmp_path, store_feats, mon
     calls = {"n": 0}
     original = fit_coincide._cluster_stats
 
-    def dying(item):
+    def dying(task):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
-        return original(item)
+        return original(task)
 
     monkeypatch.setattr(fit_coincide, "_cluster_stats", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -154,7 +155,7 @@ def test_aggregate_resumes_per_partition_after_a_kill(tmp_path, store_feats, mon
     assert len(list((work / "coincide:clusters").glob("*.npz"))) == 2
     seen = []
     monkeypatch.setattr(fit_coincide, "_cluster_stats", original)
-    monkeypatch.setattr(fit_coincide, "_assign", lambda item: seen.append(item["key"]))
+    monkeypatch.setattr(fit_coincide, "_assign", lambda task: seen.append(task.part.key))
     _run(tmp_path / "resumed", store_feats, "local", 1 << 17, write=False)
     assert seen == []  # every assignment partition was loaded from its result file, none recomputed
     assert not work.exists()

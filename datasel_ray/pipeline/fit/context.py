@@ -25,7 +25,12 @@ from datasel_ray.pipeline.memory import release_free_memory
 from datasel_ray.pipeline.progress import Progress
 from datasel_ray.pipeline.store import FeatureStore
 
-__all__ = ["FitContext", "MethodSelection", "bucket_plan", "write_buckets"]
+__all__ = ["FitContext", "MethodSelection", "Partition", "TASK_SCORE_THRESHOLD", "bucket_plan", "read_bucket",
+           "write_buckets"]
+
+#: key of every selection's ``summary.json`` (written by :mod:`datasel_ray.pipeline.select`): per task, the
+#: lowest main score among its selected rows (None: no selected row with a finite score)
+TASK_SCORE_THRESHOLD = "task_score_threshold"
 
 
 @dataclass
@@ -40,6 +45,20 @@ class MethodSelection:
     selected: np.ndarray
     columns: dict[str, np.ndarray]
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Partition:
+    """One partition of the feature store, the input of a partition task: its shard files (paths) and, per
+    shard, the positions of the shard's rows in the store (int64 arrays, the ``pos`` order of the store)."""
+
+    key: str
+    files: tuple[str, ...]
+    pos: tuple[np.ndarray, ...]
+
+    def shards(self):
+        """(shard path, its rows' positions) pairs, in store order."""
+        return zip(self.files, self.pos)
 
 
 @dataclass
@@ -78,13 +97,11 @@ class FitContext:
     def scalars(self, columns: list[str]) -> dict[str, np.ndarray]:
         return self.store.scalars(columns, self.executor)
 
-    def partition_items(self, columns: list[str], **extra: Any) -> tuple[list[dict], list[str]]:
-        """One task item per partition of ``columns`` (its shard files and their rows' positions, plus
-        ``extra``) and the partitions' keys."""
-        parts = self.store.partitions(columns, self.partition_bytes)
-        items = [{"files": [self.store.files[s] for s in p.shards],
-                  "pos": [self.store.shard_pos[s] for s in p.shards], "key": p.key, **extra} for p in parts]
-        return items, [p.key for p in parts]
+    def partitions(self, columns: list[str]) -> list[Partition]:
+        """The store's partitions for reading ``columns`` (each at most ``aggregate.partition_bytes``)."""
+        return [Partition(key=p.key, files=tuple(self.store.files[s] for s in p.shards),
+                          pos=tuple(self.store.shard_pos[s] for s in p.shards))
+                for p in self.store.partitions(columns, self.partition_bytes)]
 
     def selection_key(self, *parts: Any) -> str:
         """A short hash naming the work folder of a select step (budget + method config)."""
@@ -121,7 +138,7 @@ def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, 
                 layout.VECTOR: vector_column(vectors[rows])}
         for name, values in (extra or {}).items():
             cols[name] = pa.array(values[rows])
-        (work / f"{int(b):05d}" / f"{partition_key}.parquet").write_parquet(pa.table(cols))
+        (work / layout.bucket_key(b) / f"{partition_key}.parquet").write_parquet(pa.table(cols))
 
 
 def read_bucket(work: Location, bucket: int | list[int]) -> dict[str, np.ndarray]:
@@ -135,9 +152,9 @@ def read_bucket(work: Location, bucket: int | list[int]) -> dict[str, np.ndarray
     parts = [bucket] if np.isscalar(bucket) else list(bucket)
     files = []
     for b in parts:
-        found = (work / f"{int(b):05d}").list(".parquet")
+        found = (work / layout.bucket_key(b)).list(".parquet")
         if not found:
-            raise RuntimeError(f"{work}/{int(b):05d} has no part files: the regroup step did not finish")
+            raise RuntimeError(f"{work}/{layout.bucket_key(b)} has no part files: the regroup step did not finish")
         files.extend(found)
     keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER]) for f in files]
     ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)

@@ -18,15 +18,23 @@ kernel runs on the cluster's rows in row-id order, so results do not depend on p
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
 from datasel_ray import schema
+from datasel_ray.config import RunConfig
 from datasel_ray.io import layout
+from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.methods import datatailor
+from datasel_ray.methods.registry import SelectionMethod
 from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
-from datasel_ray.pipeline.fit.context import FitContext, MethodSelection, bucket_plan, read_bucket, write_buckets
+from datasel_ray.pipeline.fit.context import (TASK_SCORE_THRESHOLD, FitContext, MethodSelection, Partition,
+                                              bucket_plan, read_bucket, write_buckets)
+from datasel_ray.pipeline.fit.state import MemberCache, POOL_MATCH_TOLERANCE, percentile, read_columns
 from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
 
@@ -34,31 +42,114 @@ NAME = "datatailor"
 SCALARS = [schema.INFORMATIVENESS, schema.TAU, schema.N_TURNS]
 
 
+class DataTailor(SelectionMethod):
+    """DataTailor (Yu et al., ICCV 2025): informativeness, uniqueness, representativeness; per-task budgets.
+    Files: ``stats/datatailor/`` (:data:`~datasel_ray.io.layout.CLUSTERS`, means, rows, member files); column
+    and summary names below."""
+
+    name = NAME
+    description = "DataTailor: informativeness, uniqueness, representativeness; per-task budgets."
+    columns = (schema.LAST_TOKEN, schema.INFORMATIVENESS, schema.TAU, schema.N_TURNS)
+    fits = True
+    scored = True
+    config_section = "datatailor"
+
+    # columns of stats/datatailor/clusters.parquet (besides layout.CLUSTER, SIZE, BUCKET, OFFSET and the task)
+    ASSOCIATION = "association"
+    PAIR_SUM = "pair_sum"
+    V_SUM = "v_sum"
+    # per-row value columns: stats/datatailor/rows.parquet (all but informativeness) and scores.parquet
+    INFORMATIVENESS = "informativeness"
+    UNIQUENESS = "uniqueness"
+    REPRESENTATIVENESS = "representativeness"
+    RANK_INFORMATIVENESS = "rank_informativeness"
+    RANK_UNIQUENESS = "rank_uniqueness"
+    RANK_REPRESENTATIVENESS = "rank_representativeness"
+    # summary.json keys
+    TASK_BUDGET = "task_budget"
+    TASK_TAU = "task_tau"
+
+    def fit(self, ctx: FitContext) -> dict:
+        return fit(ctx)
+
+    def select(self, ctx: FitContext, budget: int) -> MethodSelection:
+        return select(ctx, budget)
+
+    @classmethod
+    def load(cls, run_dir: RunDir, cfg: RunConfig, summary: dict, cache: MemberCache) -> DataTailorState:
+        return DataTailorState.load(run_dir, cfg, summary, cache)
+
+
 def _seed(ctx: FitContext) -> int:
     return derive_seed(ctx.cfg.seed, "datatailor")
 
 
 # ------------------------------------------------------------------------------------------ partition tasks
-def _gather(item: dict) -> dict[str, np.ndarray]:
+@dataclass(frozen=True, eq=False)
+class GatherTask:
+    """Gather rows ``want`` (int64 store positions) of ``part``'s ``last_token`` as float32 (``width`` wide)."""
+
+    part: Partition
+    want: np.ndarray
+    width: int
+
+
+@dataclass(frozen=True, eq=False)
+class PreassignTask:
+    """Assign the rows of the large tasks in ``part`` to their task's nearest pre-centroid: ``codes`` holds the
+    task code of each shard's rows, ``centroids`` the pre-centroid file of each large task code."""
+
+    part: Partition
+    codes: tuple[np.ndarray, ...]
+    centroids: dict[int, str]
+
+
+@dataclass(frozen=True, eq=False)
+class RegroupTask:
+    """Write ``part``'s rows into their group's regroup bucket: ``groups`` is the int64[N] group-of-row file,
+    ``bucket_plan`` the int64[G] bucket-of-group file, ``regroup`` the regroup folder."""
+
+    part: Partition
+    groups: str
+    bucket_plan: str
+    regroup: str
+
+
+@dataclass(frozen=True, eq=False)
+class ClustersTask:
+    """Per group of regroup bucket ``bucket`` (under ``regroup``): Ward clusters where ``ward[group]`` (a
+    small task; ``cut``, ``cut_ratio``, ``dense_max_rows`` as :func:`~datasel_ray.clustering.ward_clusters`),
+    then U's sums per cluster; the member file ``members``."""
+
+    regroup: str
+    bucket: int
+    members: str
+    ward: tuple[bool, ...]
+    cut: str
+    cut_ratio: float
+    dense_max_rows: int
+
+
+def _gather(task: GatherTask) -> dict[str, np.ndarray]:
     pos_out, x_out = [], []
-    for path, pos in zip(item["files"], item["pos"]):
-        keep = np.flatnonzero(np.isin(pos, item["want"]))
+    for path, pos in task.part.shards():
+        keep = np.flatnonzero(np.isin(pos, task.want))
         if len(keep):
             x = read_shard(path, [schema.LAST_TOKEN])[schema.LAST_TOKEN]
             pos_out.append(pos[keep])
             x_out.append(np.asarray(x[keep], dtype=np.float32))
     return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
-            "x": np.concatenate(x_out) if x_out else np.zeros((0, item["width"]), np.float32)}
+            "x": np.concatenate(x_out) if x_out else np.zeros((0, task.width), np.float32)}
 
 
-def _preassign(item: dict) -> dict[str, np.ndarray]:
+def _preassign(task: PreassignTask) -> dict[str, np.ndarray]:
     """Nearest pre-centroid of every row of a large task; per task, pre-cluster sums and counts."""
     from datasel_ray.clustering import assign_nearest, precluster_sums
 
-    centroids = {int(t): Location.parse(p).read_npy() for t, p in item["centroids"].items()}
+    centroids = {int(t): Location.parse(p).read_npy() for t, p in task.centroids.items()}
     out: dict[str, np.ndarray] = {}
     pos_all, pre_all = [], []
-    for path, pos, codes in zip(item["files"], item["pos"], item["codes"]):
+    for (path, pos), codes in zip(task.part.shards(), task.codes):
         big = np.flatnonzero(np.isin(codes, list(centroids)))
         if not len(big):
             continue
@@ -76,36 +167,35 @@ def _preassign(item: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _regroup(item: dict) -> dict[str, np.ndarray]:
-    group_of_pos = Location.parse(item["groups"]).read_npy(mmap=True)
-    buckets = Location.parse(item["buckets"]).read_npy()
+def _regroup(task: RegroupTask) -> dict[str, np.ndarray]:
+    group_of_pos = Location.parse(task.groups).read_npy(mmap=True)
+    buckets = Location.parse(task.bucket_plan).read_npy()
     ids, x, v, groups = [], [], [], []
-    for path, pos in zip(item["files"], item["pos"]):
+    for path, pos in task.part.shards():
         cols = read_shard(path, [schema.LAST_TOKEN, schema.INFORMATIVENESS])
         ids.append(cols[schema.ROW_ID])
         x.append(cols[schema.LAST_TOKEN])
         v.append(cols[schema.INFORMATIVENESS].astype(np.float64))
         groups.append(group_of_pos[pos])
-    write_buckets(Location.parse(item["work"]), item["key"], np.concatenate(groups), buckets, np.concatenate(ids),
+    write_buckets(Location.parse(task.regroup), task.part.key, np.concatenate(groups), buckets, np.concatenate(ids),
                   np.concatenate(x), {schema.INFORMATIVENESS: np.concatenate(v)})
     return {"rows": np.array([sum(len(i) for i in ids)])}
 
 
-def _clusters(item: dict) -> dict[str, np.ndarray]:
+def _clusters(task: ClustersTask) -> dict[str, np.ndarray]:
     """Per group of one bucket: Ward (small tasks), then per Ward cluster U's sums and the cluster sum."""
     from datasel_ray.clustering import ward_clusters
 
-    cfg = item["cfg"]
-    bucket = read_bucket(Location.parse(item["work"]), item["bucket"])
+    bucket = read_bucket(Location.parse(task.regroup), task.bucket)
     ids, groups, x = bucket[schema.ROW_ID], bucket[layout.CLUSTER], bucket[layout.VECTOR]
     v = bucket[schema.INFORMATIVENESS].astype(np.float64)
     local = np.zeros(len(ids), dtype=np.int64)
     gvals, gstarts = np.unique(groups, return_index=True)
     gbounds = np.append(gstarts, len(groups))
     for g, lo, hi in zip(gvals, gbounds[:-1], gbounds[1:]):
-        if item["ward"][int(g)]:
-            local[lo:hi] = ward_clusters(x[lo:hi], cut=cfg["cut"], cut_ratio=cfg["cut_ratio"],
-                                         dense_max_rows=cfg["dense_max_rows"])
+        if task.ward[int(g)]:
+            local[lo:hi] = ward_clusters(x[lo:hi], cut=task.cut, cut_ratio=task.cut_ratio,
+                                         dense_max_rows=task.dense_max_rows)
     order = np.lexsort((ids, local, groups))
     ids, groups, local, x, v = ids[order], groups[order], local[order], x[order], v[order]
     key = groups * (int(local.max()) + 1 if len(local) else 1) + local
@@ -120,7 +210,7 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
         num[lo:hi], pair_sum[i] = datatailor.cluster_distance_sums(x[lo:hi], v[lo:hi])
         v_sum[i] = v[lo:hi].sum()
         sums[i] = np.asarray(x[lo:hi], dtype=np.float64).sum(0)
-    Location.parse(item["members"]).write_parquet(pa.table({
+    Location.parse(task.members).write_parquet(pa.table({
         schema.ROW_ID: pa.array(ids, pa.int64()), layout.VECTOR: vector_column(x),
         schema.INFORMATIVENESS: pa.array(v)}), row_group_rows=256)
     return {"row_id": ids, "num": num, "group": groups[starts], "local": local[starts],
@@ -144,7 +234,7 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
     cfg = ctx.cfg.datatailor
     store = ctx.store
     d = store.widths[schema.LAST_TOKEN]
-    work = ctx.work(NAME, "preclusters")
+    work = ctx.work(NAME, layout.WORK_PRECLUSTERS)
     centroid_paths = {}
     for t in big:  # one task's training sample on the driver at a time
         rows = np.flatnonzero(store.task_codes == t)
@@ -155,21 +245,22 @@ def _large_task_labels(ctx: FitContext, big: np.ndarray, seed: int) -> tuple[np.
             raise ValueError(f"datatailor: pre-cluster training of task {store.task_names[t]!r} would hold "
                              f"{len(want)} x {d} float32 = {need / 2**30:.1f} GiB on the driver "
                              f"(aggregate.driver_bytes): lower datatailor.precluster_train_rows")
-        loc = work / f"centroids-{int(t):05d}.npy"
+        loc = work / layout.PRECLUSTER_CENTROIDS.format(task=int(t))
         if not loc.exists():
-            items, keys = ctx.partition_items([schema.LAST_TOKEN], want=want, width=d)
-            got = ctx.map(f"datatailor:train-rows:{store.task_names[t]}", _gather, items, keys)
+            parts = ctx.partitions([schema.LAST_TOKEN])
+            got = ctx.map(f"datatailor:train-rows:{store.task_names[t]}", _gather,
+                          [GatherTask(part=p, want=want, width=d) for p in parts], [p.key for p in parts])
             pos = np.concatenate([r["pos"] for r in got])
             xs = np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")]
             del got
             loc.write_npy(train_preclusters(xs, int(min(len(rows), cfg.precluster_size)), seed + int(t)))
             del xs
         centroid_paths[int(t)] = str(loc)
-    items, keys = ctx.partition_items([schema.LAST_TOKEN], centroids=centroid_paths)
-    for item in items:
-        item["codes"] = [store.task_codes[p] for p in item["pos"]]
+    parts = ctx.partitions([schema.LAST_TOKEN])
+    tasks = [PreassignTask(part=p, codes=tuple(store.task_codes[pos] for pos in p.pos), centroids=centroid_paths)
+             for p in parts]
     # every partition holds pre-cluster sums of every large task (T x m x d float64): merged one array at a time
-    results = ctx.map("datatailor:preclusters", _preassign, items, keys, stored=True)
+    results = ctx.map("datatailor:preclusters", _preassign, tasks, [p.key for p in parts], stored=True)
     pre = np.full(store.n, -1, dtype=np.int64)
     ward_of_pre: dict[int, np.ndarray] = {}
     for t in big:
@@ -223,16 +314,19 @@ def fit(ctx: FitContext) -> dict:
             group_ward.append(True)
             sizes.append(len(rows))
     buckets = bucket_plan(np.array(sizes), row_bytes, ctx.partition_bytes)
-    (work / "groups.npy").write_npy(group)
-    (work / "buckets.npy").write_npy(buckets)
-    items, keys = ctx.partition_items([schema.LAST_TOKEN], groups=str(work / "groups.npy"),
-                                      buckets=str(work / "buckets.npy"), work=str(work / "buckets"))
-    ctx.map("datatailor:regroup", _regroup, items, keys)
-    opts = {"cut": cfg.cut, "cut_ratio": cfg.cut_ratio, "dense_max_rows": cfg.dense_max_rows}
+    (work / layout.WORK_GROUPS).write_npy(group)
+    (work / layout.WORK_BUCKET_PLAN).write_npy(buckets)
+    regroup = str(work / layout.WORK_REGROUP)
+    parts = ctx.partitions([schema.LAST_TOKEN])
+    ctx.map("datatailor:regroup", _regroup,
+            [RegroupTask(part=p, groups=str(work / layout.WORK_GROUPS),
+                         bucket_plan=str(work / layout.WORK_BUCKET_PLAN), regroup=regroup) for p in parts],
+            [p.key for p in parts])
     bucket_ids = np.unique(buckets)
-    items = [{"work": str(work / "buckets"), "bucket": int(b), "members": str(layout.members_file(stats, b)),
-              "ward": dict(enumerate(group_ward)), "cfg": opts} for b in bucket_ids]
-    results = ctx.map("datatailor:clusters", _clusters, items, [f"{int(b):05d}" for b in bucket_ids],
+    tasks = [ClustersTask(regroup=regroup, bucket=int(b), members=str(layout.members_file(stats, b)),
+                          ward=tuple(group_ward), cut=cfg.cut, cut_ratio=cfg.cut_ratio,
+                          dense_max_rows=cfg.dense_max_rows) for b in bucket_ids]
+    results = ctx.map("datatailor:clusters", _clusters, tasks, [layout.bucket_key(b) for b in bucket_ids],
                       unit="buckets")
     # global cluster ids, task-major: (task, group, local label) in order
     rec = []
@@ -262,24 +356,24 @@ def fit(ctx: FitContext) -> dict:
     U = _uniqueness_by_cluster(num, labels, pair_sum, size, v_sum, cfg.uniqueness)
     A = datatailor.association(means, cluster_task)
     R = datatailor.representativeness(A[labels], v, labels, cfg.representativeness)
-    rank_I, rank_U, rank_R = (np.zeros(store.n) for _ in range(3))
-    for t in range(T):
-        rows = np.flatnonzero(store.task_codes == t)
-        rank_I[rows] = datatailor.percentile_rank(v[rows])
-        rank_U[rows] = datatailor.percentile_rank(U[rows])
-        rank_R[rows] = datatailor.percentile_rank(R[rows])
-    score = datatailor.combined_score(rank_I, rank_U, rank_R, sc[schema.N_TURNS])
+    rank_I, rank_U, rank_R, score = datatailor.task_ranks_and_score(v, U, R, sc[schema.N_TURNS],
+                                                                    _task_rows(store.task_codes, T))
     (stats / layout.CLUSTERS).write_parquet(pa.table({
         layout.CLUSTER: np.arange(K, dtype=np.int64), schema.TASK: pa.array(store.task_names[cluster_task]),
-        layout.SIZE: size, "association": A, "pair_sum": pair_sum, "v_sum": v_sum, layout.BUCKET: bucket_of,
-        layout.OFFSET: offset}))
+        layout.SIZE: size, DataTailor.ASSOCIATION: A, DataTailor.PAIR_SUM: pair_sum, DataTailor.V_SUM: v_sum,
+        layout.BUCKET: bucket_of, layout.OFFSET: offset}))
     (stats / layout.MEANS).write_npy(means.astype(np.float32))
     (stats / layout.ROWS).write_parquet(pa.table({
-        schema.ROW_ID: pa.array(store.row_ids, pa.int64()), layout.CLUSTER: labels, "uniqueness": U,
-        "representativeness": R, "rank_informativeness": rank_I, "rank_uniqueness": rank_U,
-        "rank_representativeness": rank_R, layout.SCORE: score}))
-    ctx.work(NAME, "buckets").delete()
+        schema.ROW_ID: pa.array(store.row_ids, pa.int64()), layout.CLUSTER: labels, DataTailor.UNIQUENESS: U,
+        DataTailor.REPRESENTATIVENESS: R, DataTailor.RANK_INFORMATIVENESS: rank_I,
+        DataTailor.RANK_UNIQUENESS: rank_U, DataTailor.RANK_REPRESENTATIVENESS: rank_R, layout.SCORE: score}))
+    ctx.work(NAME, layout.WORK_REGROUP).delete()
     return {"clusters": int(K), "tasks": int(T), "large_tasks": int(len(big)), "buckets": int(len(bucket_ids))}
+
+
+def _task_rows(codes: np.ndarray, n_tasks: int) -> list[np.ndarray]:
+    """Per task code, its rows' positions (ascending)."""
+    return [np.flatnonzero(codes == t) for t in range(n_tasks)]
 
 
 def _uniqueness_by_cluster(num, labels, pair_sum, size, v_sum, mode) -> np.ndarray:
@@ -306,19 +400,119 @@ def select(ctx: FitContext, budget: int) -> MethodSelection:
     sc = ctx.scalars([schema.INFORMATIVENESS, schema.TAU])
     codes = ctx.store.task_codes
     T = len(ctx.store.task_names)
+    task_rows = _task_rows(codes, T)
     tsize = np.bincount(codes, minlength=T)
-    ttau = np.array([sc[schema.TAU][codes == i].astype(np.float64).mean() for i in range(T)])
+    ttau = datatailor.task_tau_means(sc[schema.TAU], task_rows)
     kb = datatailor.task_budgets(tsize, ttau, budget)
     score = cols[layout.SCORE]
-    chosen = []
-    for i in range(T):
-        rows = np.flatnonzero(codes == i)
-        chosen.append(rows[np.argsort(-score[rows], kind="stable")][:kb[i]])
-    selected = np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
+    selected, _ = datatailor.top_k_per_task(score, task_rows, kb)
     columns = {layout.CLUSTER: cols[layout.CLUSTER],
-               "informativeness": sc[schema.INFORMATIVENESS].astype(np.float64), **{
-                   k: cols[k] for k in ("uniqueness", "representativeness", "rank_informativeness",
-                                        "rank_uniqueness", "rank_representativeness")}, layout.SCORE: score}
+               DataTailor.INFORMATIVENESS: sc[schema.INFORMATIVENESS].astype(np.float64), **{
+                   k: cols[k] for k in (DataTailor.UNIQUENESS, DataTailor.REPRESENTATIVENESS,
+                                        DataTailor.RANK_INFORMATIVENESS, DataTailor.RANK_UNIQUENESS,
+                                        DataTailor.RANK_REPRESENTATIVENESS)}, layout.SCORE: score}
     names = ctx.store.task_names.astype(str).tolist()
     return MethodSelection(selected=selected, columns=columns, summary={
-        "task_budget": dict(zip(names, kb.tolist())), "task_tau": dict(zip(names, ttau.round(8).tolist()))})
+        DataTailor.TASK_BUDGET: dict(zip(names, kb.tolist())),
+        DataTailor.TASK_TAU: dict(zip(names, ttau.round(8).tolist()))})
+
+
+# ------------------------------------------------------------------------------------------- online state
+@dataclass
+class DataTailorState:
+    """DataTailor's frozen state: Ward-cluster means, association and pair sums; per-task sorted pool values;
+    member files.
+
+    U, R, within-task percentile ranks and the combined score against the nearest Ward cluster of the sample's
+    task; a pool row gets the batch decision and its batch values; a new sample would be selected when its
+    score reaches the task's lowest selected score.
+    """
+
+    stats: Location
+    means: np.ndarray  # float32 [K, d]
+    clusters: dict[str, np.ndarray]
+    pool: dict[str, dict[str, np.ndarray]]  # task -> component -> sorted pool values (float64)
+    thresholds: dict[str, float | None]
+    uniqueness_mode: str
+    representativeness_mode: str
+    pool_ids: np.ndarray
+    pool_selected: np.ndarray
+    pool_values: dict[str, np.ndarray]  # row-id order: informativeness, uniqueness, representativeness, score
+    cache: MemberCache = field(default_factory=MemberCache)
+
+    COMPONENTS = (DataTailor.INFORMATIVENESS, DataTailor.UNIQUENESS, DataTailor.REPRESENTATIVENESS, layout.SCORE)
+
+    @classmethod
+    def load(cls, run_dir: RunDir, cfg: RunConfig, summary: dict, cache: MemberCache) -> DataTailorState:
+        stats = layout.method_stats(run_dir, NAME)
+        scores = read_columns(layout.selection_dir(run_dir, NAME) / layout.SCORES,
+                              [schema.ROW_ID, schema.TASK, layout.SELECTED, *cls.COMPONENTS])
+        order = np.argsort(scores[schema.ROW_ID], kind="stable")
+        tasks = scores[schema.TASK].astype(str)
+        pool = {str(t): {name: np.sort(scores[name][tasks == t].astype(np.float64)) for name in cls.COMPONENTS}
+                for t in np.unique(tasks)}
+        return cls(stats=stats, means=(stats / layout.MEANS).read_npy(),
+                   clusters=read_columns(stats / layout.CLUSTERS), pool=pool,
+                   thresholds=dict(summary.get(TASK_SCORE_THRESHOLD, {})),
+                   uniqueness_mode=cfg.datatailor.uniqueness,
+                   representativeness_mode=cfg.datatailor.representativeness,
+                   pool_ids=scores[schema.ROW_ID][order], pool_selected=scores[layout.SELECTED][order],
+                   pool_values={k: scores[k][order].astype(np.float64) for k in cls.COMPONENTS}, cache=cache)
+
+    def _members(self, c: int) -> dict[str, np.ndarray]:
+        cl = self.clusters
+        return self.cache.get(layout.members_file(self.stats, cl[layout.BUCKET][c]), cl[layout.OFFSET][c],
+                              int(cl[layout.SIZE][c]), [schema.ROW_ID, layout.VECTOR, schema.INFORMATIVENESS])
+
+    def score_new(self, features: dict[str, Any], sample: Any) -> dict:
+        """DataTailor fields of one sample from its ``last_token`` state (float[d], fp16 as extracted) and
+        ``informativeness``, with the sample's ``task`` and ``n_turns``."""
+        informativeness = float(features[schema.INFORMATIVENESS])
+        n_turns, task = sample.n_turns, sample.task
+        h = np.asarray(features[schema.LAST_TOKEN], dtype=np.float64)
+        candidates = np.flatnonzero(self.clusters[schema.TASK].astype(str) == task)
+        dist = np.linalg.norm(self.means[candidates].astype(np.float64) - h, axis=1)
+        near = candidates[np.argsort(dist, kind="stable")[:3]]
+        scale = max(float(np.linalg.norm(h)), 1e-12)
+        for c in near:  # a pool row may sit nearer another cluster's mean than its own Ward cluster's
+            m = self._members(int(c))
+            d = np.linalg.norm(m[layout.VECTOR].astype(np.float64) - h, axis=1)
+            j = int(np.argmin(d))
+            if d[j] / scale <= POOL_MATCH_TOLERANCE:
+                row_id = int(m[schema.ROW_ID][j])
+                i = int(np.searchsorted(self.pool_ids, row_id))
+                vals = {k: float(v[i]) for k, v in self.pool_values.items()}
+                return self._result(int(c), float(np.linalg.norm(self.means[c] - h)), informativeness, vals, task,
+                                    row_id, bool(self.pool_selected[i]), "pool_row")
+        c = int(near[0])
+        m = self._members(c)
+        U = datatailor.uniqueness_new(h, m[layout.VECTOR], m[schema.INFORMATIVENESS],
+                                      float(self.clusters[DataTailor.PAIR_SUM][c]), self.uniqueness_mode)
+        R = float(datatailor.representativeness_value(self.clusters[DataTailor.ASSOCIATION][c], informativeness,
+                                                      self.clusters[DataTailor.V_SUM][c],
+                                                      self.representativeness_mode))
+        pool = self.pool[task]
+        ranks = {k: percentile(pool[k], v) for k, v in ((DataTailor.INFORMATIVENESS, informativeness),
+                                                        (DataTailor.UNIQUENESS, U),
+                                                        (DataTailor.REPRESENTATIVENESS, R))}
+        score = float(datatailor.combined_score(ranks[DataTailor.INFORMATIVENESS], ranks[DataTailor.UNIQUENESS],
+                                                ranks[DataTailor.REPRESENTATIVENESS], n_turns))
+        threshold = self.thresholds.get(task)
+        vals = {DataTailor.INFORMATIVENESS: float(informativeness), DataTailor.UNIQUENESS: U,
+                DataTailor.REPRESENTATIVENESS: R, layout.SCORE: score}
+        return self._result(c, float(dist[np.searchsorted(candidates, c)]), informativeness, vals, task, None,
+                            bool(threshold is not None and score >= threshold), "score_threshold")
+
+    def _result(self, c: int, dist: float, informativeness: float, vals: dict, task: str, row_id, would: bool,
+                rule: str) -> dict:
+        pool = self.pool[task]
+        ranks = {rank: percentile(pool[k], vals[k]) for rank, k in (
+            (DataTailor.RANK_INFORMATIVENESS, DataTailor.INFORMATIVENESS),
+            (DataTailor.RANK_UNIQUENESS, DataTailor.UNIQUENESS),
+            (DataTailor.RANK_REPRESENTATIVENESS, DataTailor.REPRESENTATIVENESS))}
+        u = vals[DataTailor.UNIQUENESS]
+        return {"cluster": c, "distance": dist, "informativeness": float(informativeness),
+                "uniqueness": None if not np.isfinite(u) else u,
+                "representativeness": vals[DataTailor.REPRESENTATIVENESS], **ranks, "score": vals[layout.SCORE],
+                "score_percentile": percentile(pool[layout.SCORE], vals[layout.SCORE]),
+                "threshold": self.thresholds.get(task), "pool_row_id": row_id, "rule": rule, "would_select": would}
