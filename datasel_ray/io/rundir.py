@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from datasel_ray import __version__, schema
-from datasel_ray.config import RunConfig
+from datasel_ray.config import PHASES, RunConfig
 from datasel_ray.io.storage import Location
 from datasel_ray.models.identity import model_identity
 
@@ -27,7 +27,6 @@ PHASE_DIRS = {
     "select": ("selections",),
     "report": ("report",),
 }
-PHASE_ORDER = ("ingest", "warmup", "extract", "aggregate", "select", "report")
 _VERSIONED_PACKAGES = ("ray", "torch", "transformers", "peft", "faiss-cpu", "numpy", "pyarrow", "pydantic")
 
 
@@ -179,7 +178,7 @@ class RunDir:
     def reset_phase(self, phase: str) -> None:
         """Delete the outputs of ``phase`` and every later phase, and forget their status."""
         manifest = self.load_manifest()
-        for later in PHASE_ORDER[PHASE_ORDER.index(phase):]:
+        for later in PHASES[PHASES.index(phase):]:
             for sub in PHASE_DIRS[later]:
                 (self.root / sub).delete()
             manifest.get("phases", {}).pop(later, None)

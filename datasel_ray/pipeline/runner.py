@@ -10,8 +10,8 @@ import logging
 import time
 from typing import Callable
 
-from datasel_ray.config import RunConfig
-from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.config import PHASES, RunConfig
+from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import apply_storage_options, worker_environment
 from datasel_ray.models.shared_copy import share_model
 from datasel_ray.pipeline import ray_adapter
@@ -117,7 +117,7 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
         cfg = share_model(cfg, run_dir)
     run_dir.init(cfg)
     results: dict[str, dict] = {}
-    for phase in PHASE_ORDER:
+    for phase in PHASES:
         if phase not in wanted:
             continue
         if force == phase:
