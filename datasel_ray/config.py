@@ -49,6 +49,10 @@ class PoolConfig(_Section):
     max_chars: int = Field(32768, ge=1, description="Rows with more characters of text are quarantined as too_long.")
     check_images: bool = Field(True, description="Decode-check every image at ingest (catches corrupt files early).")
     records_per_block: int = Field(2000, ge=1, description="Records per read task when splitting pool files.")
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Where ingest validates its blocks. ray: one Ray task per block; local: one after the "
+        "other in this process (no Ray started); auto: local when the pool is a single block, else ray. The "
+        "outputs are the same either way.")
 
 
 class StorageConfig(_Section):

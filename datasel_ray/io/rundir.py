@@ -48,7 +48,7 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
     """The config values that determine a phase's outputs, as a flat ``{dotted.field: value}`` dict."""
     parts: dict[str, Any] = {"seed": cfg.seed}
     if phase == "ingest":
-        parts["pool"] = cfg.pool.model_dump(exclude={"records_per_block"})
+        parts["pool"] = cfg.pool.model_dump(exclude={"records_per_block", "executor"})
     elif phase == "warmup":
         parts["model"] = _model_parts(cfg)
         parts["tive"] = cfg.tive.model_dump(include={"warmup_fraction", "lora", "learning_rate", "epochs",

@@ -141,7 +141,7 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
         np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
-def test_preflight_refuses_tive_only_for_concatenated_patches(next_dir, tmp_path, ray_local, monkeypatch):
+def test_preflight_refuses_tive_only_for_concatenated_patches(next_dir, tmp_path, monkeypatch):
     from datasel_ray.config import RunConfig
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import preflight
