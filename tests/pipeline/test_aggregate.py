@@ -133,6 +133,7 @@ def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_pa
     np.testing.assert_array_equal(served, lib.labels)  # a pool row is served in its stored cluster
 
 
+@pytest.mark.slow  # a kill-and-resume scenario, as the other resume tests (test_fault_tolerance, test_extract)
 def test_aggregate_resumes_per_partition_after_a_kill(tmp_path, store_feats, monkeypatch):
     from datasel_ray.pipeline.fit import coincide as fit_coincide
 

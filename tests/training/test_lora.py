@@ -117,6 +117,7 @@ def test_training_lowers_answer_loss_and_only_lora_changes(tiny_samples, tmp_pat
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow  # the default run covers it: test_loop.py trains two fresh models and asserts bit-equal curves
 def test_training_is_deterministic(tiny_samples):
     processor, samples = tiny_samples
     runs = []
