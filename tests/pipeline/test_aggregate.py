@@ -4,7 +4,6 @@ to the library methods, resumable per partition, and the COINCIDE reduction reco
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from datasel_ray.pipeline.aggregate import run_aggregate
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.select import run_select
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features, write_features, write_samples  # noqa: E402
+from benchmarks.feature_store_gen import generate_features, write_features, write_samples
 
 METHODS = ["coincide", "datatailor", "tive", "random", "random_per_task", "answer_loss"]
 

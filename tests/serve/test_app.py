@@ -18,7 +18,7 @@ LIMITS = {"max_samples": 8, "max_image_bytes": 200_000, "max_image_pixels": 256 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 # A real Ray Serve (HTTP proxy and replica processes); the scorer these requests reach is tested in process by
-# tests/test_scoring.py and the batching by tests/serve/test_batching.py.
+# tests/scoring/test_scorer.py and the batching by tests/serve/test_batching.py.
 pytestmark = pytest.mark.integration
 
 
