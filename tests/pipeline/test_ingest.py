@@ -108,3 +108,20 @@ def test_manifest_refuses_a_changed_pool_config(tmp_path):
     changed = RunConfig.model_validate({**cfg.model_dump(), "pool": {**cfg.pool.model_dump(), "max_turns": 3}})
     with pytest.raises(ManifestMismatch, match="pool.max_turns=64.*pool.max_turns=3"):
         rd.check_phase(changed, "ingest")
+
+
+def test_an_ingest_run_with_the_local_executor_never_starts_ray(tmp_path, monkeypatch):
+    from datasel_ray.demo import demo_config
+    from datasel_ray.pipeline import ray_adapter
+    from datasel_ray.pipeline.runner import run_phases
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_adapter, "ensure_ray", refuse)
+    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=80, seed=3))
+    cfg = demo_config(tmp_path, info.pool_path, tive=False)
+    cfg.pool.executor = "local"
+    result = run_phases(cfg, ["ingest"], quiet=True)["ingest"]
+    assert result["rows_in"] == 80 and result["samples"] + result["quarantined"] == 80
+    assert RunDir(cfg.run_dir).phase_status("ingest") == "done"
