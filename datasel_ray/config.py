@@ -59,6 +59,10 @@ class PoolConfig(_Section):
         "non-empty one is the task (after task_field, before any image-folder rule). [] turns it off.")
     io_threads: int = Field(16, ge=1, description="Records an ingest task validates at once: image checks are "
                             "reads (a round trip each on object storage) and decodes, which release the GIL.")
+    executor: Literal["auto", "local", "ray"] = Field(
+        "auto", description="Where ingest validates its blocks. ray: one Ray task per block; local: one after the "
+        "other in this process (no Ray started); auto: local when the pool is a single block, else ray. The "
+        "outputs are the same either way.")
 
 
 class StorageConfig(_Section):

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from datasel_ray import schema
-from datasel_ray.config import TINY_MODEL, RunConfig
+from datasel_ray.config import PHASES, TINY_MODEL, RunConfig
 from datasel_ray.evaluation import pool_quality, random_expectation, selection_quality
-from datasel_ray.io.rundir import PHASE_ORDER, ManifestMismatch, RunDir
+from datasel_ray.io.rundir import ManifestMismatch, RunDir
 from datasel_ray.io.tasks import TEXT_ONLY_KEY
 from datasel_ray.models.identity import model_identity
 from datasel_ray.pipeline.feature_store import load_features
@@ -28,8 +28,7 @@ DEMO_METHODS = ["coincide", "datatailor", "random"]
 def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0, model: str = TINY_MODEL) -> RunConfig:
     task_map = {f"{folder}/": task for folder, task in TASK_FOLDERS.items()}
     task_map[TEXT_ONLY_KEY] = TEXT_TASK
-    phases = ["ingest", "warmup", "extract", "aggregate", "select", "report"] if tive else \
-        ["ingest", "extract", "aggregate", "select", "report"]
+    phases = [phase for phase in PHASES if tive or phase != "warmup"]
     return RunConfig.model_validate({
         "run_dir": str(workdir / "run"),
         "seed": seed,
@@ -50,7 +49,7 @@ def reset_stale_run(cfg: RunConfig) -> str | None:
     The demo owns its run directory, so it starts again instead of asking for ``--force`` like ``datasel run``.
     """
     run_dir = RunDir(cfg.run_dir)
-    for phase in PHASE_ORDER:
+    for phase in PHASES:
         try:
             run_dir.check_phase(cfg, phase)
         except ManifestMismatch as err:

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from datasel_ray.config import PHASES
 from datasel_ray.io import layout
-from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.methods.registry import registry
 
@@ -303,7 +304,7 @@ def plot_quarantine(inputs: RunInputs) -> bytes | None:
 def phase_seconds(manifest: dict) -> list[tuple[str, float]]:
     """``(phase, seconds)`` of the phases that recorded a duration, in pipeline order."""
     phases = manifest.get("phases", {})
-    ordered = [p for p in PHASE_ORDER if p in phases] + sorted(p for p in phases if p not in PHASE_ORDER)
+    ordered = [p for p in PHASES if p in phases] + sorted(p for p in phases if p not in PHASES)
     return [(p, float(phases[p]["seconds"])) for p in ordered if isinstance(phases[p].get("seconds"), (int, float))]
 
 

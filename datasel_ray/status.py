@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.config import PHASES
+from datasel_ray.io.rundir import RunDir
 from datasel_ray.pipeline.progress import format_eta
 
 
@@ -15,7 +16,7 @@ def render_status(run: str) -> str:
         return f"{run}: no manifest.json (not a run directory, or no phase has started)"
     progress = (run_dir / "progress.json").read_json() if (run_dir / "progress.json").exists() else {}
     lines = [f"run {manifest.get('run_id')} at {run}  (model {manifest.get('model_id')}, seed {manifest.get('seed')})"]
-    for phase in PHASE_ORDER:
+    for phase in PHASES:
         entry = manifest.get("phases", {}).get(phase)
         if not entry:
             continue

@@ -73,6 +73,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from datasel_ray.pools.planning import check_group_size, group_sizes, in_pool_order
 from datasel_ray.roles import IMAGE_PLACEHOLDER
 from datasel_ray.schema import Reason
 
@@ -187,13 +188,6 @@ class SynthConfig:
         check_group_size(self.duplicate_group_size)
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
-
-
-def check_group_size(size: tuple[int, int]) -> None:
-    """``duplicate_group_size`` of a generated pool: (min, max) members per near-duplicate group, 2 <= min <= max."""
-    low, high = size
-    if not 2 <= low <= high:
-        raise ValueError(f"duplicate_group_size must be (min, max) with 2 <= min <= max, got {(low, high)}")
 
 
 @dataclass
@@ -631,23 +625,6 @@ def _bad_row_count(config: SynthConfig, kinds: tuple[str, ...]) -> int:
     return min(count, config.num_samples)
 
 
-def _group_sizes(rng: np.random.Generator, total: int, low: int, high: int) -> list[int]:
-    """Sizes in [low, high] summing to at most ``total`` (short by < low when it cannot be exact)."""
-    sizes: list[int] = []
-    remaining = total
-    while remaining >= low:
-        size = min(int(rng.integers(low, high + 1)), remaining)
-        if 0 < remaining - size < low and remaining - low >= low:
-            size = min(high, remaining - low)  # leave room for one more full group
-        sizes.append(size)
-        remaining -= size
-    for i in range(len(sizes)):
-        grow = min(remaining, high - sizes[i])
-        sizes[i] += grow
-        remaining -= grow
-    return sizes
-
-
 def _perturbation(rng: np.random.Generator) -> Perturbation:
     shift = (0, 0)
     while shift == (0, 0):
@@ -712,7 +689,7 @@ def plan_rows(config: SynthConfig) -> list[PlannedRow]:
 
     used: set[str] = set()
     low, high = config.duplicate_group_size
-    sizes = _group_sizes(rng, int(round(config.duplicate_rate * num_good)), low, high)
+    sizes = group_sizes(rng, int(round(config.duplicate_rate * num_good)), low, high, draw="clip")
     rows: list[PlannedRow] = []
     for group, size in enumerate(sizes):
         rows.extend(_duplicate_group(rng, IMAGE_TASKS[group % len(IMAGE_TASKS)], size, group, used))
@@ -737,7 +714,7 @@ def plan_rows(config: SynthConfig) -> list[PlannedRow]:
         task_pool = IMAGE_TASKS if needs_image else TASKS
         rows.append(PlannedRow(SAMPLE_MAKERS[_pick(rng, task_pool)](rng), bad_kind=kind, bad_variant=variant))
 
-    return [rows[int(i)] for i in rng.permutation(len(rows))]
+    return in_pool_order(rng, rows)
 
 
 # --------------------------------------------------------------------------- bad rows

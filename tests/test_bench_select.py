@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks.feature_store_gen import ALL_COLUMNS, generate_features, write_run_dir
 
-from feature_store_gen import ALL_COLUMNS, generate_features, write_run_dir  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_generator_shapes_dtypes_and_structure():
@@ -61,7 +60,7 @@ def test_write_run_dir(tmp_path):
 
 
 def test_write_store_equals_generate_features(tmp_path):
-    from feature_store_gen import StoreSpec, write_store
+    from benchmarks.feature_store_gen import StoreSpec, write_store
 
     from datasel_ray.pipeline.store import FeatureStore, read_shard
     from datasel_ray.io.storage import Location

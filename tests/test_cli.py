@@ -9,6 +9,17 @@ import pytest
 from datasel_ray.cli import main
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if anything tries to start or join Ray (refusals come before the cluster)."""
+    from datasel_ray.pipeline import ray_adapter
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_adapter, "ensure_ray", refuse)
+
+
 def test_unknown_method_names_the_choices(tmp_path, capsys):
     code = main(["select", "--run-dir", str(tmp_path / "run"), "--method", "coincid"])
     err = capsys.readouterr().err
@@ -22,7 +33,7 @@ def test_bad_override_names_the_field(tmp_path, capsys):
     assert code == 2 and "extract.batch_size" in err
 
 
-def test_missing_pool_is_refused_before_work(tmp_path, capsys, ray_local):
+def test_missing_pool_is_refused_before_work(tmp_path, capsys, no_ray):
     code = main(["ingest", "--run-dir", str(tmp_path / "run"), "--pool", str(tmp_path / "missing.json")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
@@ -47,14 +58,14 @@ def test_impossible_warmup_is_refused_before_work(tmp_path, capsys, ray_local, d
     assert not (tmp_path / "run" / "samples").exists()
 
 
-def test_tive_without_warmup_phase_is_refused(tmp_path, capsys, ray_local, demo_pool):
+def test_tive_without_warmup_phase_is_refused(tmp_path, capsys, no_ray, demo_pool):
     code = main(["run", "--run-dir", str(tmp_path / "run"), "--set", f"pool.path={demo_pool.pool_path}",
                  "--set", "tive.enabled=true", "--set", "phases=[ingest,extract]"])
     err = capsys.readouterr().err
     assert code == 2 and "phases" in err and "warmup" in err, err
 
 
-def test_tive_method_without_tive_is_refused(tmp_path, capsys, ray_local, demo_pool):
+def test_tive_method_without_tive_is_refused(tmp_path, capsys, no_ray, demo_pool):
     code = main(["run", "--run-dir", str(tmp_path / "run"), "--set", f"pool.path={demo_pool.pool_path}",
                  "--set", "select.methods=[tive]"])
     assert code == 2 and "tive.enabled" in capsys.readouterr().err

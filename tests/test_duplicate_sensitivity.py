@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from duplicate_sensitivity import near_identical  # noqa: E402
+from benchmarks.duplicate_sensitivity import near_identical
 
 
 def test_group_members_collapse_onto_their_first_member_and_others_stay():

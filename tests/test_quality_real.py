@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from quality_real import _aggregate, resolve_metric  # noqa: E402
+from benchmarks.quality_real import _aggregate, resolve_metric
 
 NAN = math.nan
 

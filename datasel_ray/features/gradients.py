@@ -51,10 +51,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datasel_ray import schema
+from datasel_ray.models.answer_loss import answer_cross_entropy
 from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY
 
 METHODS = ("auto", "vmap", "loop")
@@ -216,7 +216,7 @@ class LoraGradientFeaturizer:
             with torch.enable_grad():
                 out = self.model(input_ids=ids[b, keep][None], attention_mask=mask[b, keep][None].long(),
                                  **image, use_cache=False)
-                loss = answer_token_loss(out.logits[0], labels[b, keep])
+                loss = answer_cross_entropy(out.logits[0], labels[b, keep], "masked")
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             per_sample.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
             losses.append(loss.detach())
@@ -244,8 +244,8 @@ class LoraGradientFeaturizer:
             out = functional_call(model, p, args=(), kwargs=dict(
                 inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False, **head))
             if keep is None:
-                return answer_token_loss(out.logits[0], lab)
-            return masked_mean_cross_entropy(out.logits[0], lab[keep + 1])
+                return answer_cross_entropy(out.logits[0], lab, "masked")
+            return answer_cross_entropy(out.logits[0], lab[keep + 1], "masked", shifted=True)
 
         with _text_attention(self.model, self.vmap_attention):
             mask4 = self._prepared_mask(mask, embeds.dtype)
@@ -374,23 +374,6 @@ def _text_attention(model: nn.Module, implementation: str | None):
 
 class _StopForward(Exception):
     """Raised by the capture hook to skip the rest of the batched no-grad forward."""
-
-
-def answer_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over answer tokens: logits [T, V] (any float dtype), labels int64 [T] (-100 elsewhere).
-
-    Computed in fp32 as ``sum(CE * valid) / max(#valid, 1)`` (no data-dependent branch, so it is vmappable);
-    0 with a zero gradient when the sample has no answer token.
-    """
-    return masked_mean_cross_entropy(logits[:-1], labels[1:])
-
-
-def masked_mean_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``sum(CE * valid) / max(#valid, 1)`` in fp32: logits [K, V] predicting target int64 [K], -100 = not an
-    answer token (the formula of :func:`answer_token_loss`, on already-aligned positions)."""
-    valid = target != -100
-    ce = F.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
-    return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 
 def adam_precondition(g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from datasel_ray import __version__, schema
-from datasel_ray.config import RunConfig
+from datasel_ray.config import PHASES, RunConfig
 from datasel_ray.io.storage import Location
 from datasel_ray.models.identity import model_identity
 
@@ -27,7 +27,6 @@ PHASE_DIRS = {
     "select": ("selections",),
     "report": ("report",),
 }
-PHASE_ORDER = ("ingest", "warmup", "extract", "aggregate", "select", "report")
 _VERSIONED_PACKAGES = ("ray", "torch", "transformers", "peft", "faiss-cpu", "numpy", "pyarrow", "pydantic")
 
 
@@ -49,7 +48,7 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
     """The config values that determine a phase's outputs, as a flat ``{dotted.field: value}`` dict."""
     parts: dict[str, Any] = {"seed": cfg.seed}
     if phase == "ingest":
-        parts["pool"] = cfg.pool.model_dump(exclude={"records_per_block"})
+        parts["pool"] = cfg.pool.model_dump(exclude={"records_per_block", "executor", "io_threads"})
     elif phase == "warmup":
         parts["model"] = _model_parts(cfg)
         parts["tive"] = cfg.tive.model_dump(include={"warmup_fraction", "lora", "learning_rate", "epochs",
@@ -179,7 +178,7 @@ class RunDir:
     def reset_phase(self, phase: str) -> None:
         """Delete the outputs of ``phase`` and every later phase, and forget their status."""
         manifest = self.load_manifest()
-        for later in PHASE_ORDER[PHASE_ORDER.index(phase):]:
+        for later in PHASES[PHASES.index(phase):]:
             for sub in PHASE_DIRS[later]:
                 (self.root / sub).delete()
             manifest.get("phases", {}).pop(later, None)

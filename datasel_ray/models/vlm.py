@@ -15,7 +15,6 @@ exactly the same code.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -494,24 +493,6 @@ def capture_outputs(modules: dict) -> Iterator[dict]:
             handle.remove()
 
 
-def answer_losses(logits, input_ids, labels) -> list[float]:
-    """Mean CE per row over answer tokens (``labels != -100``), next-token shifted; nan for rows without one.
-
-    logits [B, T, V]; input_ids / labels int64 [B, T]. Only the needed logit rows are cast to float32.
-    """
-    import torch.nn.functional as F
-
-    out = []
-    for b in range(labels.shape[0]):
-        pos = (labels[b] != -100).nonzero().flatten()
-        pos = pos[pos >= 1]
-        if pos.numel() == 0:
-            out.append(math.nan)
-            continue
-        out.append(float(F.cross_entropy(logits[b, pos - 1].float(), input_ids[b, pos], reduction="mean")))
-    return out
-
-
 class ReferenceVLM:
     """A loaded reference model plus its :class:`VLMProcessor` and the COINCIDE layer choice."""
 
@@ -561,6 +542,8 @@ class ReferenceVLM:
         """
         import torch
 
+        from datasel_ray.models.answer_loss import answer_cross_entropy
+
         batch = self.collate(samples)
         modules = {("layer", layer): attention_output_module(self.decoder_layers[layer])
                    for layer in self.coincide_layers}
@@ -570,7 +553,7 @@ class ReferenceVLM:
         with self.feature_context(), torch.inference_mode(), capture_outputs(modules) as store:
             out = self.model(input_ids=ids, attention_mask=batch.attention_mask.to(self.device),
                              **batch.image_kwargs(self.device, dtype), use_cache=False)
-            losses = answer_losses(out.logits, ids, batch.labels.to(self.device))
+            losses = answer_cross_entropy(out.logits, batch.labels.to(self.device), "row").tolist()
         results = []
         for b, n in enumerate(batch.lengths.tolist()):
             layer_outputs = [store[("layer", layer)][b, :n].float().cpu() for layer in self.coincide_layers]

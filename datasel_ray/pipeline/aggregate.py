@@ -50,9 +50,10 @@ def make_context(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> FitCon
         widest = max((store.row_bytes([c]) for c in store.widths), default=8)
         kind = "ray" if store.n * widest > cfg.aggregate.partition_bytes else "local"
     if kind == "ray":
+        from datasel_ray.io.storage import worker_environment
         from datasel_ray.pipeline import ray_adapter
 
-        ray_adapter.ensure_ray(cfg.ray)
+        ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
         executor = ray_adapter.RayExecutor(num_cpus=cfg.aggregate.num_cpus_per_task)
     else:
         executor = LocalExecutor()

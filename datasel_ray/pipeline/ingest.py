@@ -1,7 +1,8 @@
 """Ingest phase: pool files → ``samples/`` (validated rows) + ``quarantine/ingest/`` (bad rows, reasons).
 
-Each pool file is split into blocks (:mod:`datasel_ray.io.pool`); one Ray task validates a block and writes
-one samples shard and one quarantine shard named after the block, atomically. A re-run skips blocks whose
+Each pool file is split into blocks (:mod:`datasel_ray.io.pool`); one task validates a block and writes
+one samples shard and one quarantine shard named after the block, atomically. Tasks run on Ray or one after the
+other in this process (``pool.executor``, :func:`ingest_executor`); the shards are the same either way. A re-run skips blocks whose
 two shards exist, so a killed ingest resumes.
 
 Duplicate ids are found after every block is done, by one pass over the ``(row_id, id)`` columns of
@@ -15,10 +16,10 @@ Invariant checked at the end: rows in = samples + quarantined.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import logging
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ from datasel_ray.io.pool import (
 )
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.shapes import detect_shape
-from datasel_ray.io.storage import Location
+from datasel_ray.io.storage import Location, worker_environment
 from datasel_ray.io.tasks import TaskResolver, llava_665k_mismatch
 from datasel_ray.io.validation import (
     Limits,
@@ -163,6 +164,31 @@ def block_done(run_dir: RunDir, name: str) -> bool:
         (run_dir / "quarantine" / "ingest" / f"{name}.parquet").exists()
 
 
+def ingest_executor(cfg: RunConfig, blocks: list[BlockSpec]) -> str:
+    """``pool.executor`` resolved: ``auto`` is ``local`` for a pool of one block (one task: Ray adds nothing)."""
+    if cfg.pool.executor == "auto":
+        return "local" if len(blocks) <= 1 else "ray"
+    return cfg.pool.executor
+
+
+def validate_blocks(cfg: RunConfig, pending: list[BlockSpec], stage_args: dict,
+                    executor: str) -> Iterator[tuple[int, int]]:
+    """Run :class:`IngestBlockStage` on every pending block, in this process (``local``, in block order) or as
+    Ray tasks (``ray``, in completion order); yields ``(good, bad)`` row counts per block as blocks finish."""
+    if not pending:
+        return
+    if executor == "local":
+        stage = IngestBlockStage(**stage_args)
+        for spec in pending:
+            yield stage.process(spec)
+        return
+    ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
+    ds = ray_adapter.map_task_stage(ray_adapter.from_rows([b.to_dict() for b in pending]), IngestBlockStage,
+                                    stage_args)
+    for row in ray_adapter.iter_result_rows(ds):
+        yield int(row["good"]), int(row["bad"])
+
+
 def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     """Run the ingest phase; returns counts ``{rows_in, samples, quarantined, by_reason}``."""
     started = time.monotonic()
@@ -177,15 +203,12 @@ def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     progress = Progress("ingest", total, run_dir / "progress.json", already_done=done, quiet=quiet)
     budget = FailureBudget("ingest", cfg.failures, run_dir / "quarantine" / "ingest", seen=done,
                            exclude=NOT_FAILURES)
-    if pending:
-        ds = ray_adapter.from_rows([b.to_dict() for b in pending])
-        ds = ray_adapter.map_task_stage(ds, IngestBlockStage, {
-            "pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
-            "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks",
-            "shape": shape["shape"], "file_shapes": file_shapes(shape, files)})
-        for row in ray_adapter.iter_result_rows(ds):
-            progress.update(int(row["good"]) + int(row["bad"]))
-            budget.update(int(row["good"]) + int(row["bad"]), int(row["bad"]) - int(row["kept_out"]))
+    stage_args = {"pool": cfg.pool.model_dump(), "image_root": resolve_image_root(cfg.pool), "run_dir": str(run_dir),
+                  "row_group_rows": cfg.extract.shard_rows, "index_blocks": tasks["from"] == "index_blocks",
+                  "shape": shape["shape"], "file_shapes": file_shapes(shape, files)}
+    for good, bad, kept_out in validate_blocks(cfg, pending, stage_args, ingest_executor(cfg, blocks)):
+        progress.update(good + bad)
+        budget.update(good + bad, bad - kept_out)
     progress.finish()
     quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)
     counts = ingest_counts(run_dir)

@@ -10,8 +10,8 @@ import logging
 import time
 from typing import Callable
 
-from datasel_ray.config import RunConfig
-from datasel_ray.io.rundir import PHASE_ORDER, RunDir
+from datasel_ray.config import PHASES, RunConfig
+from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import apply_storage_options, worker_environment
 from datasel_ray.models.shared_copy import share_model
 from datasel_ray.pipeline import ray_adapter
@@ -69,22 +69,22 @@ ALWAYS_RERUN = {"select", "report"}  # cheap, and depend on options outside the 
 MODEL_PHASES = {"warmup", "extract"}  # phases that load the reference model: the run's copy is shared first
 
 
+RAY_PHASES = {"warmup", "extract"}  # phases that always run on Ray (Ray Train workers, Ray Data actors)
+# ingest, aggregate and select start Ray themselves when their executor is Ray (pool.executor, aggregate.executor)
+
+
 def preflight(cfg: RunConfig, phases: list[str]) -> None:
-    """Refuse impossible or inconsistent requests before any work starts (errors name the field)."""
+    """Refuse impossible or inconsistent requests before any work starts, from the config, the pool listing and
+    the model's processor alone (no Ray: a refusal starts no cluster). Errors name the field."""
     from datasel_ray.io.pool import list_pool_files
-    from datasel_ray.pipeline.extract import resolve_num_gpus, validate_resources
 
     if "ingest" in phases:
         list_pool_files(cfg.pool.path, cfg.pool.format)
     if "tive" in cfg.select.methods and "select" in phases and not cfg.tive.enabled:
         raise ValueError("select.methods includes 'tive' but tive.enabled is false: enable TIVE (warm-up and "
                          "gradients) or remove 'tive' from select.methods")
-    if "extract" in phases:
-        validate_resources(cfg, resolve_num_gpus(cfg))
-    from datasel_ray.pipeline.warmup import adapter_location, validate_warmup_resources
+    from datasel_ray.pipeline.warmup import adapter_location
 
-    if "warmup" in phases and cfg.tive.enabled:
-        validate_warmup_resources(cfg.tive)
     if "extract" in phases and cfg.tive.enabled:
         from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY, VLMProcessor
 
@@ -99,6 +99,17 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
                          "add 'warmup' to phases (before 'extract') or set tive.enabled=false")
 
 
+def preflight_cluster(cfg: RunConfig, phases: list[str]) -> None:
+    """Refuse resource requests no node of the connected cluster (or its autoscaler) can satisfy (needs Ray)."""
+    from datasel_ray.pipeline.extract import resolve_num_gpus, validate_resources
+    from datasel_ray.pipeline.warmup import validate_warmup_resources
+
+    if "extract" in phases:
+        validate_resources(cfg, resolve_num_gpus(cfg))
+    if "warmup" in phases and cfg.tive.enabled:
+        validate_warmup_resources(cfg.tive)
+
+
 def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | None = None,
                quiet: bool = False) -> dict[str, dict]:
     """Run ``phases`` (default: ``cfg.phases``) in pipeline order; returns each phase's result.
@@ -110,14 +121,16 @@ def run_phases(cfg: RunConfig, phases: list[str] | None = None, force: str | Non
     if "warmup" in wanted and not cfg.tive.enabled:
         wanted = [p for p in wanted if p != "warmup"]
     apply_storage_options(cfg.storage)
-    ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
-    preflight(cfg, wanted)  # refusals first: sharing the model may build it
+    preflight(cfg, wanted)  # refusals first: sharing the model may build it, Ray may start a cluster
+    if RAY_PHASES & set(wanted):
+        ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
+        preflight_cluster(cfg, wanted)
     run_dir = RunDir(cfg.run_dir)
     if MODEL_PHASES & set(wanted):
         cfg = share_model(cfg, run_dir)
     run_dir.init(cfg)
     results: dict[str, dict] = {}
-    for phase in PHASE_ORDER:
+    for phase in PHASES:
         if phase not in wanted:
             continue
         if force == phase:

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasel_ray.synthetic import GROUND_TRUTH_FILE, PoolInfo, check_group_size
+from datasel_ray.pools.planning import check_group_size, group_sizes, in_pool_order
+from datasel_ray.synthetic import GROUND_TRUTH_FILE, PoolInfo
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: tuple[str, ...] = ("circle", "rectangle", "triangle")
@@ -178,17 +179,6 @@ class PlannedRow:
     noisy: bool = False
 
 
-def _group_sizes(rng: np.random.Generator, total: int, low: int, high: int) -> list[int]:
-    """Seeded sizes in [low, high] summing to ``total`` (short by the remainder only when no group can take it)."""
-    sizes: list[int] = []
-    while total - sum(sizes) >= low:
-        sizes.append(int(rng.integers(low, min(high, total - sum(sizes)) + 1)))
-    for k in range(len(sizes)):
-        extra = min(total - sum(sizes), high - sizes[k])
-        sizes[k] += max(extra, 0)
-    return sizes
-
-
 def _wrong_answer(rng: np.random.Generator, answer: str) -> str:
     options = {"color": COLOURS, "shape": SHAPES, "yes_no": ("yes", "no")}[question_task(answer)]
     return str(rng.choice([o for o in options if o != answer]))
@@ -199,7 +189,8 @@ def plan_rows(config: EasyVQAPoolConfig) -> list[PlannedRow]:
     config.validate()
     rng = np.random.default_rng(config.seed)
     items = [q for q in questions("train") if question_task(q[1]) in config.tasks]
-    sizes = _group_sizes(rng, int(round(config.duplicate_rate * config.num_samples)), *config.duplicate_group_size)
+    sizes = group_sizes(rng, int(round(config.duplicate_rate * config.num_samples)), *config.duplicate_group_size,
+                        draw="fit")
     n_unique = config.num_samples - sum(sizes) + len(sizes)
     if n_unique > len(items):
         raise ValueError(f"num_samples {config.num_samples} needs {n_unique} distinct train questions, "
@@ -219,8 +210,7 @@ def plan_rows(config: EasyVQAPoolConfig) -> list[PlannedRow]:
         row.answer = _wrong_answer(rng, row.true_answer)
         row.noisy = True
     rows.extend(singles)
-    order = rng.permutation(len(rows))
-    return [rows[int(i)] for i in order]
+    return in_pool_order(rng, rows)
 
 
 def _noisy_image(image, rng: np.random.Generator, std: float):

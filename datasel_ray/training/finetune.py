@@ -22,15 +22,16 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from datasel_ray.models.answer_loss import IGNORE_INDEX, answer_cross_entropy
 from datasel_ray.models.vlm import PreparedSample, VLMProcessor, collate
 from datasel_ray.roles import ASSISTANT_ROLES
+from datasel_ray.training.loop import LrSchedule, TrainLog, TrainPlan, adamw, epoch_order, train
 
 Schedule = Literal["cosine", "linear", "constant"]
 TrainWhat = Literal["all", "projector_lm", "lm", "projector"]
@@ -75,13 +76,10 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneLog:
-    """Per-step loss (mean answer-token CE of the batch), learning rate and gradient norm (before clipping)."""
+class FinetuneLog(TrainLog):
+    """The loop's :class:`~datasel_ray.training.loop.TrainLog` plus epochs run, wall seconds and the number of
+    trainable parameters."""
 
-    step_loss: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    samples_seen: int = 0
     epochs: float = 0.0
     seconds: float = 0.0
     trainable_params: int = 0
@@ -92,19 +90,14 @@ class FinetuneLog:
                 "trainable_params": self.trainable_params}
 
 
+def lr_schedule(cfg: FinetuneConfig) -> LrSchedule:
+    """The :class:`~datasel_ray.training.loop.LrSchedule` of ``cfg`` (decay read at the step, HF convention)."""
+    return LrSchedule(cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, progress="at_step")
+
+
 def lr_at(step: int, cfg: FinetuneConfig) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine / linear / constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    if cfg.schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        factor = 1.0 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * factor)
+    return lr_schedule(cfg).lr(cfg.lr, step)
 
 
 def prepare_samples(processor: VLMProcessor, samples: Sequence[Any],
@@ -138,17 +131,6 @@ def set_trainable(model: torch.nn.Module, train: TrainWhat) -> int:
     if total == 0:
         raise ValueError(f"train={train!r} leaves no trainable parameter in {type(model).__name__}")
     return total
-
-
-def batch_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over all answer tokens of the batch (fp32); logits [B, T, V], labels [B, T] unshifted."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
-    """Seeded permutation of ``n`` sample indices for ``epoch`` (depends on ``(seed, epoch)`` only)."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
 def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -199,8 +181,8 @@ def finetune(
     ``samples``: LLaVA-form dicts (see module docstring) or :class:`PreparedSample` (preprocess once with
     :func:`prepare_samples` when training several models on the same data). Parameters outside
     ``config.train`` are frozen (``requires_grad=False``) and stay so after the call; the model is left in
-    eval mode. A batch without an answer token (only possible after truncation) is a step with zero loss and
-    no update. ``on_step(step, loss)`` is called after each step.
+    eval mode. A step whose batch has no answer token (only possible after truncation) makes no update and
+    no log entry (:func:`~datasel_ray.training.loop.train`). ``on_step(step, loss)`` is called after each step.
     """
     config.validate()
     prepared = prepare_samples(processor, samples, config.max_length)
@@ -209,41 +191,16 @@ def finetune(
         return log
     start = time.perf_counter()
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     with deterministic_torch(config.num_threads):
         torch.manual_seed(config.seed)
         log.trainable_params = set_trainable(model, config.train)
         params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=config.betas)
-        model.train()
-        for step, indices in enumerate(batch_indices(len(prepared), config.steps, config.batch_size, config.seed)):
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = collate([prepared[int(i)] for i in indices], processor.pad_token_id)
-            labels = batch.labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            if bool((labels[:, 1:] != -100).any()):
-                out = model(**_model_inputs(batch, device, dtype), use_cache=False)
-                loss = batch_answer_loss(out.logits, labels)
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(
-                    params, config.max_grad_norm if config.max_grad_norm else float("inf"))
-                optimizer.step()
-                value, norm_value = float(loss.detach()), float(norm)
-            else:
-                value, norm_value = 0.0, 0.0
-            log.step_loss.append(value)
-            log.lr.append(lr)
-            log.grad_norm.append(norm_value)
-            log.samples_seen += len(indices)
-            if on_step is not None:
-                on_step(step, value)
-        model.eval()
+        optimizer = adamw(params, config.lr, config.betas, config.weight_decay, decay_vectors=False)
+        batches = batch_indices(len(prepared), config.steps, config.batch_size, config.seed)
+        plan = TrainPlan((tuple((indices,) for indices in batches),))
+        train(model, prepared, processor.pad_token_id, plan, optimizer, lr_schedule(config), config.lr,
+              device=device, max_grad_norm=config.max_grad_norm, log=log,
+              on_step=None if on_step is None else lambda _epoch, step, loss, _seen: on_step(step, loss))
     log.epochs = log.samples_seen / len(prepared)
     log.seconds = time.perf_counter() - start
     return log
@@ -317,14 +274,13 @@ def evaluate_answers(model, processor: VLMProcessor, samples: Sequence[dict], ba
         out = model(**_model_inputs(batch, device, dtype), use_cache=False)
         logits = out.logits.float()
         pred = logits[:, :-1].argmax(-1).cpu()
+        row_losses = answer_cross_entropy(logits, batch.labels.to(logits.device), "row")
         pending: list[tuple[str, int, str, tuple]] = []
         for b, (sample, prep) in enumerate(zip(chunk, prepared)):
             task = sample.get("task", "all") if isinstance(sample, dict) else "all"
             ids = batch.input_ids[b]
-            pos = torch.from_numpy(np.flatnonzero(prep.answer_mask))
-            pos = pos[pos >= 1]
-            if pos.numel():
-                losses[task].append(float(F.cross_entropy(logits[b, pos - 1], ids[pos].to(logits.device))))
+            if bool((batch.labels[b, 1:] != IGNORE_INDEX).any()):
+                losses[task].append(float(row_losses[b]))
             if not accuracy:
                 continue
             gold_texts = _gold_answers(sample)

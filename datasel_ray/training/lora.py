@@ -24,15 +24,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from datasel_ray.config import LoraConfig
-from datasel_ray.models.vlm import PreparedSample, collate
+from datasel_ray.models.vlm import PreparedSample
+from datasel_ray.training.loop import LrSchedule, TrainLog, TrainPlan, adamw, epoch_order, train
 
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -103,17 +102,6 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def batch_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over every answer token of the batch (HF causal-LM convention), fp32.
-
-    logits [B, T, V]; labels int64 [B, T] (-100 outside answer tokens, unshifted). The batch must hold at
-    least one answer token.
-    """
-    target = labels[:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=-100)
-
-
 # -- data order --------------------------------------------------------------------------------------------
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
                   world_size: int = 1) -> list[np.ndarray]:
@@ -125,26 +113,13 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0,
     """
     if n < 1:
         raise ValueError("no training samples")
-    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+    order = epoch_order(n, epoch, seed)
     padded = math.ceil(n / world_size) * world_size
     order = np.concatenate([order, order[: padded - n]])[rank::world_size]
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 # -- training ----------------------------------------------------------------------------------------------
-@dataclass
-class TrainLog:
-    """Per-step and per-epoch losses of one training run (rank-local values)."""
-
-    step_loss: list[float] = field(default_factory=list)
-    epoch_loss: list[float] = field(default_factory=list)
-    samples_seen: int = 0
-
-    @property
-    def steps(self) -> int:
-        return len(self.step_loss)
-
-
 def train_lora(
     model: torch.nn.Module,
     samples: Sequence[PreparedSample],
@@ -190,64 +165,27 @@ def train_lora(
         raise ValueError(f"Unknown lr schedule {schedule!r}. Choose from: constant, cosine.")
     if accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-    forward = forward_model if forward_model is not None else model
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    per_epoch = math.ceil(len(epoch_batches(len(samples), batch_size, 0, seed, rank, world_size)) / accumulation_steps)
-    total_steps = per_epoch * epochs
-    warmup_steps = math.ceil(warmup_ratio * total_steps)
-    dtype = next(model.parameters()).dtype
+    optimizer = adamw(params, learning_rate)
+    plan = TrainPlan(tuple(
+        tuple(tuple(batches[lo:lo + accumulation_steps]) for lo in range(0, len(batches), accumulation_steps))
+        for batches in (epoch_batches(len(samples), batch_size, epoch, seed, rank, world_size)
+                        for epoch in range(epochs))))
+    warmup_steps = math.ceil(warmup_ratio * plan.total_steps) if schedule == "cosine" else 0
+    lr_schedule = LrSchedule(schedule, plan.total_steps, warmup_steps, progress="after_step")
     log = TrainLog()
-    forward.train()
-    for epoch in range(epochs):
-        losses = []
-        batches = epoch_batches(len(samples), batch_size, epoch, seed, rank, world_size)
-        for lo in range(0, len(batches), accumulation_steps):
-            group = batches[lo:lo + accumulation_steps]
-            optimizer.zero_grad(set_to_none=True)
-            values, seen = [], 0
-            for indices in group:
-                batch = collate([samples[int(i)] for i in indices], pad_token_id)
-                labels = batch.labels.to(device)
-                if not bool((labels[:, 1:] != -100).any()) and world_size == 1:
-                    continue
-                out = forward(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                              **batch.image_kwargs(device, dtype), use_cache=False)
-                loss = batch_answer_loss(out.logits, labels)
-                if not torch.isfinite(loss):  # no answer token on this rank; keep DDP in step with a zero gradient
-                    loss = out.logits.sum() * 0.0
-                (loss / len(group)).backward()
-                values.append(float(loss.detach()))
-                seen += len(indices)
-            if not values:
-                continue
-            factor = lr_factor(log.steps, total_steps, warmup_steps) if schedule == "cosine" else 1.0
-            for group_params in optimizer.param_groups:
-                group_params["lr"] = learning_rate * factor
-            optimizer.step()
-            value = float(np.mean(values))
-            losses.append(value)
-            log.step_loss.append(value)
-            log.samples_seen += seen
-            if on_step is not None:
-                on_step(epoch, log.steps, value, seen)
-        log.epoch_loss.append(float(np.mean(losses)) if losses else math.nan)
-        if on_epoch is not None:
-            on_epoch(epoch, log, optimizer)
-    forward.eval()
+    train(model, samples, pad_token_id, plan, optimizer, lr_schedule, learning_rate, device=device,
+          forward_model=forward_model, ranks_in_step=world_size > 1, log=log,
+          on_step=None if on_step is None else lambda epoch, _step, loss, seen: on_step(epoch, log.steps, loss, seen),
+          on_epoch=None if on_epoch is None else lambda epoch, log: on_epoch(epoch, log, optimizer))
     return optimizer, log
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the lr at optimizer step ``step`` (0-based): ``(step + 1) / warmup_steps`` during warm-up,
-    then ``0.5 * (1 + cos(pi * progress))`` with progress 0 at the first step after warm-up and 1 at the last
-    (HF ``get_cosine_schedule_with_warmup`` evaluated after each step)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps + 1) / span)))
+    """Multiplier of the warm-up's lr at optimizer step ``step`` (0-based) under the cosine schedule:
+    ``(step + 1) / warmup_steps`` during warm-up, then ``0.5 * (1 + cos(pi * progress))`` with progress 0 at the
+    first step after warm-up and 1 at the last (:class:`~datasel_ray.training.loop.LrSchedule`, ``after_step``)."""
+    return LrSchedule("cosine", total_steps, warmup_steps, progress="after_step").lr(1.0, step)
 
 
 # -- saving ------------------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def test_two_instances_share_the_projection(adapter_dir):
     assert resolve_proj_dim(TiveConfig(), "cpu") == 512 and resolve_proj_dim(TiveConfig(), "cuda") == 8192
 
 
+@pytest.mark.integration  # two Ray actors; the in-process twin is test_two_instances_share_the_projection
 def test_two_ray_actors_share_the_projection(ray_local, adapter_dir):
     ray = ray_local
 

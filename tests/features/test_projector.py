@@ -51,7 +51,8 @@ def test_block_layout_changes_matrix_and_fingerprint():
     assert a.fingerprint() == RademacherProjector(256, 16, seed=0, block_rows=64).fingerprint()
 
 
-@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+# each case spawns a Python process (torch imported again); the second kind runs with the integration tests
+@pytest.mark.parametrize("kind", ["rademacher", pytest.param("sparse", marks=pytest.mark.integration)])
 def test_same_matrix_in_a_fresh_instance_and_another_process(kind):
     args = (kind, 700, 32, 5, 100)
     here = make_projector(kind, 700, 32, seed=5, block_rows=100).materialize().numpy()

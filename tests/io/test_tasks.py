@@ -170,7 +170,7 @@ def test_other_pool_shapes_are_not_the_release(tmp_path):
         "the pool is 2 file(s) (json, jsonl), not one JSON file"
 
 
-def test_ingest_with_the_llava_665k_recipe_labels_every_source(tmp_path, ray_local):
+def test_ingest_with_the_llava_665k_recipe_labels_every_source(tmp_path):
     from datasel_ray.io.rundir import RunDir
     from datasel_ray.pipeline.feature_store import load_table
     from datasel_ray.pipeline.ingest import run_ingest
@@ -183,7 +183,7 @@ def test_ingest_with_the_llava_665k_recipe_labels_every_source(tmp_path, ray_loc
     (tmp_path / "pool.json").write_text(json.dumps(records))
     cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "pool": {
         "path": str(tmp_path / "pool.json"), "task_recipe": "llava_665k", "check_images": False,
-        "records_per_block": 5}})
+        "records_per_block": 5, "executor": "local"}})
     rd = RunDir(cfg.run_dir)
     rd.init(cfg)
     counts = run_ingest(cfg, rd, quiet=True)

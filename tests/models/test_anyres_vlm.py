@@ -109,8 +109,9 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
     from transformers import AutoModelForImageTextToText
 
     from datasel_ray.config import LoraConfig
-    from datasel_ray.features.gradients import LoraGradientFeaturizer, answer_token_loss, tive_param_filter
+    from datasel_ray.features.gradients import LoraGradientFeaturizer, tive_param_filter
     from datasel_ray.features.projector import make_projector
+    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(next_dir), LoraConfig(r=2, alpha=4), seed=0)
@@ -133,14 +134,14 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_token_loss(logits, one.labels[0]).backward()
+            answer_cross_entropy(logits, one.labels[0], "masked").backward()
         flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
         assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
         expected = (flat @ matrix).numpy()
         np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
-def test_preflight_refuses_tive_only_for_concatenated_patches(next_dir, tmp_path, ray_local, monkeypatch):
+def test_preflight_refuses_tive_only_for_concatenated_patches(next_dir, tmp_path, monkeypatch):
     from datasel_ray.config import RunConfig
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import preflight

@@ -4,7 +4,6 @@ to the library methods, resumable per partition, and the COINCIDE reduction reco
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from datasel_ray.pipeline.aggregate import run_aggregate
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.select import run_select
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features, write_features, write_samples  # noqa: E402
+from benchmarks.feature_store_gen import generate_features, write_features, write_samples
 
 METHODS = ["coincide", "datatailor", "tive", "random", "random_per_task", "answer_loss"]
 
@@ -134,6 +132,7 @@ def test_coincide_reduce_dim_same_centroids_in_library_pipeline_and_serve(tmp_pa
     np.testing.assert_array_equal(served, lib.labels)  # a pool row is served in its stored cluster
 
 
+@pytest.mark.slow  # a kill-and-resume scenario, as the other resume tests (test_fault_tolerance, test_extract)
 def test_aggregate_resumes_per_partition_after_a_kill(tmp_path, store_feats, monkeypatch):
     from datasel_ray.pipeline.fit import coincide as fit_coincide
 

@@ -15,12 +15,13 @@ from datasel_ray.pipeline.ingest import run_ingest
 from datasel_ray.synthetic import SynthConfig, generate_pool, load_ground_truth
 
 
-def _ingest(pool_info, run_dir, **pool):
+def _ingest(pool_info, run_dir, executor="local", **pool):
+    """Ingest in this process (``pool.executor``), except where a test compares with Ray."""
     from datasel_ray.demo import demo_config
 
     cfg = demo_config(run_dir.parent, pool_info.pool_path, tive=False)
     cfg = RunConfig.model_validate({**cfg.model_dump(), "run_dir": str(run_dir),
-                                    "pool": {**cfg.pool.model_dump(), **pool}})
+                                    "pool": {**cfg.pool.model_dump(), "executor": executor, **pool}})
     rd = RunDir(cfg.run_dir)
     rd.init(cfg)
     return cfg, rd, run_ingest(cfg, rd, quiet=True)
@@ -42,7 +43,7 @@ def _check_against_ground_truth(rd: RunDir, truth: list[dict], counts: dict) -> 
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "parquet"])
-def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, ray_local, fmt):
+def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, fmt):
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=500, seed=11, format=fmt, bad_rate=0.05))
     truth = load_ground_truth(info.ground_truth_path)
     kinds = {r["bad_kind"] for r in truth if r["bad_kind"]}
@@ -55,7 +56,29 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path, ray_local, fmt):
     assert all(r for r in raw) and all(":" in m for m in messages)  # "field: what was expected"
 
 
-def test_rerun_resumes_and_keeps_ids(tmp_path, ray_local):
+def test_ray_tasks_and_the_local_executor_write_the_same_shards(tmp_path, ray_local):
+    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=200, seed=4, format="jsonl", bad_rate=0.05))
+    outputs = {}
+    for executor in ("ray", "local"):
+        _, rd, counts = _ingest(info, tmp_path / executor, executor=executor, records_per_block=64)
+        outputs[executor] = (counts["samples"], counts["by_reason"], {
+            sub: {f.name: f.read_parquet().to_pylist() for f in (rd / sub).list(".parquet")}
+            for sub in ("samples", "quarantine/ingest")})
+    assert outputs["ray"] == outputs["local"]
+    assert len(outputs["local"][2]["samples"]) == 4 and outputs["local"][1]
+
+
+def test_auto_executor_is_local_for_one_block_only(tmp_path):
+    from datasel_ray.pipeline.ingest import ingest_executor
+
+    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=20, seed=1))
+    cfg, _, _ = _ingest(info, tmp_path / "run", executor="auto")
+    assert ingest_executor(cfg, ["one block"]) == "local" and ingest_executor(cfg, ["a", "b"]) == "ray"
+    forced = RunConfig.model_validate({**cfg.model_dump(), "pool": {**cfg.pool.model_dump(), "executor": "ray"}})
+    assert ingest_executor(forced, ["one block"]) == "ray"
+
+
+def test_rerun_resumes_and_keeps_ids(tmp_path):
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=150, seed=2))
     _, rd, first = _ingest(info, tmp_path / "run", records_per_block=40)
     ids_before = column_to_numpy(load_table(rd, "samples").column(schema.ROW_ID))
@@ -67,7 +90,7 @@ def test_rerun_resumes_and_keeps_ids(tmp_path, ray_local):
     np.testing.assert_array_equal(column_to_numpy(load_table(rd, "samples").column(schema.ROW_ID)), ids_before)
 
 
-def test_samples_keep_the_original_record(tmp_path, ray_local):
+def test_samples_keep_the_original_record(tmp_path):
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=60, seed=5, bad_rate=0.0))
     _, rd, _ = _ingest(info, tmp_path / "run")
     pool = json.loads(info.pool_path.read_text())
@@ -76,7 +99,7 @@ def test_samples_keep_the_original_record(tmp_path, ray_local):
         assert json.loads(raw) == pool[idx]
 
 
-def test_manifest_refuses_a_changed_pool_config(tmp_path, ray_local):
+def test_manifest_refuses_a_changed_pool_config(tmp_path):
     from datasel_ray.io.rundir import ManifestMismatch
 
     info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=30, seed=1))
@@ -110,3 +133,18 @@ def test_threaded_block_validation_keeps_record_order_and_rows(tmp_path):
     assert len(quarantined) > 10 and len(samples) + len(quarantined) == 300
     ids = [r[schema.ROW_ID] for r in samples]
     assert ids == sorted(ids)
+def test_an_ingest_run_with_the_local_executor_never_starts_ray(tmp_path, monkeypatch):
+    from datasel_ray.demo import demo_config
+    from datasel_ray.pipeline import ray_adapter
+    from datasel_ray.pipeline.runner import run_phases
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_adapter, "ensure_ray", refuse)
+    info = generate_pool(tmp_path / "pool", SynthConfig(num_samples=80, seed=3))
+    cfg = demo_config(tmp_path, info.pool_path, tive=False)
+    cfg.pool.executor = "local"
+    result = run_phases(cfg, ["ingest"], quiet=True)["ingest"]
+    assert result["rows_in"] == 80 and result["samples"] + result["quarantined"] == 80
+    assert RunDir(cfg.run_dir).phase_status("ingest") == "done"

@@ -51,9 +51,9 @@ def dup_pool(tmp_path):
     return pool
 
 
-def _run(pool, run_dir, ray_local):
+def _run(pool, run_dir):
     cfg = RunConfig.model_validate({"run_dir": str(run_dir), "pool": {
-        "path": str(pool), "records_per_block": 3, "check_images": False}})
+        "path": str(pool), "records_per_block": 3, "check_images": False, "executor": "local"}})
     rd = RunDir(cfg.run_dir)
     rd.init(cfg)
     return rd, run_ingest(cfg, rd, quiet=True)
@@ -65,8 +65,8 @@ def _quarantine(rd):
             for r in q.to_pylist()]
 
 
-def test_later_rows_with_a_seen_id_are_quarantined(dup_pool, tmp_path, ray_local):
-    rd, counts = _run(dup_pool, tmp_path / "run", ray_local)
+def test_later_rows_with_a_seen_id_are_quarantined(dup_pool, tmp_path):
+    rd, counts = _run(dup_pool, tmp_path / "run")
     a, b = str(dup_pool / "a.jsonl"), str(dup_pool / "b.jsonl")
     msg = "id: {!r} was already used by record {} of {}; ids must be unique in the pool, only the first valid row " \
           "with an id is kept"
@@ -88,27 +88,27 @@ def test_later_rows_with_a_seen_id_are_quarantined(dup_pool, tmp_path, ray_local
     assert quarantine_duplicate_ids(rd) == 0  # idempotent: nothing left to move
 
 
-def test_resume_after_a_lost_shard_gives_the_same_split(dup_pool, tmp_path, ray_local):
-    rd, first = _run(dup_pool, tmp_path / "run", ray_local)
+def test_resume_after_a_lost_shard_gives_the_same_split(dup_pool, tmp_path):
+    rd, first = _run(dup_pool, tmp_path / "run")
     before_q, before_s = _quarantine(rd), column_to_numpy(load_table(rd, "samples").column(schema.ROW_ID))
     dup_shards = [f.name for f in (rd / "quarantine" / "ingest").list(".parquet") if f.name.endswith(DUPLICATES_SUFFIX)]
     assert dup_shards == ["00000-0000000000.duplicate_id.parquet", "00000-0000000006.duplicate_id.parquet",
                           "00001-0000000000.duplicate_id.parquet", "00001-0000000003.duplicate_id.parquet"]
     # the shard of a block whose duplicate was already moved, as a killed ingest (or a user) would lose it
     (rd / "samples" / "00000-0000000000.parquet").delete()
-    rd, second = _run(dup_pool, tmp_path / "run", ray_local)
+    rd, second = _run(dup_pool, tmp_path / "run")
     assert _quarantine(rd) == before_q
     np.testing.assert_array_equal(column_to_numpy(load_table(rd, "samples").column(schema.ROW_ID)), before_s)
     assert second == {**first, "seconds": second["seconds"]}
 
 
-def test_an_id_first_used_by_a_rejected_row_is_kept_on_its_first_valid_row(tmp_path, ray_local):
+def test_an_id_first_used_by_a_rejected_row_is_kept_on_its_first_valid_row(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
     bad = {"id": "q", "conversations": [{"from": "human", "value": "no answer"}]}
     rows = [bad, _record("q", 1), _record("q", 2)]
     (pool / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rd, counts = _run(pool, tmp_path / "run", ray_local)
+    rd, counts = _run(pool, tmp_path / "run")
     a = str(pool / "a.jsonl")
     assert [q[:3] for q in _quarantine(rd)] == [("a.jsonl", 0, "no_assistant_turn"), ("a.jsonl", 2, "duplicate_id")]
     assert _quarantine(rd)[1][3].startswith(f"id: 'q' was already used by record 1 of {a};")

@@ -44,6 +44,7 @@ def warm_run(tmp_path_factory, ray_local, tiny_model_dir):
     return cfg, run_phases(cfg, ["ingest", "warmup"], quiet=True)["warmup"]
 
 
+@pytest.mark.integration  # a Ray Train worker group; the training loop itself: tests/training
 def test_warmup_writes_a_complete_adapter(warm_run):
     cfg, warm = warm_run
     rd = RunDir(cfg.run_dir)

@@ -22,14 +22,14 @@ def _records(n, tag):
 
 def _ingest(pool_path, run_dir, **pool):
     cfg = RunConfig.model_validate({"run_dir": str(run_dir), "pool": {
-        "path": str(pool_path), "records_per_block": 4, "check_images": False, **pool}})
+        "path": str(pool_path), "records_per_block": 4, "check_images": False, "executor": "local", **pool}})
     rd = RunDir(cfg.run_dir)
     rd.init(cfg)
     run_ingest(cfg, rd, quiet=True)
     return rd
 
 
-def test_jsonl_pool_with_an_unusual_suffix_round_trips(tmp_path, ray_local):
+def test_jsonl_pool_with_an_unusual_suffix_round_trips(tmp_path):
     records = _records(10, "t")
     path = tmp_path / "data.txt"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -42,7 +42,7 @@ def test_jsonl_pool_with_an_unusual_suffix_round_trips(tmp_path, ray_local):
     assert [json.loads(line) for line in lines] == [records[2], records[5], records[9]]
 
 
-def test_json_pool_round_trips(tmp_path, ray_local):
+def test_json_pool_round_trips(tmp_path):
     records = _records(9, "j")
     path = tmp_path / "pool.dat"
     path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
@@ -51,7 +51,7 @@ def test_json_pool_round_trips(tmp_path, ray_local):
     assert json.loads((rd / "subset" / "pool.dat").read_text()) == [records[0], records[8]]
 
 
-def test_parquet_pool_round_trips_the_original_rows(tmp_path, ray_local):
+def test_parquet_pool_round_trips_the_original_rows(tmp_path):
     records = _records(23, "p")
     table = pa.Table.from_pylist(records)
     path = tmp_path / "pool.parquet"
@@ -64,7 +64,7 @@ def test_parquet_pool_round_trips_the_original_rows(tmp_path, ray_local):
     assert out.to_pylist() == [records[1], records[7], records[22]]
 
 
-def test_run_dirs_without_a_recorded_format_use_the_configured_one(tmp_path, ray_local):
+def test_run_dirs_without_a_recorded_format_use_the_configured_one(tmp_path):
     records = _records(5, "o")
     path = tmp_path / "data.txt"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -74,7 +74,7 @@ def test_run_dirs_without_a_recorded_format_use_the_configured_one(tmp_path, ray
     assert [json.loads(x) for x in (rd / "subset" / "data.txt").read_text().splitlines()] == [records[3]]
 
 
-def test_shards_out_of_source_order_still_give_source_order(tmp_path, ray_local):
+def test_shards_out_of_source_order_still_give_source_order(tmp_path):
     """Ingest writes shards in source order, and the subset streams them; shards listed in another order are
     held and sorted instead, with the same output."""
     records = _records(12, "o")

@@ -17,6 +17,10 @@ TOKEN = "test-token-123"
 LIMITS = {"max_samples": 8, "max_image_bytes": 200_000, "max_image_pixels": 256 * 256, "max_body_bytes": 1_000_000}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
+# A real Ray Serve (HTTP proxy and replica processes); the scorer these requests reach is tested in process by
+# tests/scoring/test_scorer.py and the batching by tests/serve/test_batching.py.
+pytestmark = pytest.mark.integration
+
 
 def png_base64(size: tuple[int, int]) -> str:
     buf = io.BytesIO()

@@ -81,13 +81,13 @@ def _load_tiny():
 
 def _mean_loss(model, samples, pad):
     from datasel_ray.models.vlm import collate
-    from datasel_ray.training.lora import batch_answer_loss
+    from datasel_ray.models.answer_loss import answer_cross_entropy
 
     batch = collate(samples, pad)
     with torch.no_grad():
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     pixel_values=batch.pixel_values, use_cache=False)
-    return float(batch_answer_loss(out.logits, batch.labels))
+    return float(answer_cross_entropy(out.logits, batch.labels, "batch"))
 
 
 def test_training_lowers_answer_loss_and_only_lora_changes(tiny_samples, tmp_path):
@@ -117,6 +117,7 @@ def test_training_lowers_answer_loss_and_only_lora_changes(tiny_samples, tmp_pat
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow  # the default run covers it: test_loop.py trains two fresh models and asserts bit-equal curves
 def test_training_is_deterministic(tiny_samples):
     processor, samples = tiny_samples
     runs = []

@@ -88,7 +88,7 @@ def test_accumulation_and_cosine_schedule_in_train_lora(samples, tiny_model_dir)
 def test_one_step_of_accumulated_halves_equals_the_mean_of_their_gradients(samples, tiny_model_dir):
     """Accumulating two batches (each loss halved) gives the gradient of the mean of the two batch losses."""
     from datasel_ray.models.vlm import collate
-    from datasel_ray.training.lora import batch_answer_loss
+    from datasel_ray.models.answer_loss import answer_cross_entropy
 
     processor, prepared = samples
     base = attach_lora(_tiny(tiny_model_dir), TiveConfig().lora, seed=0)
@@ -98,7 +98,7 @@ def test_one_step_of_accumulated_halves_equals_the_mean_of_their_gradients(sampl
         batch = collate(part, processor.pad_token_id)
         out = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                    use_cache=False)
-        losses.append(batch_answer_loss(out.logits, batch.labels))
+        losses.append(answer_cross_entropy(out.logits, batch.labels, "batch"))
     expected = torch.autograd.grad((losses[0] + losses[1]) / 2, params)
     before = [p.detach().clone() for p in params]
     optimizer, log = train_lora(base, prepared[:2], processor.pad_token_id, learning_rate=1e-3, epochs=1,
