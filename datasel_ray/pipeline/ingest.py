@@ -172,21 +172,23 @@ def ingest_executor(cfg: RunConfig, blocks: list[BlockSpec]) -> str:
 
 
 def validate_blocks(cfg: RunConfig, pending: list[BlockSpec], stage_args: dict,
-                    executor: str) -> Iterator[tuple[int, int]]:
+                    executor: str) -> Iterator[tuple[int, int, int]]:
     """Run :class:`IngestBlockStage` on every pending block, in this process (``local``, in block order) or as
-    Ray tasks (``ray``, in completion order); yields ``(good, bad)`` row counts per block as blocks finish."""
+    Ray tasks (``ray``, in completion order); yields ``(good, bad, kept_out)`` row counts per block as blocks
+    finish (``kept_out``: quarantined by design, :data:`NOT_FAILURES`)."""
     if not pending:
         return
     if executor == "local":
         stage = IngestBlockStage(**stage_args)
         for spec in pending:
-            yield stage.process(spec)
+            good, bad = stage.process(spec)
+            yield good, bad, stage.last_kept_out
         return
     ray_adapter.ensure_ray(cfg.ray, env=worker_environment(cfg.storage))
     ds = ray_adapter.map_task_stage(ray_adapter.from_rows([b.to_dict() for b in pending]), IngestBlockStage,
                                     stage_args)
     for row in ray_adapter.iter_result_rows(ds):
-        yield int(row["good"]), int(row["bad"])
+        yield int(row["good"]), int(row["bad"]), int(row["kept_out"])
 
 
 def run_ingest(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
