@@ -13,6 +13,7 @@ from typing import Callable
 from datasel_ray.config import PHASES, RunConfig
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import apply_storage_options, worker_environment
+from datasel_ray.methods.registry import get_method
 from datasel_ray.models.shared_copy import share_model
 from datasel_ray.pipeline import ray_adapter
 from datasel_ray.pipeline.failures import StallWatch
@@ -80,9 +81,11 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
 
     if "ingest" in phases:
         list_pool_files(cfg.pool.path, cfg.pool.format)
-    if "tive" in cfg.select.methods and "select" in phases and not cfg.tive.enabled:
-        raise ValueError("select.methods includes 'tive' but tive.enabled is false: enable TIVE (warm-up and "
-                         "gradients) or remove 'tive' from select.methods")
+    needs_gradients = [m for m in cfg.select.methods if get_method(m).needs_tive]
+    if needs_gradients and "select" in phases and not cfg.tive.enabled:
+        names = ", ".join(repr(m) for m in needs_gradients)
+        raise ValueError(f"select.methods includes {names}, which read the TIVE gradients, but tive.enabled is "
+                         f"false: enable TIVE (warm-up and gradients) or remove {names} from select.methods")
     from datasel_ray.pipeline.warmup import adapter_location
 
     if "extract" in phases and cfg.tive.enabled:
