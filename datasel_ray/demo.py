@@ -28,8 +28,8 @@ DEMO_METHODS = ["coincide", "datatailor", "random"]
 def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0, model: str = TINY_MODEL) -> RunConfig:
     task_map = {f"{folder}/": task for folder, task in TASK_FOLDERS.items()}
     task_map[TEXT_ONLY_KEY] = TEXT_TASK
-    phases = ["ingest", "warmup", "extract", "aggregate", "select", "report"] if tive else \
-        ["ingest", "extract", "aggregate", "select", "report"]
+    phases = ["ingest", "warmup", "extract", "dedup", "aggregate", "select", "report"] if tive else \
+        ["ingest", "extract", "dedup", "aggregate", "select", "report"]
     return RunConfig.model_validate({
         "run_dir": str(workdir / "run"),
         "seed": seed,

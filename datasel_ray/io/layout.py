@@ -12,6 +12,14 @@ online scorer and the report (one definition per file and column name).
     ``tive/``: ``tasks.parquet`` (task, size, task_value, mean_gradient_norm), ``task_mean_grad.npy``,
     ``rows.parquet`` (row_id, instance_value).
     ``_work/`` holds per-partition results of an unfinished phase (resume); removed when the phase ends.
+``dedup/``
+    ``dropped.parquet`` (:data:`DROPPED`: row_id, task, representative, duplicate_of, similarity, pass, cluster),
+    ``pairs.parquet`` (row_a ranked before row_b, similarity, pass, cluster: every pair at or above 1 - eps),
+    ``groups.parquet`` (representative, task, size, exact, semantic: groups of two rows or more),
+    ``tasks.parquet`` (task, rows, kept, dropped_exact, dropped_semantic, groups), ``centroids.npy``,
+    ``clusters.parquet`` (cluster, size, bucket, offset), ``members/<bucket>.parquet`` (row_id, cluster, vector
+    as stored: the online near-duplicate lookup), ``meta.json`` and, with ``select.dedup``, ``kept/`` (the
+    feature shards of the kept rows, what aggregate and select then read).
 ``selections/<method>/``
     ``scores.parquet``, ``selected_ids.npy``, ``summary.json``, ``subset/``; COINCIDE also ``quotas.parquet``.
 """
@@ -21,6 +29,11 @@ from __future__ import annotations
 from datasel_ray.io.storage import Location
 
 STATS = "stats"
+DEDUP = "dedup"
+DROPPED = "dropped.parquet"
+PAIRS = "pairs.parquet"
+GROUPS = "groups.parquet"
+KEPT = "kept"
 SELECTIONS = "selections"
 WORK = "_work"
 META = "meta.json"
@@ -48,6 +61,13 @@ VECTOR = "vector"
 KERNEL_SUM = "kernel_sum"
 SELECTED = "selected"
 SCORE = "score"
+REPRESENTATIVE = "representative"
+DUPLICATE_OF = "duplicate_of"
+SIMILARITY = "similarity"
+PASS = "pass"
+PASS_EXACT = "exact"
+PASS_SEMANTIC = "semantic"
+COS_CENTROID = "cos_centroid"
 
 
 def method_stats(run_dir, method: str) -> Location:

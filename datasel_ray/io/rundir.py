@@ -23,11 +23,12 @@ PHASE_DIRS = {
     "ingest": ("samples", "quarantine/ingest"),
     "warmup": ("lora",),
     "extract": ("features", "quarantine/extract"),
+    "dedup": ("dedup",),
     "aggregate": ("stats",),
     "select": ("selections",),
     "report": ("report",),
 }
-PHASE_ORDER = ("ingest", "warmup", "extract", "aggregate", "select", "report")
+PHASE_ORDER = ("ingest", "warmup", "extract", "dedup", "aggregate", "select", "report")
 _VERSIONED_PACKAGES = ("ray", "torch", "transformers", "peft", "faiss-cpu", "numpy", "pyarrow", "pydantic")
 
 
@@ -66,6 +67,12 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
         parts["coincide"] = cfg.coincide.model_dump()
         parts["datatailor"] = cfg.datatailor.model_dump()
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "task_value"})
+        if cfg.select.dedup:  # the methods are fitted on the rows dedup kept
+            parts["select_dedup"] = True
+            parts["dedup"] = cfg.dedup.model_dump()
+    elif phase == "dedup":
+        parts["dedup"] = cfg.dedup.model_dump()
+        parts["select_dedup"] = cfg.select.dedup  # dedup/kept/ is written for it
     return _flatten(parts)
 
 

@@ -39,6 +39,12 @@ def _extract(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
     return run_extract(cfg, run_dir, lora_dir=adapter_dir_for_extract(cfg, run_dir), quiet=quiet)
 
 
+def _dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.dedup import run_dedup
+
+    return run_dedup(cfg, run_dir, quiet=quiet)
+
+
 def _aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
     from datasel_ray.pipeline.aggregate import run_aggregate
 
@@ -61,6 +67,7 @@ PHASE_FUNCS: dict[str, Callable[[RunConfig, RunDir, bool], dict]] = {
     "ingest": _ingest,
     "warmup": _warmup,
     "extract": _extract,
+    "dedup": _dedup,
     "aggregate": _aggregate,
     "select": _select,
     "report": _report,
@@ -79,6 +86,10 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
     if "tive" in cfg.select.methods and "select" in phases and not cfg.tive.enabled:
         raise ValueError("select.methods includes 'tive' but tive.enabled is false: enable TIVE (warm-up and "
                          "gradients) or remove 'tive' from select.methods")
+    if cfg.select.dedup and ("aggregate" in phases or "select" in phases) and "dedup" not in phases \
+            and RunDir(cfg.run_dir).phase_status("dedup") != "done":
+        raise ValueError("select.dedup is true but phases has no 'dedup' and the run has no finished dedup phase: "
+                         "add 'dedup' to phases (before 'aggregate') or set select.dedup=false")
     if "extract" in phases:
         validate_resources(cfg, resolve_num_gpus(cfg))
     from datasel_ray.pipeline.warmup import adapter_location, validate_warmup_resources
