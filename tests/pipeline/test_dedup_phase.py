@@ -1,0 +1,169 @@
+"""The dedup phase: identical across partitionings, equal to the in-process semantic pass, resumable, exact
+duplicates from image bytes + text, and select.dedup selecting among the kept rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datasel_ray.config import RunConfig
+from datasel_ray.dedup import semantic
+from datasel_ray.io import layout
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.pipeline.aggregate import run_aggregate
+from datasel_ray.pipeline.dedup import run_dedup
+from datasel_ray.pipeline.feature_store import column_to_numpy
+from datasel_ray.pipeline.select import run_select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from feature_store_gen import generate_features, write_features  # noqa: E402
+
+N = 1500
+EXACT_COPIES = {7: 3, 9: 3, 400: 12}  # row -> the earlier row whose image bytes and (case-changed) text it repeats
+
+
+@pytest.fixture(scope="module")
+def feats():
+    return generate_features(N, seed=6, n_tasks=4, dup_fraction=0.05,
+                             columns=["coincide_vector", "last_token", "informativeness", "tau", "n_turns",
+                                      "answer_loss", "n_image_tokens", "n_text_tokens", "n_answer_tokens"])
+
+
+def _write_run(tmp: Path, feats: dict) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_features(tmp, feats, shard_rows=100)
+    images = tmp / "images"
+    images.mkdir(parents=True)
+    ids = feats["row_id"]
+    paths, convs, raws = [], [], []
+    for i in ids.tolist():
+        src = EXACT_COPIES.get(i, i)
+        path = images / f"{src}.bin"
+        path.write_bytes(f"image-bytes-{src}".encode())
+        text = f"What is in picture {src}?"
+        paths.append(str(path) if src % 5 else "")  # every fifth source row is text-only
+        turns = [{"from": "human", "value": text.upper() if i != src else text}, {"from": "gpt", "value": "x"}]
+        convs.append(json.dumps(turns))
+        raws.append(json.dumps({"id": str(i), "conversations": turns}))
+    (tmp / "samples").mkdir()
+    for s in range(0, len(ids), 700):
+        sl = slice(s, s + 700)
+        pq.write_table(pa.table({
+            "row_id": pa.array(ids[sl], pa.int64()), "task": pa.array(feats["task"][sl].astype(str)),
+            "raw": pa.array(raws[sl]), "source_file": pa.array([str((tmp / "pool.jsonl").resolve())] * len(raws[sl])),
+            "source_index": pa.array(np.arange(s, s + len(raws[sl]), dtype=np.int64)),
+            "image_path": pa.array(paths[sl]), "conversations": pa.array(convs[sl])}),
+            tmp / "samples" / f"part-{s // 700:05d}.parquet")
+
+
+def _config(tmp: Path, partition_bytes: int, **sections) -> RunConfig:
+    data = {"run_dir": str(tmp), "seed": 2, "aggregate": {"executor": "local", "partition_bytes": partition_bytes},
+            "dedup": {"num_clusters": 12, "workspace_bytes": 4096}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return RunConfig.model_validate(data)
+
+
+def _tables(tmp: Path) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for name in (layout.DROPPED, layout.PAIRS, layout.GROUPS, layout.TASKS, layout.CLUSTERS):
+        t = pq.read_table(tmp / layout.DEDUP / name)
+        out[name] = {c: column_to_numpy(t.column(c)) for c in t.column_names}
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for name in a:
+        if name == layout.CLUSTERS:  # bucket / offset depend on the partition size
+            np.testing.assert_array_equal(a[name][layout.SIZE], b[name][layout.SIZE])
+            continue
+        for column, values in a[name].items():
+            np.testing.assert_array_equal(values, b[name][column], err_msg=f"{name}.{column}")
+
+
+def test_partitioned_equals_one_partition_and_the_in_process_pass(tmp_path, feats):
+    _write_run(tmp_path / "many", feats)
+    many = run_dedup(_config(tmp_path / "many", 1 << 16), RunDir(str(tmp_path / "many")), quiet=True)
+    _write_run(tmp_path / "one", feats)
+    one = run_dedup(_config(tmp_path / "one", 1 << 30), RunDir(str(tmp_path / "one")), quiet=True)
+    assert many["buckets"] > 3 and one["buckets"] == 1
+    a, b = _tables(tmp_path / "many"), _tables(tmp_path / "one")
+    _assert_same(a, b)
+    assert many["dropped_exact"] == 3 and many["dropped_semantic"] > 30
+    exact = a[layout.DROPPED][layout.PASS] == layout.PASS_EXACT
+    got = dict(zip(a[layout.DROPPED]["row_id"][exact].tolist(), a[layout.DROPPED][layout.DUPLICATE_OF][exact].tolist()))
+    assert got == EXACT_COPIES
+    # the semantic rows equal the in-process reference on the same centroids (exact-dropped rows left out)
+    centroids = np.load(tmp_path / "many" / layout.DEDUP / layout.CENTROIDS)
+    rest = ~np.isin(feats["row_id"], list(EXACT_COPIES))
+    ref = semantic.semantic_dedup(feats["coincide_vector"][rest], feats["row_id"][rest], centroids, "hard", 0.01,
+                                  workspace_bytes=4096)
+    sem = ~exact
+    d = a[layout.DROPPED]
+    order = np.argsort(ref["row_id"][ref["dropped"]])
+    np.testing.assert_array_equal(d["row_id"][sem], ref["row_id"][ref["dropped"]][order])
+    np.testing.assert_array_equal(d[layout.SIMILARITY][sem], ref["similarity"][ref["dropped"]][order])
+    np.testing.assert_array_equal(d[layout.DUPLICATE_OF][sem], ref["duplicate_of"][ref["dropped"]][order])
+    # per-task counts add up
+    t = a[layout.TASKS]
+    assert int(t["rows"].sum()) == N and int((t["rows"] - t["kept"]).sum()) == len(d["row_id"])
+    g = a[layout.GROUPS]
+    assert int((g[layout.SIZE] - 1).sum()) == len(d["row_id"])
+    kept = set(feats["row_id"].tolist()) - set(d["row_id"].tolist())
+    assert set(d[layout.REPRESENTATIVE].tolist()) <= kept
+
+
+def test_a_killed_dedup_resumes_per_bucket(tmp_path, feats, monkeypatch):
+    _write_run(tmp_path / "clean", feats)
+    run_dedup(_config(tmp_path / "clean", 1 << 16), RunDir(str(tmp_path / "clean")), quiet=True)
+    _write_run(tmp_path / "killed", feats)
+    calls = {"n": 0}
+    real = semantic.cluster_dedup
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(semantic, "cluster_dedup", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_dedup(_config(tmp_path / "killed", 1 << 16), RunDir(str(tmp_path / "killed")), quiet=True)
+    done_buckets = len(list((tmp_path / "killed" / layout.DEDUP / layout.WORK / "clusters").glob("*.npz")))
+    assert done_buckets >= 1
+    calls["n"] = -10**9  # no more failures; count the clusters computed on the rerun
+    run_dedup(_config(tmp_path / "killed", 1 << 16), RunDir(str(tmp_path / "killed")), quiet=True)
+    clusters_total = int((_tables(tmp_path / "clean")[layout.CLUSTERS][layout.SIZE] > 0).sum())
+    assert calls["n"] + 10**9 < clusters_total  # finished buckets were loaded, not recomputed
+    _assert_same(_tables(tmp_path / "clean"), _tables(tmp_path / "killed"))
+    assert not (tmp_path / "killed" / layout.DEDUP / layout.WORK).exists()
+
+
+def test_select_dedup_selects_among_kept_rows_with_a_whole_pool_budget(tmp_path, feats):
+    tmp = tmp_path / "run"
+    _write_run(tmp, feats)
+    methods = ["coincide", "datatailor", "random", "random_per_task"]
+    cfg = _config(tmp, 1 << 17, select={"dedup": True, "methods": methods, "budget": 0.2},
+                  datatailor={"dense_max_rows": 400, "precluster_size": 150})
+    res = run_dedup(cfg, RunDir(str(tmp)), quiet=True)
+    kept_ids = np.sort(np.concatenate([column_to_numpy(pq.read_table(f).column("row_id"))
+                                       for f in sorted((tmp / layout.DEDUP / layout.KEPT).glob("*.parquet"))]))
+    dropped = column_to_numpy(pq.read_table(tmp / layout.DEDUP / layout.DROPPED).column("row_id"))
+    assert len(kept_ids) == res["kept"] == N - len(dropped)
+    assert not np.isin(kept_ids, dropped).any()
+    run_aggregate(cfg, RunDir(str(tmp)), quiet=True)
+    run_select(cfg, RunDir(str(tmp)), quiet=True)
+    for method in methods:
+        ids = np.load(tmp / layout.SELECTIONS / method / layout.SELECTED_IDS)
+        summary = json.loads((tmp / layout.SELECTIONS / method / layout.SUMMARY).read_text())
+        assert summary["dedup"] is True and summary["whole_pool_rows"] == N, method
+        assert summary["budget_rows"] == round(0.2 * N) and summary["pool_rows"] == res["kept"], method
+        assert len(np.unique(ids)) == round(0.2 * N), method
+        assert not np.isin(ids, dropped).any(), method
