@@ -16,7 +16,8 @@ online scorer and the report (one definition per file and column name).
     ``dropped.parquet`` (:data:`DROPPED`: row_id, task, representative, duplicate_of, similarity, pass, cluster),
     ``pairs.parquet`` (row_a ranked before row_b, similarity, pass, cluster: every pair at or above 1 - eps),
     ``groups.parquet`` (representative, task, size, exact, semantic: groups of two rows or more),
-    ``tasks.parquet`` (task, rows, kept, dropped_exact, dropped_semantic, groups), ``centroids.npy``,
+    ``tasks.parquet`` (task, rows, kept, dropped_exact, dropped_semantic, groups), ``digests.parquet``
+    (:data:`DIGESTS`: row_id, digest of every row sorted by digest: the online exact lookup), ``centroids.npy``,
     ``clusters.parquet`` (cluster, size, bucket, offset), ``members/<bucket>.parquet`` (row_id, cluster, vector
     as stored: the online near-duplicate lookup), ``meta.json`` and, with ``select.dedup``, ``kept/`` (the
     feature shards of the kept rows, what aggregate and select then read).
@@ -34,6 +35,7 @@ DROPPED = "dropped.parquet"
 PAIRS = "pairs.parquet"
 GROUPS = "groups.parquet"
 KEPT = "kept"
+DIGESTS = "digests.parquet"
 SELECTIONS = "selections"
 WORK = "_work"
 META = "meta.json"

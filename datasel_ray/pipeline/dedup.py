@@ -188,6 +188,10 @@ def _exact(ctx: FitContext, work: Location) -> tuple[np.ndarray, np.ndarray]:
     ids, digests = ids[found], digests[found]
     if len(ids) != store.n:
         raise RuntimeError(f"dedup: samples/ holds {len(ids)} of the {store.n} feature rows (stale samples/?)")
+    by_digest = np.lexsort((ids, digests))
+    (dedup_dir(ctx.run_dir) / layout.DIGESTS).write_parquet(pa.table({
+        schema.ROW_ID: pa.array(ids[by_digest], pa.int64()),
+        "digest": _digest_column(digests[by_digest])}))
     pos = np.searchsorted(store.row_ids, ids)
     ordered = np.empty(store.n, dtype=digests.dtype)
     ordered[pos] = digests
@@ -261,9 +265,11 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     return {"result": merged, "summary": summary}
 
 
-def _resolve(rep: np.ndarray, final_of: dict[int, int]) -> np.ndarray:
-    """``rep`` (int64 row ids) mapped through ``final_of`` where present."""
-    return np.array([final_of.get(int(r), int(r)) for r in rep], dtype=np.int64)
+def _digest_column(digests: np.ndarray) -> pa.Array:
+    """S16 digests as a fixed_size_binary(16) column, byte for byte (``tolist`` would strip trailing zero bytes)."""
+    data = np.ascontiguousarray(digests, dtype=f"S{exact_pass.DIGEST_BYTES}")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(exact_pass.DIGEST_BYTES), len(data),
+                                                [None, pa.py_buffer(data.tobytes())])
 
 
 def run_dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:

@@ -190,6 +190,8 @@ class Scorer:
                 row[schema.LAST_TOKEN], float(row[schema.INFORMATIVENESS]), sample.n_turns, sample.task)
         if "tive" in states:
             result["tive"] = states["tive"].score_new(np.asarray(row[schema.GRAD_PROJ]), sample.task)
+        if self.stats.duplicates is not None:
+            result["duplicate"] = self.stats.duplicates.answer(row, sample.conversations, sample.image_ref)
         return result
 
 

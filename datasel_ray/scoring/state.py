@@ -310,6 +310,7 @@ class RunStats:
     states: dict[str, Any] = field(default_factory=dict)
     budgets: dict[str, int] = field(default_factory=dict)
     cache: MemberCache = field(default_factory=MemberCache)
+    duplicates: Any = None  # scoring.duplicates.DuplicateIndex of the run's dedup/, None without one
 
     @property
     def methods(self) -> list[str]:
@@ -334,4 +335,7 @@ class RunStats:
             summary = summary_loc.read_json()
             out.budgets[method] = int(summary.get("budget_rows", 0))
             out.states[method] = get_method(method).state_class().load(run_dir, cfg, summary, out.cache)
+        from datasel_ray.scoring.duplicates import DuplicateIndex
+
+        out.duplicates = DuplicateIndex.load(run_dir, cfg, out.cache)
         return out

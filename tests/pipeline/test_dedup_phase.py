@@ -4,12 +4,10 @@ duplicates from image bytes + text, and select.dedup selecting among the kept ro
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -22,46 +20,16 @@ from datasel_ray.pipeline.dedup import run_dedup
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.select import run_select
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features, write_features  # noqa: E402
-
-N = 1500
-EXACT_COPIES = {7: 3, 9: 3, 400: 12}  # row -> the earlier row whose image bytes and (case-changed) text it repeats
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dedup"))
+from dedup_store import EXACT_COPIES, N, generated_features, write_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def feats():
-    return generate_features(N, seed=6, n_tasks=4, dup_fraction=0.05,
-                             columns=["coincide_vector", "last_token", "informativeness", "tau", "n_turns",
-                                      "answer_loss", "n_image_tokens", "n_text_tokens", "n_answer_tokens"])
+    return generated_features()
 
 
-def _write_run(tmp: Path, feats: dict) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_features(tmp, feats, shard_rows=100)
-    images = tmp / "images"
-    images.mkdir(parents=True)
-    ids = feats["row_id"]
-    paths, convs, raws = [], [], []
-    for i in ids.tolist():
-        src = EXACT_COPIES.get(i, i)
-        path = images / f"{src}.bin"
-        path.write_bytes(f"image-bytes-{src}".encode())
-        text = f"What is in picture {src}?"
-        paths.append(str(path) if src % 5 else "")  # every fifth source row is text-only
-        turns = [{"from": "human", "value": text.upper() if i != src else text}, {"from": "gpt", "value": "x"}]
-        convs.append(json.dumps(turns))
-        raws.append(json.dumps({"id": str(i), "conversations": turns}))
-    (tmp / "samples").mkdir()
-    for s in range(0, len(ids), 700):
-        sl = slice(s, s + 700)
-        pq.write_table(pa.table({
-            "row_id": pa.array(ids[sl], pa.int64()), "task": pa.array(feats["task"][sl].astype(str)),
-            "raw": pa.array(raws[sl]), "source_file": pa.array([str((tmp / "pool.jsonl").resolve())] * len(raws[sl])),
-            "source_index": pa.array(np.arange(s, s + len(raws[sl]), dtype=np.int64)),
-            "image_path": pa.array(paths[sl]), "conversations": pa.array(convs[sl])}),
-            tmp / "samples" / f"part-{s // 700:05d}.parquet")
-
+_write_run = write_run
 
 def _config(tmp: Path, partition_bytes: int, **sections) -> RunConfig:
     data = {"run_dir": str(tmp), "seed": 2, "aggregate": {"executor": "local", "partition_bytes": partition_bytes},
@@ -167,3 +135,20 @@ def test_select_dedup_selects_among_kept_rows_with_a_whole_pool_budget(tmp_path,
         assert summary["budget_rows"] == round(0.2 * N) and summary["pool_rows"] == res["kept"], method
         assert len(np.unique(ids)) == round(0.2 * N), method
         assert not np.isin(ids, dropped).any(), method
+
+
+def test_report_shows_dedup_counts_groups_and_histogram(tmp_path, feats):
+    from datasel_ray.report import write_report
+
+    tmp = tmp_path / "run"
+    _write_run(tmp, feats)
+    res = run_dedup(_config(tmp, 1 << 20), RunDir(str(tmp)), quiet=True)
+    out = write_report(RunDir(str(tmp)))
+    assert any(p.endswith("dedup.png") for p in out["plots"])
+    summary = json.loads(Path(out["summary"]).read_text())["dedup"]
+    assert summary["kept"] == res["kept"] and summary["groups"] == res["groups"]
+    assert sum(t["dropped_exact"] + t["dropped_semantic"] for t in summary["tasks"]) == res["dropped"]
+    biggest = summary["example_groups"][0]
+    assert biggest[0]["kept"] and not any(m["kept"] for m in biggest[1:]) and len(biggest) >= 2
+    page = Path(out["html"]).read_text()
+    assert "Near-duplicate removal" in page and f"kept {res['kept']:,} of {N:,} rows" in page

@@ -1,0 +1,73 @@
+"""Online near-duplicate answer from a run's dedup/ (exact digest lookup, nearest cluster's members)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from datasel_ray.config import RunConfig
+from datasel_ray.io import layout
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.pipeline.dedup import run_dedup
+from datasel_ray.scoring.duplicates import DuplicateIndex
+from datasel_ray.scoring.state import MemberCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dedup"))
+from dedup_store import generated_features, write_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    feats = generated_features()
+    tmp = tmp_path_factory.mktemp("dedup-online")
+    write_run(tmp, feats)
+    cfg = RunConfig.model_validate({"run_dir": str(tmp), "aggregate": {"executor": "local", "partition_bytes": 1 << 16},
+                                    "dedup": {"num_clusters": 12}})
+    run_dedup(cfg, RunDir(str(tmp)), quiet=True)
+    return tmp, cfg, feats
+
+
+def _sample(tmp: Path, row_id: int) -> tuple[str, list[dict]]:
+    t = pq.read_table(sorted((tmp / "samples").glob("*.parquet"))[0])
+    i = t.column("row_id").to_pylist().index(row_id)
+    return t.column("image_path")[i].as_py(), json.loads(t.column("conversations")[i].as_py())
+
+
+def test_exact_and_semantic_answers(run, tmp_path):
+    tmp, cfg, feats = run
+    cache = MemberCache(1 << 20)
+    index = DuplicateIndex.load(RunDir(str(tmp)), cfg, cache)
+    assert index is not None and index.threshold == pytest.approx(0.99)
+    # a pool row re-sent: exact match on its image bytes + text (any letter case)
+    image, turns = _sample(tmp, 21)
+    turns[0]["value"] = turns[0]["value"].lower()
+    row = {"coincide_vector": feats["coincide_vector"][21]}
+    ans = index.answer(row, turns, image)
+    assert ans["is_duplicate"] and ans["pass"] == layout.PASS_EXACT and ans["row_id"] == 21
+    # a new image and text whose vector is a pool row's plus tiny noise: semantic match to that row (or its copy)
+    other = tmp_path / "new.bin"
+    other.write_bytes(b"never seen")
+    rng = np.random.default_rng(0)
+    v = feats["coincide_vector"][21].astype(np.float32) + 1e-4 * rng.standard_normal(feats["coincide_vector"].shape[1])
+    ans = index.answer({"coincide_vector": v}, [{"from": "human", "value": "new"}], str(other))
+    assert ans["is_duplicate"] and ans["pass"] == layout.PASS_SEMANTIC and ans["similarity"] >= 0.99
+    u = feats["coincide_vector"].astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    assert u[ans["row_id"]] @ u[21] >= 0.99
+    misses_before = cache.misses
+    index.answer({"coincide_vector": v}, [{"from": "human", "value": "new"}], str(other))
+    assert cache.misses == misses_before and cache.hits >= 1  # the cluster's members came from the cache
+    # a vector unlike every pool row: the most similar member is reported, not a duplicate
+    far = rng.standard_normal(feats["coincide_vector"].shape[1]).astype(np.float32)
+    ans = index.answer({"coincide_vector": far}, [{"from": "human", "value": "new"}], "")
+    assert not ans["is_duplicate"] and ans["pass"] is None and ans["similarity"] < 0.99
+    assert ans["row_id"] is not None and 0 <= ans["cluster"] < 12
+
+
+def test_no_dedup_phase_means_no_index(tmp_path):
+    assert DuplicateIndex.load(RunDir(str(tmp_path)), RunConfig(), MemberCache()) is None
