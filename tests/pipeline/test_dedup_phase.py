@@ -152,3 +152,20 @@ def test_report_shows_dedup_counts_groups_and_histogram(tmp_path, feats):
     assert biggest[0]["kept"] and not any(m["kept"] for m in biggest[1:]) and len(biggest) >= 2
     page = Path(out["html"]).read_text()
     assert "Near-duplicate removal" in page and f"kept {res['kept']:,} of {N:,} rows" in page
+
+
+def test_select_dedup_without_a_dedup_phase_is_refused_before_work(tmp_path):
+    from datasel_ray.pipeline.runner import preflight
+
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "select": {"dedup": True}})
+    with pytest.raises(ValueError, match="select.dedup is true but phases has no 'dedup'"):
+        preflight(cfg, ["aggregate", "select"])
+    preflight(cfg, ["dedup", "aggregate", "select"])  # with the phase: accepted
+
+
+def test_dedup_config_defaults_are_nemo_curators():
+    cfg = RunConfig().dedup
+    assert (cfg.eps, cfg.ranking, cfg.num_clusters) == (0.01, "hard", 100)
+    with pytest.raises(ValueError, match="ranking"):
+        RunConfig.model_validate({"dedup": {"ranking": "random"}})
+    assert "dedup" in RunConfig().phases and RunConfig().phases.index("dedup") < RunConfig().phases.index("aggregate")
