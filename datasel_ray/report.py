@@ -174,6 +174,10 @@ def read_dedup(run_dir: RunDir) -> dict | None:
         wanted = set(reps) | {m for ms in members.values() for m in ms}
         info = {}
         for f in (run_dir / "samples").list(".parquet"):
+            with f.open_input() as handle:
+                names = pq.ParquetFile(handle).schema_arrow.names
+            if "image_path" not in names or "conversations" not in names:
+                continue
             t = f.read_parquet(["row_id", "image_path", "conversations"])
             ids = t.column("row_id").to_numpy()
             for i in np.flatnonzero(np.isin(ids, list(wanted))).tolist():
