@@ -9,8 +9,9 @@ and the selections' duplicate rate with and without ``select.dedup`` beside rand
 2. Detection, per candidate feature (``coincide_vector``, ``last_token``) and eps: the semantic pass
    (:func:`datasel_ray.dedup.semantic.semantic_dedup`, k-means as the phase: ``dedup.num_clusters`` capped at
    N // 40, seeded) on the run's features. Pair precision / recall against the ground-truth pairs (every two rows
-   of one group), the share of the dense O(N^2) oracle's pairs the partitioned pass finds, and row-level recall
-   (dropped group members / the members a perfect pass drops: size - 1 per group).
+   of one group), the share of the dense O(N^2) oracle's pairs the partitioned pass finds, row precision (dropped
+   rows that belong to a group) and row recall (per group min(dropped members, size - 1), over the sum of
+   size - 1: the drops a perfect pass makes).
 3. Selections: the dedup, aggregate and select phases (in process) on copies of the run with ``select.dedup``
    false and true (the given or best-F1 feature and eps), methods coincide, datatailor, random, random_per_task;
    per method the duplicate rate, noise rate and task coverage (:mod:`datasel_ray.evaluation`), and random's
@@ -78,13 +79,18 @@ def detection(feats: dict, groups: np.ndarray, cfg, eps_list) -> dict:
             recall = hit / len(truth) if truth else None
             f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
             dropped = res["row_id"][res["dropped"]]
-            in_group = groups[np.searchsorted(ids, dropped)] >= 0
+            dropped_groups = groups[np.searchsorted(ids, dropped)]
+            in_group = dropped_groups >= 0
+            # a group of s rows needs s - 1 drops; dropping all s (its kept row outside the group) counts s - 1
+            sizes = np.bincount(groups[groups >= 0])
+            hits = np.bincount(dropped_groups[in_group], minlength=len(sizes))
+            recalled = int(np.minimum(hits, np.maximum(sizes - 1, 0)).sum())
             per_eps[str(eps)] = {
                 "pairs_found": len(found), "pair_precision": _r(precision), "pair_recall": _r(recall),
                 "pair_f1": _r(f1), "oracle_pairs": len(oracle),
                 "share_of_oracle_found": _r(len(found & oracle) / len(oracle)) if oracle else None,
                 "dropped": int(len(dropped)), "dropped_in_groups": int(in_group.sum()),
-                "row_recall": _r(in_group.sum() / droppable) if droppable else None,
+                "row_recall": _r(recalled / droppable) if droppable else None,
                 "row_precision": _r(in_group.mean()) if len(dropped) else None}
         out[feature] = {"clusters": k, "eps": per_eps}
     return out

@@ -88,6 +88,17 @@ def test_partitioned_equals_one_partition_and_the_in_process_pass(tmp_path, feat
     assert set(d[layout.REPRESENTATIVE].tolist()) <= kept
 
 
+@pytest.mark.integration  # Ray tasks on the session's local Ray
+def test_ray_executor_equals_the_local_one(tmp_path, feats, ray_local):
+    _write_run(tmp_path / "local", feats)
+    run_dedup(_config(tmp_path / "local", 1 << 30), RunDir(str(tmp_path / "local")), quiet=True)
+    _write_run(tmp_path / "ray", feats)
+    res = run_dedup(_config(tmp_path / "ray", 1 << 16, aggregate={"executor": "ray"}),
+                    RunDir(str(tmp_path / "ray")), quiet=True)
+    assert res["executor"] == "ray" and res["buckets"] > 3
+    _assert_same(_tables(tmp_path / "local"), _tables(tmp_path / "ray"))
+
+
 def test_a_killed_dedup_resumes_per_bucket(tmp_path, feats, monkeypatch):
     _write_run(tmp_path / "clean", feats)
     run_dedup(_config(tmp_path / "clean", 1 << 16), RunDir(str(tmp_path / "clean")), quiet=True)
