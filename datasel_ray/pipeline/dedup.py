@@ -370,8 +370,7 @@ def run_dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     kept_rows = n - int(dropped.sum())
     if cfg.select.dedup:
         t0 = time.monotonic()
-        kept = kept_features(run_dir)
-        kept.delete()
+        kept = kept_features(run_dir)  # a resumed run keeps the shards its finished tasks wrote
         kept.mkdir()
         (work / "dropped.npy").write_npy(np.sort(ids[d_rows]))
         items = [{"src": f, "dst": str(kept / Location.parse(f).name), "dropped": str(work / "dropped.npy")}
