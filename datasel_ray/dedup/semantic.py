@@ -21,10 +21,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RANKINGS", "ClusterResult", "cluster_dedup", "earlier_similarity", "rank_members", "representatives",
-           "semantic_dedup"]
+__all__ = ["FEATURES", "RANKINGS", "ClusterResult", "cluster_dedup", "earlier_similarity", "feature_vectors",
+           "rank_members", "representatives", "semantic_dedup", "source_column"]
 
 RANKINGS = ("hard", "easy", "pool_order")
+#: the vectors the semantic pass can compare: a feature column as stored, or ``coincide_visual``, the image halves
+#: of the COINCIDE vector (per hooked layer the mean o_proj output over image tokens; zero for text-only rows)
+FEATURES = ("coincide_vector", "coincide_visual", "last_token")
+
+
+def source_column(feature: str) -> str:
+    """The ``features/`` column a semantic-pass feature is computed from."""
+    if feature not in FEATURES:
+        raise ValueError(f"Unknown dedup feature {feature!r}. Choose from: {', '.join(FEATURES)}")
+    return "coincide_vector" if feature == "coincide_visual" else feature
+
+
+def feature_vectors(feature: str, values: np.ndarray, hidden: int) -> np.ndarray:
+    """The vectors of ``feature`` from its source column's values (float[N, F] as stored): the column itself, or
+    for ``coincide_visual`` the visual halves of COINCIDE's ``concat_l [v_l, t_l]`` layout (each ``hidden`` wide),
+    float[N, L * hidden] in the stored dtype."""
+    if source_column(feature) == feature:
+        return values
+    n, width = values.shape
+    if width % (2 * hidden):
+        raise ValueError(f"coincide_vector width {width} is not a multiple of 2 x hidden ({hidden})")
+    return np.ascontiguousarray(values.reshape(n, width // (2 * hidden), 2, hidden)[:, :, 0, :].reshape(n, -1))
 
 
 def rank_members(cos_to_centroid: np.ndarray, row_ids: np.ndarray, ranking: str) -> np.ndarray:

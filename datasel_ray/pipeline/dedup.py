@@ -81,20 +81,22 @@ def _digests(item: dict) -> dict[str, np.ndarray]:
             "digest": np.array(out, dtype=f"S{exact_pass.DIGEST_BYTES}")}
 
 
-def _unit(path: str, column: str) -> tuple[np.ndarray, np.ndarray]:
-    from datasel_ray.clustering import normalize_rows
-
+def _read_feature(path: str, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, ``item["feature"]`` vectors as stored) of one shard."""
+    column = semantic.source_column(item["feature"])
     cols = read_shard(path, [column])
-    return cols[schema.ROW_ID].astype(np.int64), normalize_rows(cols[column])
+    return cols[schema.ROW_ID].astype(np.int64), semantic.feature_vectors(item["feature"], cols[column], item["hidden"])
 
 
 def _gather(item: dict) -> dict[str, np.ndarray]:
     """Unit rows at positions ``item["want"]`` of the partition (k-means training rows)."""
+    from datasel_ray.clustering import normalize_rows
+
     pos_out, x_out = [], []
     for path, pos in zip(item["files"], item["pos"]):
         wanted = np.flatnonzero(np.isin(pos, item["want"]))
         if len(wanted):
-            _, unit = _unit(path, item["column"])
+            unit = normalize_rows(_read_feature(path, item)[1])
             pos_out.append(pos[wanted])
             x_out.append(unit[wanted])
     return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
@@ -104,23 +106,21 @@ def _gather(item: dict) -> dict[str, np.ndarray]:
 def _assign(item: dict) -> dict[str, np.ndarray]:
     """Nearest centroid and cosine to it of every row of the partition not dropped by the exact pass; the rows
     (stored vectors) written into their cluster's regroup bucket."""
-    from datasel_ray.clustering import assign_nearest
+    from datasel_ray.clustering import assign_nearest, normalize_rows
 
     centroids = Location.parse(item["centroids"]).read_npy()
     regroup = Location.parse(item["regroup"]).read_npy()
     excluded = Location.parse(item["excluded"]).read_npy()
     pos_all, lab_all, ids_all, raw_all, cos_all = [], [], [], [], []
     for path, pos in zip(item["files"], item["pos"]):
-        cols = read_shard(path, [item["column"]])
-        from datasel_ray.clustering import normalize_rows
-
+        ids, vectors = _read_feature(path, item)
         keep = ~np.isin(pos, excluded)
-        raw = cols[item["column"]][keep]
+        raw = vectors[keep]
         unit = normalize_rows(raw)
         labels = assign_nearest(unit, centroids)
         pos_all.append(pos[keep])
         lab_all.append(labels)
-        ids_all.append(cols[schema.ROW_ID][keep].astype(np.int64))
+        ids_all.append(ids[keep])
         raw_all.append(raw)
         cos_all.append(np.einsum("ij,ij->i", unit, centroids[labels]).astype(np.float32))
     labels = np.concatenate(lab_all)
@@ -204,9 +204,11 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     from datasel_ray.clustering import assign_nearest, kmeans_train_rows, train_spherical_kmeans
 
     cfg, store = ctx.cfg.dedup, ctx.store
-    column = cfg.feature
-    store.require([column])
-    d = store.widths[column]
+    column = semantic.source_column(cfg.feature)
+    store.require([column, schema.LAST_TOKEN] if cfg.feature == "coincide_visual" else [column])
+    hidden = store.widths.get(schema.LAST_TOKEN, 0)
+    d = store.widths[column] // (2 if cfg.feature == "coincide_visual" else 1)
+    spec = {"feature": cfg.feature, "hidden": hidden}
     n_left = store.n - len(excluded)
     k = num_clusters(ctx.cfg, n_left)
     seed = kmeans_seed(ctx.cfg)
@@ -216,7 +218,7 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     if len(train_pos) * d * 4 > ctx.cfg.aggregate.driver_bytes:
         raise ValueError(f"dedup: k-means training would hold {len(train_pos)} x {d} floats on the driver, over "
                          f"aggregate.driver_bytes={ctx.cfg.aggregate.driver_bytes}: lower dedup.train_sample")
-    items, keys = ctx.partition_items([column], want=train_pos, column=column, width=d)
+    items, keys = ctx.partition_items([column], want=train_pos, width=d, **spec)
     got = ctx.map("dedup:train-rows", _gather, items, keys, work=work / "train-rows")
     pos = np.concatenate([r["pos"] for r in got])
     train = np.ascontiguousarray(np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")])
@@ -227,11 +229,11 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     (out / layout.CENTROIDS).write_npy(centroids)
     estimated = np.bincount(assign_nearest(train, centroids), minlength=k) * (n_left / max(1, len(train)))
     del train
-    row_bytes = store.row_bytes([column]) + 8
+    row_bytes = store.row_bytes([column]) * d // store.widths[column] + 8
     regroup = bucket_plan(estimated, row_bytes, max(1, ctx.partition_bytes // REGROUP_SPLIT))
     (work / "regroup.npy").write_npy(regroup)
     (work / "excluded.npy").write_npy(np.asarray(excluded, dtype=np.int64))
-    items, keys = ctx.partition_items([column], column=column, centroids=str(out / layout.CENTROIDS),
+    items, keys = ctx.partition_items([column], **spec, centroids=str(out / layout.CENTROIDS),
                                       regroup=str(work / "regroup.npy"), excluded=str(work / "excluded.npy"),
                                       work=str(work / "buckets"))
     labels = np.full(store.n, -1, dtype=np.int64)
@@ -259,7 +261,7 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     names = ["row_id", "dropped", "similarity", "duplicate_of", "representative", "member_cluster", "pair_a",
              "pair_b", "pair_sim", "pair_cluster"]
     merged = {name: np.concatenate([r[name] for r in results]) if results else np.zeros(0) for name in names}
-    summary = {"feature": column, "clusters": k, "nonempty_clusters": int((size > 0).sum()),
+    summary = {"feature": cfg.feature, "clusters": k, "nonempty_clusters": int((size > 0).sum()),
                "kmeans_seed": seed, "kmeans_train_rows": int(len(train_pos)), "buckets": int(len(bucket_ids)),
                "largest_cluster": int(size.max()) if k else 0}
     return {"result": merged, "summary": summary}

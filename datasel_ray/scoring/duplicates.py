@@ -5,7 +5,8 @@ Read from the run's ``dedup/`` (:mod:`datasel_ray.pipeline.dedup`), with the bat
 * **exact** — the sample's digest (image file bytes + normalised turns, :mod:`datasel_ray.dedup.exact`) equals a
   pool row's (``dedup/digests.parquet``, sorted, held in memory: 24 bytes per pool row). Not checked for
   ``image_base64`` samples (no file bytes to hash as the pool's files were hashed).
-* **semantic** — the sample's ``dedup.feature`` vector, unit-normalised, is assigned to its nearest centroid;
+* **semantic** — the sample's ``dedup.feature`` vector (:func:`~datasel_ray.dedup.semantic.feature_vectors`),
+  unit-normalised, is assigned to its nearest centroid;
   only that cluster's members are read (``dedup/members/``, through the scorer's bounded
   :class:`~datasel_ray.scoring.state.MemberCache`), and the most similar member is reported; the sample is a
   near duplicate when that cosine is ``>= 1 - dedup.eps``. Pool rows dropped by the exact pass are not members
@@ -25,6 +26,7 @@ import numpy as np
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
 from datasel_ray.dedup import exact as exact_pass
+from datasel_ray.dedup import semantic
 from datasel_ray.io import layout
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
@@ -106,8 +108,11 @@ class DuplicateIndex:
             if match is not None:
                 out.update(is_duplicate=True, row_id=match, similarity=1.0)
                 out["pass"] = layout.PASS_EXACT
-        if self.centroids is not None and self.feature in row:
-            c, member, sim = self.nearest_member(np.asarray(row[self.feature]))
+        source = semantic.source_column(self.feature)
+        if self.centroids is not None and source in row:
+            hidden = len(row[schema.LAST_TOKEN]) if schema.LAST_TOKEN in row else 0
+            vector = semantic.feature_vectors(self.feature, np.asarray(row[source])[None], hidden)[0]
+            c, member, sim = self.nearest_member(vector)
             out["cluster"] = c
             if not out["is_duplicate"] and member is not None:
                 out.update(row_id=member, similarity=sim)

@@ -71,8 +71,9 @@ def test_partitioned_equals_one_partition_and_the_in_process_pass(tmp_path, feat
     # the semantic rows equal the in-process reference on the same centroids (exact-dropped rows left out)
     centroids = np.load(tmp_path / "many" / layout.DEDUP / layout.CENTROIDS)
     rest = ~np.isin(feats["row_id"], list(EXACT_COPIES))
-    ref = semantic.semantic_dedup(feats["coincide_vector"][rest], feats["row_id"][rest], centroids, "hard", 0.01,
-                                  workspace_bytes=4096)
+    visual = semantic.feature_vectors("coincide_visual", feats["coincide_vector"][rest], feats["last_token"].shape[1])
+    assert visual.shape[1] == feats["coincide_vector"].shape[1] // 2
+    ref = semantic.semantic_dedup(visual, feats["row_id"][rest], centroids, "hard", 0.01, workspace_bytes=4096)
     sem = ~exact
     d = a[layout.DROPPED]
     order = np.argsort(ref["row_id"][ref["dropped"]])

@@ -27,7 +27,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dedup-online")
     write_run(tmp, feats)
     cfg = RunConfig.model_validate({"run_dir": str(tmp), "aggregate": {"executor": "local", "partition_bytes": 1 << 16},
-                                    "dedup": {"num_clusters": 12}})
+                                    "dedup": {"num_clusters": 12, "feature": "coincide_vector"}})
     run_dedup(cfg, RunDir(str(tmp)), quiet=True)
     return tmp, cfg, feats
 
@@ -67,6 +67,24 @@ def test_exact_and_semantic_answers(run, tmp_path):
     ans = index.answer({"coincide_vector": far}, [{"from": "human", "value": "new"}], "")
     assert not ans["is_duplicate"] and ans["pass"] is None and ans["similarity"] < 0.99
     assert ans["row_id"] is not None and 0 <= ans["cluster"] < 12
+
+
+def test_coincide_visual_answer_reads_the_image_halves(run, tmp_path):
+    tmp, cfg, feats = run
+    cfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"feature": "coincide_visual"})})
+    target = tmp_path / "visual"
+    write_run(target, feats)
+    cfg = cfg.model_copy(update={"run_dir": str(target)})
+    run_dedup(cfg, RunDir(str(target)), quiet=True)
+    index = DuplicateIndex.load(RunDir(str(target)), cfg, MemberCache(1 << 20))
+    image_rows = np.flatnonzero(feats["task"] != "text_only")
+    r = int([i for i in image_rows if i not in (3, 7, 9, 12, 400)][5])
+    v = feats["coincide_vector"][r].astype(np.float32).copy()
+    half = feats["last_token"].shape[1]
+    v.reshape(-1, 2, half)[:, 1, :] = 0.5  # a different text: the visual halves still match row r
+    ans = index.answer({"coincide_vector": v, "last_token": feats["last_token"][r]},
+                       [{"from": "human", "value": "new"}], "")
+    assert ans["is_duplicate"] and ans["pass"] == layout.PASS_SEMANTIC and ans["similarity"] >= 0.999, (ans, r)
 
 
 def test_no_dedup_phase_means_no_index(tmp_path):
