@@ -6,7 +6,8 @@ and the selections' duplicate rate with and without ``select.dedup`` beside rand
    ``--pool easyvqa``: :mod:`datasel_ray.pools.easy_vqa`, real shape images with the same kind of groups) goes
    through ingest → extract → dedup (defaults) → aggregate → select with ``--model`` (tiny or smol-llava),
    TIVE off.
-2. Detection, per candidate feature (``coincide_vector``, ``last_token``) and eps: the semantic pass
+2. Detection, per candidate feature (``coincide_vector``, ``coincide_visual`` = its image halves, ``last_token``)
+   and eps: the semantic pass
    (:func:`datasel_ray.dedup.semantic.semantic_dedup`, k-means as the phase: ``dedup.num_clusters`` capped at
    N // 40, seeded) on the run's features. Pair precision / recall against the ground-truth pairs (every two rows
    of one group), the share of the dense O(N^2) oracle's pairs the partitioned pass finds, row precision (dropped
@@ -35,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record import emit_record  # noqa: E402
 
-FEATURES = ("coincide_vector", "last_token")
+FEATURES = ("coincide_vector", "coincide_visual", "last_token")
 EPS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 METHODS = ["coincide", "datatailor", "random", "random_per_task"]
 
@@ -58,7 +59,7 @@ def dense_pairs(x: np.ndarray, ids: np.ndarray, eps: float) -> set[tuple[int, in
 
 def detection(feats: dict, groups: np.ndarray, cfg, eps_list) -> dict:
     from datasel_ray.clustering import normalize_rows, train_spherical_kmeans
-    from datasel_ray.dedup.semantic import semantic_dedup
+    from datasel_ray.dedup.semantic import feature_vectors, semantic_dedup, source_column
     from datasel_ray.pipeline.dedup import kmeans_seed, num_clusters
 
     ids = feats["row_id"]
@@ -66,7 +67,7 @@ def detection(feats: dict, groups: np.ndarray, cfg, eps_list) -> dict:
     droppable = int(sum(np.sum(groups == g) - 1 for g in np.unique(groups[groups >= 0])))
     out = {"truth_pairs": len(truth), "droppable_rows": droppable}
     for feature in FEATURES:
-        x = feats[feature]
+        x = feature_vectors(feature, feats[source_column(feature)], feats["last_token"].shape[1])
         k = num_clusters(cfg, len(ids))
         centroids = train_spherical_kmeans(normalize_rows(x), k, cfg.dedup.niter, kmeans_seed(cfg))
         per_eps = {}
@@ -173,7 +174,14 @@ def prepare_run(args, workdir: Path) -> tuple[Path, list[dict], dict]:
         "model": {"name_or_path": args.model}, "extract": {"batch_size": 8, "shard_rows": 64},
         "tive": {"enabled": False}, "select": {"methods": ["coincide", "datatailor", "random"], "budget": args.budget},
         "ray": {"num_cpus": 2}})
-    results = run_phases(cfg, quiet=True)
+    from datasel_ray.io.rundir import ManifestMismatch
+
+    try:
+        results = run_phases(cfg, quiet=True)
+    except ManifestMismatch as err:  # a cached run made with other dedup defaults: recompute dedup and after
+        if err.phase not in ("dedup", "aggregate"):
+            raise
+        results = run_phases(cfg, quiet=True, force=err.phase)
     return workdir / "run", load_ground_truth(info.ground_truth_path), results
 
 
@@ -203,7 +211,7 @@ def main(argv=None) -> dict:
     t0 = time.monotonic()
     run, truth, results = prepare_run(args, workdir)
     pipeline_s = round(time.monotonic() - t0, 1)
-    feats = load_features(RunDir(str(run)), list(FEATURES))
+    feats = load_features(RunDir(str(run)), ["coincide_vector", "last_token"])
     ids = feats[schema.ROW_ID]
     groups = np.array([truth[schema.record_index(r)]["dup_group"] for r in ids])
     cfg = RunConfig.model_validate(RunDir(str(run)).load_manifest()["config"])
