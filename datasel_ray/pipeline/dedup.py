@@ -37,7 +37,7 @@ from datasel_ray.dedup import semantic
 from datasel_ray.io import layout
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
-from datasel_ray.pipeline.feature_store import column_to_numpy
+from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
 from datasel_ray.pipeline.fit.context import FitContext, bucket_plan, read_bucket, write_buckets
 from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
@@ -138,7 +138,7 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
     raw, cos = bucket[layout.VECTOR], bucket[layout.COS_CENTROID]
     Location.parse(item["members"]).write_parquet(pa.table({
         schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels, pa.int64()),
-        layout.VECTOR: _vector_column(raw)}))
+        layout.VECTOR: vector_column(raw)}))
     unit = normalize_rows(raw)
     clusters, starts = np.unique(labels, return_index=True)
     bounds = np.append(starts, len(labels))
@@ -154,12 +154,6 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
     out.update({"cluster": clusters.astype(np.int64), "offset": starts.astype(np.int64),
                 "size": np.diff(bounds).astype(np.int64)})
     return out
-
-
-def _vector_column(values: np.ndarray):
-    from datasel_ray.pipeline.feature_store import vector_column
-
-    return vector_column(values)
 
 
 def _copy_kept(item: dict) -> dict[str, np.ndarray]:
