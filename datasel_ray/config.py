@@ -322,7 +322,9 @@ class DedupConfig(_Section):
         100, ge=1, description="k-means clusters (NeMo: 100); used: min(num_clusters, max(1, N // 40)).")
     niter: int = Field(100, ge=1, description="k-means iterations (NeMo SemDedupConfig max_iter: 100).")
     train_sample: int | None = Field(
-        65536, ge=1, description="Train k-means on at most this many seeded rows, then assign all; null: all.")
+        16384, ge=1, description="Train k-means on at most this many seeded rows (about 160 per centroid at 100 "
+        "clusters), then assign all; bounds the driver at train_sample x d floats (NeMo fits on every row); "
+        "null: all.")
     seed: int | None = Field(None, description="k-means seed; default: derived from the run seed.")
     workspace_bytes: int = Field(
         64 << 20, ge=1 << 12, description="Bound on one cluster's pairwise-similarity block (cluster rows x "
