@@ -89,3 +89,31 @@ def test_coincide_visual_answer_reads_the_image_halves(run, tmp_path):
 
 def test_no_dedup_phase_means_no_index(tmp_path):
     assert DuplicateIndex.load(RunDir(str(tmp_path)), RunConfig(), MemberCache()) is None
+
+
+def test_score_results_carry_the_duplicate_answer(demo_run, demo_pool, tmp_path):
+    """End to end on the tiny model: a pool record sent to the scorer is an exact duplicate of its own row."""
+    import shutil
+
+    from datasel_ray import schema
+    from datasel_ray.pipeline.feature_store import column_to_numpy
+    from datasel_ray.scoring.scorer import Scorer
+    from datasel_ray.synthetic import read_pool
+
+    cfg, _ = demo_run
+    copy = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, copy)
+    dedup_cfg = cfg.model_copy(update={"run_dir": str(copy)})
+    run_dedup(dedup_cfg, RunDir(str(copy)), quiet=True)
+    table = sorted((copy / "samples").glob("*.parquet"))[0]
+    t = pq.read_table(table, columns=[schema.ROW_ID, schema.SOURCE_INDEX, schema.IMAGE_PATH])
+    exact = set(column_to_numpy(pq.read_table(copy / layout.DEDUP / layout.DROPPED).column("row_id")).tolist())
+    rows = [(int(r), int(s)) for r, s, img in zip(column_to_numpy(t.column(schema.ROW_ID)),
+                                                  column_to_numpy(t.column(schema.SOURCE_INDEX)),
+                                                  t.column(schema.IMAGE_PATH).to_pylist()) if img and int(r) not in exact][:3]
+    records = read_pool(demo_pool.pool_path)
+    results = Scorer(str(copy)).score_records([records[s] for _, s in rows])
+    for (row_id, _), result in zip(rows, results):
+        dup = result["duplicate"]
+        assert dup["is_duplicate"] and dup["pass"] == layout.PASS_EXACT and dup["row_id"] == row_id, dup
+        assert dup["cluster"] is not None and dup["feature"] == "coincide_visual"
