@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasel_ray.methods.registry import method_names
 
-PHASES = ("ingest", "warmup", "extract", "aggregate", "select", "report")
+PHASES = ("ingest", "warmup", "extract", "dedup", "aggregate", "select", "report")
 TINY_MODEL = "tiny"
 
 
@@ -308,6 +308,9 @@ class TiveConfig(_Section):
 class SelectConfig(_Section):
     methods: list[str] = Field(default_factory=lambda: ["coincide", "datatailor", "random"])
     budget: float = Field(0.2, gt=0, description="Fraction of the pool (< 1) or a row count (>= 1).")
+    dedup: bool = Field(
+        False, description="Fit and select among the rows the dedup phase kept (dedup/kept/); the budget stays a "
+        "share of the whole pool. Needs the dedup phase (run before aggregate).")
 
     @field_validator("methods")
     @classmethod
@@ -319,6 +322,36 @@ class SelectConfig(_Section):
         from datasel_ray.methods.budget import resolve_budget
 
         return resolve_budget(self.budget, pool_rows)
+
+
+class DedupConfig(_Section):
+    """Near-duplicate removal (the ``dedup`` phase, :mod:`datasel_ray.pipeline.dedup`): an exact pass (image bytes
+    + normalised turns) and a semantic pass with NeMo Curator's SemDeDup rule. ``eps``, ``ranking`` and
+    ``num_clusters`` default to NeMo Curator's ``SemanticDeduplicationWorkflow`` (eps 0.01, which_to_keep "hard",
+    n_clusters 100)."""
+
+    exact: bool = Field(True, description="Drop rows whose image bytes and normalised turns equal an earlier row's.")
+    semantic: bool = Field(True, description="Drop rows within cosine 1 - eps of an earlier-ranked row of their "
+                           "k-means cluster (SemDeDup).")
+    feature: Literal["coincide_vector", "coincide_visual", "last_token"] = Field(
+        "coincide_visual", description="Vectors the semantic pass clusters and compares: a feature column, or "
+        "coincide_visual (the image halves of coincide_vector; text-only rows are left to the exact pass). "
+        "Default: the best pair F1 on the measured pool with the real model (README table).")
+    eps: float = Field(0.01, gt=0, lt=1, description="A row is a near duplicate at cosine >= 1 - eps (NeMo: 0.01).")
+    ranking: Literal["hard", "easy", "pool_order"] = Field(
+        "hard", description="Which member of a group is kept: hard (NeMo default): farthest from the centroid; "
+        "easy: closest; pool_order: lowest row id.")
+    num_clusters: int = Field(
+        100, ge=1, description="k-means clusters (NeMo: 100); used: min(num_clusters, max(1, N // 40)).")
+    niter: int = Field(100, ge=1, description="k-means iterations (NeMo SemDedupConfig max_iter: 100).")
+    train_sample: int | None = Field(
+        16384, ge=1, description="Train k-means on at most this many seeded rows (about 160 per centroid at 100 "
+        "clusters), then assign all; bounds the driver at train_sample x d floats (NeMo fits on every row); "
+        "null: all.")
+    seed: int | None = Field(None, description="k-means seed; default: derived from the run seed.")
+    workspace_bytes: int = Field(
+        64 << 20, ge=1 << 12, description="Bound on one cluster's pairwise-similarity block (cluster rows x "
+        "block columns x 4 bytes).")
 
 
 class AggregateConfig(_Section):
@@ -385,6 +418,7 @@ class RunConfig(_Section):
     tive: TiveConfig = TiveConfig(enabled=False)
     select: SelectConfig = SelectConfig()
     aggregate: AggregateConfig = AggregateConfig()
+    dedup: DedupConfig = DedupConfig()
     ray: RayConfig = RayConfig()
     failures: FailureConfig = FailureConfig()
 

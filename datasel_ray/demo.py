@@ -141,6 +141,8 @@ def summarize(cfg: RunConfig, results: dict, ground_truth_path: Path) -> dict:
         "features_written": extract.get("features"),
         "extract_failed": extract.get("failed"),
         "seconds_per_phase": {p: e.get("seconds") for p, e in manifest["phases"].items()},
+        "dedup": {k: v for k, v in manifest["phases"].get("dedup", {}).get("result", {}).items()
+                  if k in ("rows", "kept", "dropped_exact", "dropped_semantic", "groups", "feature")},
         "selections": {},
     }
     ground_truth = load_ground_truth(ground_truth_path)
@@ -171,6 +173,11 @@ def render_summary(summary: dict) -> str:
     lines.append(f"features written: {summary['features_written']}  (extract failures: {summary['extract_failed']})")
     lines.append("seconds per phase: " + ", ".join(f"{p} {s:.1f}" for p, s in summary["seconds_per_phase"].items()
                                                  if s is not None))
+    dedup = summary.get("dedup")
+    if dedup:
+        lines.append(f"dedup ({dedup.get('feature', 'exact only')}): kept {dedup['kept']} of {dedup['rows']} rows, "
+                     f"dropped {dedup['dropped_exact']} exact and {dedup['dropped_semantic']} near duplicates in "
+                     f"{dedup['groups']} groups")
     pool = summary["pool_quality"]
     header = (f"{'selection':<14}{'rows':>6}{'dup rate':>10}{'noise':>8}{'coverage':>10}"
               f"   random with the same task mix: dup rate")

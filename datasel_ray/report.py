@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import html
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -75,6 +76,7 @@ class RunInputs:
     quarantine: pa.Table | None
     methods: list[MethodResult]
     clusters: dict[str, pa.Table | None]  # per method with a cluster plot: its stats/<method>/clusters.parquet
+    dedup: dict | None = None  # read_dedup(): the dedup phase's counts, per-task table, similarities, examples
 
 
 def _count(values) -> dict[str, int]:
@@ -152,7 +154,47 @@ def read_run_inputs(run_dir: RunDir) -> RunInputs:
         methods=methods,
         clusters={name: _read_table(layout.method_stats(run_dir, name) / layout.CLUSTERS, list(CLUSTER_COLUMNS))
                   for name in _cluster_plot_methods()},
+        dedup=read_dedup(run_dir),
     )
+
+
+DEDUP_EXAMPLE_GROUPS = 5
+
+
+def read_dedup(run_dir: RunDir) -> dict | None:
+    """The dedup phase's outputs for the report (None when the run has no finished dedup phase): ``meta``,
+    ``tasks`` (per-task rows/kept/dropped/groups), ``similarity`` and ``pass`` of every dropped row, and the
+    largest groups (representative and members with their image paths and first turn)."""
+    out = run_dir / layout.DEDUP
+    if not (out / layout.META).exists():
+        return None
+    dropped = (out / layout.DROPPED).read_parquet()
+    groups = (out / layout.GROUPS).read_parquet().sort_by([(layout.SIZE, "descending"),
+                                                            (layout.REPRESENTATIVE, "ascending")])
+    examples = []
+    reps = groups.column(layout.REPRESENTATIVE).to_pylist()[:DEDUP_EXAMPLE_GROUPS]
+    if reps:
+        rep_col = dropped.column(layout.REPRESENTATIVE).to_numpy()
+        members = {r: dropped.column("row_id").to_numpy()[rep_col == r].tolist() for r in reps}
+        wanted = set(reps) | {m for ms in members.values() for m in ms}
+        info = {}
+        for f in (run_dir / "samples").list(".parquet"):
+            with f.open_input() as handle:
+                names = pq.ParquetFile(handle).schema_arrow.names
+            if "image_path" not in names or "conversations" not in names:
+                continue
+            t = f.read_parquet(["row_id", "image_path", "conversations"])
+            ids = t.column("row_id").to_numpy()
+            for i in np.flatnonzero(np.isin(ids, list(wanted))).tolist():
+                turns = json.loads(t.column("conversations")[i].as_py() or "[]")
+                info[int(ids[i])] = {"image": t.column("image_path")[i].as_py() or "",
+                                     "text": str(turns[0].get("value", ""))[:120] if turns else ""}
+        for r in reps:
+            examples.append([{"row_id": int(m), "kept": m == r, **info.get(int(m), {})} for m in [r, *members[r]]])
+    return {"meta": (out / layout.META).read_json(),
+            "tasks": (out / layout.TASKS).read_parquet().to_pylist(),
+            "similarity": dropped.column(layout.SIMILARITY).to_numpy(zero_copy_only=False).astype(np.float64),
+            "pass": np.asarray(dropped.column(layout.PASS).to_pylist(), dtype=object), "examples": examples}
 
 
 # --- plots ----------------------------------------------------------------------------------------------------
@@ -323,6 +365,50 @@ def plot_phase_times(inputs: RunInputs) -> bytes | None:
     return _png_bytes(fig)
 
 
+def plot_dedup(inputs: RunInputs) -> bytes | None:
+    """Left: groups and dropped rows per task; right: histogram of the dropped rows' similarity to the row they
+    duplicate (semantic pass; exact duplicates are 1.0)."""
+    d = inputs.dedup
+    if d is None or not d["tasks"]:
+        return None
+    fig, (left, right) = _new_figure(1, 2)
+    tasks = [t["task"] for t in d["tasks"]]
+    x = np.arange(len(tasks))
+    left.bar(x - 0.2, [t["groups"] for t in d["tasks"]], width=0.4, label="groups")
+    left.bar(x + 0.2, [t["dropped_exact"] + t["dropped_semantic"] for t in d["tasks"]], width=0.4, label="dropped")
+    left.set_xticks(x, tasks, rotation=45, ha="right", fontsize="small")
+    left.set_title("Duplicate groups per task")
+    left.legend(fontsize="small")
+    sem = d["similarity"][d["pass"] == layout.PASS_SEMANTIC]
+    if len(sem):
+        right.hist(sem, bins=20, color="tab:orange")
+    right.set_xlabel("similarity to the earlier-ranked row")
+    right.set_ylabel("dropped rows")
+    right.set_title(f"Near duplicates (threshold {1 - d['meta'].get('config', {}).get('eps', 0):.3f})")
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def _render_dedup(inputs: RunInputs) -> str:
+    d = inputs.dedup
+    if d is None:
+        return ""
+    m = d["meta"]
+    head = (f"<p>kept {_fmt_int(m.get('kept'))} of {_fmt_int(m.get('rows'))} rows; dropped "
+            f"{_fmt_int(m.get('dropped_exact'))} exact and {_fmt_int(m.get('dropped_semantic'))} near duplicates "
+            f"in {_fmt_int(m.get('groups'))} groups (feature {_esc(m.get('feature'))}, eps "
+            f"{_esc(m.get('config', {}).get('eps'))}, ranking {_esc(m.get('config', {}).get('ranking'))})</p>")
+    rows = "".join(f"<tr><td class='text'>{_esc(t['task'])}</td><td>{_fmt_int(t['rows'])}</td>"
+                   f"<td>{_fmt_int(t['kept'])}</td><td>{_fmt_int(t['dropped_exact'])}</td>"
+                   f"<td>{_fmt_int(t['dropped_semantic'])}</td><td>{_fmt_int(t['groups'])}</td></tr>" for t in d["tasks"])
+    table = ("<table><tr><th class='text'>task</th><th>rows</th><th>kept</th><th>exact</th><th>semantic</th>"
+             f"<th>groups</th></tr>{rows}</table>")
+    examples = "".join("<ul>" + "".join(
+        f"<li>{'kept' if e['kept'] else 'dropped'} {_esc(e['row_id'])}: {_esc(e.get('image'))} "
+        f"<em>{_esc(e.get('text'))}</em></li>" for e in group) + "</ul>" for group in d["examples"])
+    return f"<h2>Near-duplicate removal</h2>{head}{table}" + (f"<h3>Largest groups</h3>{examples}" if examples else "")
+
+
 def _format_seconds(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -348,6 +434,8 @@ PLOTS = (  # the plots of every run; plot_specs() adds one cluster plot per meth
              "No score distributions: no selections/<method>/scores.parquet with a score column."),
     PlotSpec("quarantine_reasons.png", "Quarantine", plot_quarantine,
              "No quarantined rows (or no quarantine/ tables)."),
+    PlotSpec("dedup.png", "Near duplicates", plot_dedup,
+             "No near-duplicate plots: dedup/ is absent (the dedup phase has not run)."),
     PlotSpec("phase_times.png", "Time per phase", plot_phase_times,
              "No phase timings in manifest.json."),
 )
@@ -492,7 +580,7 @@ def render_html(inputs: RunInputs, plots: list[tuple[PlotSpec, str]], notes: lis
     if notes:
         parts.append("<div class='notes'><strong>Not shown</strong><ul>"
                      + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></div>")
-    parts += [_render_method_table(inputs), _render_task_table(inputs)]
+    parts += [_render_method_table(inputs), _render_task_table(inputs), _render_dedup(inputs)]
     for spec, filename in plots:
         parts.append(f"<h2>{_esc(spec.title)}</h2>")
         if spec.filename == "quarantine_reasons.png":
@@ -513,6 +601,9 @@ def _summary_json(inputs: RunInputs, notes: list[str]) -> dict:
         "methods": method_rows(inputs),
         "quarantine": [{"phase": p, "reason": r, "rows": n} for p, r, n in quarantine_counts(inputs)],
         "phase_seconds": [{"phase": p, "seconds": s} for p, s in phase_seconds(manifest)],
+        "dedup": None if inputs.dedup is None else {**{k: v for k, v in inputs.dedup["meta"].items()
+                                                        if k != "step_seconds"}, "tasks": inputs.dedup["tasks"],
+                                                     "example_groups": inputs.dedup["examples"]},
         "notes": notes,
     }
 

@@ -79,6 +79,31 @@ def _write_manifest(run_dir: RunDir, rows_in: int, samples: int, quarantined: in
     })
 
 
+def _write_dedup(run_dir: RunDir, tasks: np.ndarray, rng: np.random.Generator) -> None:
+    """dedup/ as the dedup phase writes it: rows 1..20 dropped as near duplicates of row 0 (2 exact)."""
+    dropped = np.arange(1, 21)
+    out = run_dir / "dedup"
+    (out / "dropped.parquet").write_parquet(pa.table({
+        "row_id": pa.array(dropped, pa.int64()), "task": pa.array(tasks[dropped].tolist()),
+        "representative": pa.array(np.zeros(20), pa.int64()), "duplicate_of": pa.array(np.zeros(20), pa.int64()),
+        "similarity": pa.array(np.r_[1.0, 1.0, 0.99 + 0.01 * rng.random(18)], pa.float32()),
+        "pass": ["exact"] * 2 + ["semantic"] * 18, "cluster": pa.array(np.r_[-1, -1, np.zeros(18)], pa.int64())}))
+    (out / "groups.parquet").write_parquet(pa.table({
+        "representative": pa.array([0], pa.int64()), "task": [str(tasks[0])], "size": pa.array([21], pa.int64()),
+        "exact": pa.array([2], pa.int64()), "semantic": pa.array([18], pa.int64())}))
+    names = sorted(set(tasks.tolist()))
+    counts = {t: int((tasks == t).sum()) for t in names}
+    drops = {t: int((tasks[dropped] == t).sum()) for t in names}
+    (out / "tasks.parquet").write_parquet(pa.table({
+        "task": names, "rows": [counts[t] for t in names], "kept": [counts[t] - drops[t] for t in names],
+        "dropped_exact": [int((tasks[[1, 2]] == t).sum()) for t in names],
+        "dropped_semantic": [drops[t] - int((tasks[[1, 2]] == t).sum()) for t in names],
+        "groups": [int(t == tasks[0]) for t in names]}))
+    (out / "meta.json").write_json({"rows": len(tasks), "kept": len(tasks) - 20, "dropped": 20, "dropped_exact": 2,
+                                    "dropped_semantic": 18, "groups": 1, "feature": "coincide_vector",
+                                    "config": {"eps": 0.01, "ranking": "hard"}})
+
+
 def make_run_dir(root: Path, n_rows: int = 300, selections: bool = True, clusters: bool = True,
                  seed: int = 0) -> RunDir:
     """Fabricate a run directory with the tables the other phases write (tiny, seeded)."""
@@ -93,6 +118,7 @@ def make_run_dir(root: Path, n_rows: int = 300, selections: bool = True, cluster
             _write_selection(run_dir, method, tasks, budget=n_rows // 5, rng=rng)
     if clusters:
         _write_clusters(run_dir, rng)
+    _write_dedup(run_dir, tasks, rng)
     _write_manifest(run_dir, n_rows + len(ingest_reasons), n_rows, len(ingest_reasons))
     return run_dir
 
@@ -133,6 +159,7 @@ def test_full_report(tmp_path):
     for task in TASKS:
         assert f"<td>{task}</td>" in page
     assert "image_missing" in page and "extract_failed" in page
+    assert "Near-duplicate removal" in page and "kept 280 of 300 rows; dropped 2 exact and 18 near" in page
 
 
 def test_summary_json_counts(tmp_path):
@@ -154,7 +181,7 @@ def test_missing_selections_and_stats_give_notes(tmp_path):
     result = write_report(run_dir)
     page = _check_report(result)
     written = {Path(p).name for p in result["plots"]}
-    assert written == {"task_mix.png", "quarantine_reasons.png", "phase_times.png"}
+    assert written == {"task_mix.png", "quarantine_reasons.png", "phase_times.png", "dedup.png"}
     assert len(result["notes"]) == 3
     assert "coincide/clusters.parquet" in page and "Not shown" in page
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 __all__ = ["IMAGE_TOO_LARGE", "ImageError", "decode_image", "image_exists", "load_image", "load_row_images",
-           "read_image_bytes", "row_image_sources"]
+           "read_image_bytes", "row_image_bytes", "row_image_sources"]
 
 IMAGE_TOO_LARGE = "image_too_large"
 
@@ -174,6 +174,12 @@ def row_image_sources(row: dict) -> list[tuple[str, bytes | None]]:
         else:
             out.append((str(image["uri"]), None))
     return out
+
+
+def row_image_bytes(row: dict) -> list[bytes]:
+    """The encoded bytes of every image of a samples-table row, in placeholder order ([] for a text-only row):
+    embedded bytes as they are, the others read (:func:`read_image_bytes`). For content digests (dedup)."""
+    return [read_image_bytes(uri) if data is None else data for uri, data in row_image_sources(row)]
 
 
 def load_row_images(row: dict, image_size: int | None = None) -> list[PILImage.Image]:

@@ -14,6 +14,15 @@ online scorer and the report (one definition per file and column name).
     ``_work/`` holds per-partition results of an unfinished phase (resume) and the intermediate files passed
     between a method's fit steps (:data:`WORK_REGROUP`, :data:`WORK_UNIT`, :data:`WORK_MEANS`, ...); removed
     when the phase ends.
+``dedup/``
+    ``dropped.parquet`` (:data:`DROPPED`: row_id, task, representative, duplicate_of, similarity, pass, cluster),
+    ``pairs.parquet`` (row_a ranked before row_b, similarity, pass, cluster: every pair at or above 1 - eps),
+    ``groups.parquet`` (representative, task, size, exact, semantic: groups of two rows or more),
+    ``tasks.parquet`` (task, rows, kept, dropped_exact, dropped_semantic, groups), ``digests.parquet``
+    (:data:`DIGESTS`: row_id, digest of every row sorted by digest: the online exact lookup), ``centroids.npy``,
+    ``clusters.parquet`` (cluster, size, bucket, offset), ``members/<bucket>.parquet`` (row_id, cluster, vector
+    as stored: the online near-duplicate lookup), ``meta.json`` and, with ``select.dedup``, ``kept/`` (the
+    feature shards of the kept rows, what aggregate and select then read).
 ``selections/<method>/``
     ``scores.parquet``, ``selected_ids.npy``, ``summary.json``, ``subset/``; COINCIDE also ``quotas.parquet``.
 """
@@ -23,6 +32,12 @@ from __future__ import annotations
 from datasel_ray.io.storage import Location
 
 STATS = "stats"
+DEDUP = "dedup"
+DROPPED = "dropped.parquet"
+PAIRS = "pairs.parquet"
+GROUPS = "groups.parquet"
+KEPT = "kept"
+DIGESTS = "digests.parquet"
 SELECTIONS = "selections"
 WORK = "_work"
 META = "meta.json"
@@ -60,6 +75,13 @@ VECTOR = "vector"
 KERNEL_SUM = "kernel_sum"
 SELECTED = "selected"
 SCORE = "score"
+REPRESENTATIVE = "representative"
+DUPLICATE_OF = "duplicate_of"
+SIMILARITY = "similarity"
+PASS = "pass"
+PASS_EXACT = "exact"
+PASS_SEMANTIC = "semantic"
+COS_CENTROID = "cos_centroid"
 
 
 def method_stats(run_dir, method: str) -> Location:

@@ -23,6 +23,7 @@ PHASE_DIRS = {
     "ingest": ("samples", "quarantine/ingest"),
     "warmup": ("lora",),
     "extract": ("features", "quarantine/extract"),
+    "dedup": ("dedup",),
     "aggregate": ("stats",),
     "select": ("selections",),
     "report": ("report",),
@@ -65,6 +66,12 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
         parts["coincide"] = cfg.coincide.model_dump()
         parts["datatailor"] = cfg.datatailor.model_dump()
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "task_value"})
+        if cfg.select.dedup:  # the methods are fitted on the rows dedup kept
+            parts["select_dedup"] = True
+            parts["dedup"] = cfg.dedup.model_dump()
+    elif phase == "dedup":
+        parts["dedup"] = cfg.dedup.model_dump()
+        parts["select_dedup"] = cfg.select.dedup  # dedup/kept/ is written for it
     return _flatten(parts)
 
 

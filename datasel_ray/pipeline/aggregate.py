@@ -41,10 +41,15 @@ TASK_STAT_COLUMNS = {
 }
 
 
-def make_context(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> FitContext:
+def make_context(cfg: RunConfig, run_dir: RunDir, quiet: bool = False, features=None) -> FitContext:
     """Feature store + executor of a run: ``aggregate.executor``, where ``auto`` is Ray when the widest feature
-    family of the store needs more than one partition."""
-    store = FeatureStore(run_dir / "features")
+    family of the store needs more than one partition. The store is ``features`` when given, else the rows the
+    dedup phase kept with ``select.dedup`` (so every method fits and selects among them), else ``features/``."""
+    if features is None:
+        from datasel_ray.pipeline.dedup import kept_features
+
+        features = kept_features(run_dir) if cfg.select.dedup else run_dir / "features"
+    store = FeatureStore(features)
     kind = cfg.aggregate.executor
     if kind == "auto":
         widest = max((store.row_bytes([c]) for c in store.widths), default=8)

@@ -40,6 +40,12 @@ def _extract(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
     return run_extract(cfg, run_dir, lora_dir=adapter_dir_for_extract(cfg, run_dir), quiet=quiet)
 
 
+def _dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
+    from datasel_ray.pipeline.dedup import run_dedup
+
+    return run_dedup(cfg, run_dir, quiet=quiet)
+
+
 def _aggregate(cfg: RunConfig, run_dir: RunDir, quiet: bool) -> dict:
     from datasel_ray.pipeline.aggregate import run_aggregate
 
@@ -62,6 +68,7 @@ PHASE_FUNCS: dict[str, Callable[[RunConfig, RunDir, bool], dict]] = {
     "ingest": _ingest,
     "warmup": _warmup,
     "extract": _extract,
+    "dedup": _dedup,
     "aggregate": _aggregate,
     "select": _select,
     "report": _report,
@@ -86,6 +93,10 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
         names = ", ".join(repr(m) for m in needs_gradients)
         raise ValueError(f"select.methods includes {names}, which read the TIVE gradients, but tive.enabled is "
                          f"false: enable TIVE (warm-up and gradients) or remove {names} from select.methods")
+    if cfg.select.dedup and ("aggregate" in phases or "select" in phases) and "dedup" not in phases \
+            and RunDir(cfg.run_dir).phase_status("dedup") != "done":
+        raise ValueError("select.dedup is true but phases has no 'dedup' and the run has no finished dedup phase: "
+                         "add 'dedup' to phases (before 'aggregate') or set select.dedup=false")
     from datasel_ray.pipeline.warmup import adapter_location
 
     if "extract" in phases and cfg.tive.enabled:

@@ -51,7 +51,7 @@ def _task_counts(names: np.ndarray, codes: np.ndarray) -> dict[str, int]:
     return {name: int(c) for name, c in zip(names.tolist(), counts.tolist()) if c}
 
 
-def select_method(ctx: FitContext, method: str, budget: int) -> dict:
+def select_method(ctx: FitContext, method: str, budget: int, extra: dict | None = None) -> dict:
     """Run one method (its ``select`` in :mod:`datasel_ray.pipeline.fit`) and write its selection directory;
     returns its summary."""
     spec = get_method(method)
@@ -91,6 +91,7 @@ def select_method(ctx: FitContext, method: str, budget: int) -> dict:
         "executor": ctx.executor.name,
         "seconds": round(time.monotonic() - started, 3),
         **method_summary,
+        **(extra or {}),
     }
     (out / layout.SUMMARY).write_json(summary)
     return summary
@@ -202,12 +203,15 @@ def run_select(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
     methods = cfg.select.methods
     for m in methods:
         ctx.store.require(list(get_method(m).columns))
-    budget = cfg.select.budget_rows(ctx.store.n)
+    from datasel_ray.pipeline.dedup import pool_rows
+
+    whole = pool_rows(cfg, run_dir, ctx.store.n)  # with select.dedup the budget stays a share of the whole pool
+    budget = min(cfg.select.budget_rows(whole), ctx.store.n)
     progress = Progress("select", len(methods), run_dir / "progress.json", quiet=quiet, unit="methods")
     results = {}
     for method in methods:
-        summary = select_method(ctx, method, budget)
-        results[method] = {k: summary[k] for k in ("selected", "budget_rows", "seconds")}
+        summary = select_method(ctx, method, budget, extra={"dedup": cfg.select.dedup, "whole_pool_rows": whole})
+        results[method] = {k: summary[k] for k in ("selected", "budget_rows", "seconds", "dedup")}
         release_free_memory()
         progress.update(1)
     progress.finish()

@@ -74,7 +74,7 @@ class ValidatedSample:
     """One accepted sample, tokenised and ready for the model pass.
 
     ``image_refs``: per image (placeholder order) its resolved path, or ``"base64"`` for bytes sent in the
-    request; ``prepared``: the :class:`~datasel_ray.models.vlm.PreparedSample` from the model's processor.
+    request; ``image_bytes``: per image its encoded bytes (read from the path, or as sent); ``prepared``: the :class:`~datasel_ray.models.vlm.PreparedSample` from the model's processor.
     """
 
     index: int
@@ -84,6 +84,7 @@ class ValidatedSample:
     n_turns: int
     conversations: list[dict]
     image_refs: list[str] = field(default_factory=list)
+    image_bytes: list[bytes] = field(default_factory=list)
     prepared: Any = None
 
     @property
@@ -169,12 +170,13 @@ class SampleParser:
                               "required with an image sent as bytes without a path (it has no path for the task "
                               "rules) unless the sample carries a source label")
         self._check_task(valid)
-        decoded = [self._decode_image(image.data, where) if image.data is not None
-                   else self._read_path_image(ref, where) for image, ref, where in zip(images, refs, wheres)]
+        encoded = [image.data if image.data is not None else self._read_path_bytes(ref, where)
+                   for image, ref, where in zip(images, refs, wheres)]
+        decoded = [self._decode_image(data, where) for data, where in zip(encoded, wheres)]
         given = valid.task_from == TaskFrom.FIELD
         sample = ValidatedSample(index=index, sample_id=valid.record.sample_id, task=valid.task,
                                  task_source="given" if given else "inferred", n_turns=valid.n_turns,
-                                 conversations=valid.conversations, image_refs=refs)
+                                 conversations=valid.conversations, image_refs=refs, image_bytes=encoded)
         return sample, decoded
 
     def _check_task(self, valid: ValidRecord) -> None:
@@ -268,13 +270,12 @@ class SampleParser:
                               f"path '{image.ref}' is outside the configured image roots", status=403)
         raise SampleError(where, Reason.IMAGE_MISSING, f"file not found: {inside[0]}")
 
-    def _read_path_image(self, path: str, where: str):
-        """Read (byte limit checked before reading) and decode the image at a resolved path."""
+    def _read_path_bytes(self, path: str, where: str) -> bytes:
+        """The encoded bytes of the image at a resolved path (byte limit checked before reading)."""
         try:
-            data = read_image_bytes(path, max_bytes=self.limits.max_image_bytes)
+            return read_image_bytes(path, max_bytes=self.limits.max_image_bytes)
         except ImageError as err:
             raise _image_error(where, err) from None
-        return self._decode_image(data, where)
 
     def _decode_image(self, data: bytes, where: str):
         """Decode to RGB, resized as the batch path does (:func:`datasel_ray.io.images.decode_image`); bytes and

@@ -185,6 +185,8 @@ class Scorer:
                          "tau": float(row[schema.TAU]), "answer_loss": _finite_or_none(row[schema.ANSWER_LOSS])},
         }
         result.update(self.stats.score_new(row, sample))
+        if self.stats.duplicates is not None:
+            result["duplicate"] = self.stats.duplicates.answer(row, sample.conversations, sample.image_bytes)
         return result
 
 

@@ -39,6 +39,7 @@ class RunStats:
     budgets: dict[str, int] = field(default_factory=dict)
     cache: MemberCache = field(default_factory=MemberCache)
     needs_gradients: bool = False
+    duplicates: Any = None  # scoring.duplicates.DuplicateIndex of the run's dedup/, None without one
 
     @property
     def methods(self) -> list[str]:
@@ -67,6 +68,9 @@ class RunStats:
             out.budgets[method] = int(summary.get("budget_rows", 0))
             out.states[method] = method_class.load(run_dir, cfg, summary, out.cache)
             out.needs_gradients = out.needs_gradients or method_class.needs_tive
+        from datasel_ray.scoring.duplicates import DuplicateIndex
+
+        out.duplicates = DuplicateIndex.load(run_dir, cfg, out.cache)
         return out
 
     def score_new(self, features: Mapping[str, Any], sample: Any) -> dict[str, dict]:

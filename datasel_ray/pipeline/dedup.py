@@ -1,0 +1,397 @@
+"""Dedup phase: ``features/`` (+ ``samples/``) → ``dedup/`` as a partitioned pipeline (no process holds a feature
+column). Runs after extract and before aggregate, so that with ``select.dedup`` the methods are fitted and select
+on the kept rows (``dedup/kept/``) with the same code.
+
+Steps (tasks on ``aggregate.executor``; each step's results kept under ``dedup/_work/`` until the phase ends, so a
+killed run resumes per task):
+
+1. *exact* — tasks over ``samples/`` shards: a digest of each row's image bytes and normalised turns
+   (:mod:`datasel_ray.dedup.exact`); *driver*: groups of equal digests (N digests of 16 bytes), lowest row id kept;
+2. *semantic* (:mod:`datasel_ray.dedup.semantic`, SemDeDup / NeMo Curator) — *partition tasks* gather the seeded
+   k-means training rows (unit, ``dedup.feature``); *driver*: faiss spherical k-means; *partition tasks*: each
+   row (exact-dropped rows excepted) assigned to its nearest centroid with its cosine to it, written into its
+   cluster's regroup bucket; *bucket tasks* (at most ``aggregate.partition_bytes`` of vectors, a larger cluster
+   alone): per cluster the members ranked, blocked pairwise cosine in at most ``dedup.workspace_bytes``, drop at
+   ``>= 1 - eps``; each writes its member file (the online lookup);
+3. *driver*: ``dropped``, ``pairs``, ``groups``, ``tasks`` tables and ``meta.json``; with ``select.dedup``,
+   *shard tasks* copy the kept rows of every feature shard into ``dedup/kept/``.
+
+The shard is the unit of every per-row kernel and the cluster (rows in row-id order before ranking) the unit of
+the pairwise kernel, so outputs do not depend on the partition size or the executor, and equal
+:func:`datasel_ray.dedup.semantic.semantic_dedup` run in one process on the same centroids.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from datasel_ray import schema
+from datasel_ray.config import RunConfig
+from datasel_ray.dedup import exact as exact_pass
+from datasel_ray.dedup import semantic
+from datasel_ray.io import layout
+from datasel_ray.io.images import row_image_bytes
+from datasel_ray.io.rundir import RunDir
+from datasel_ray.io.storage import Location
+from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
+from datasel_ray.pipeline.fit.context import FitContext, bucket_plan, read_bucket, write_buckets
+from datasel_ray.pipeline.store import read_shard
+from datasel_ray.seeds import derive_seed
+
+MIN_ROWS_PER_CLUSTER = 40  # faiss k-means warns below 39 training points per centroid
+SAMPLE_FILES_PER_TASK = 8
+REGROUP_SPLIT = 4  # the assignment writes buckets of partition_bytes / REGROUP_SPLIT (estimated)
+
+
+def dedup_dir(run_dir) -> Location:
+    return run_dir / layout.DEDUP
+
+
+def kept_features(run_dir) -> Location:
+    """``dedup/kept/``: the feature shards of the rows the dedup phase kept (written with ``select.dedup``)."""
+    return dedup_dir(run_dir) / layout.KEPT
+
+
+def num_clusters(cfg: RunConfig, n: int) -> int:
+    """Clusters of the semantic pass over ``n`` rows: ``min(dedup.num_clusters, max(1, n // 40))``."""
+    return int(max(1, min(cfg.dedup.num_clusters, n // MIN_ROWS_PER_CLUSTER)))
+
+
+def kmeans_seed(cfg: RunConfig) -> int:
+    return cfg.dedup.seed if cfg.dedup.seed is not None else derive_seed(cfg.seed, "dedup", "kmeans")
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def _digests(item: dict) -> dict[str, np.ndarray]:
+    """Digest (S16) of every row of some ``samples/`` shards: its images' bytes + normalised turns."""
+    ids, out = [], []
+    for path in item["files"]:
+        t = Location.parse(path).read_parquet([schema.ROW_ID, schema.IMAGES, schema.CONVERSATIONS])
+        ids.append(column_to_numpy(t.column(schema.ROW_ID)).astype(np.int64))
+        for row in t.to_pylist():
+            conv = row[schema.CONVERSATIONS]
+            out.append(exact_pass.row_digest(row_image_bytes(row),
+                                             exact_pass.normalise_text(json.loads(conv) if conv else [])))
+    return {schema.ROW_ID: np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            "digest": np.array(out, dtype=f"S{exact_pass.DIGEST_BYTES}")}
+
+
+def _read_feature(path: str, item: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, ``item["feature"]`` vectors as stored) of one shard."""
+    column = semantic.source_column(item["feature"])
+    cols = read_shard(path, [column])
+    return cols[schema.ROW_ID].astype(np.int64), semantic.feature_vectors(item["feature"], cols[column], item["hidden"])
+
+
+def _gather(item: dict) -> dict[str, np.ndarray]:
+    """Unit rows at positions ``item["want"]`` of the partition (k-means training rows)."""
+    from datasel_ray.clustering import normalize_rows
+
+    pos_out, x_out = [], []
+    for path, pos in zip(item["files"], item["pos"]):
+        wanted = np.flatnonzero(np.isin(pos, item["want"]))
+        if len(wanted):
+            unit = normalize_rows(_read_feature(path, item)[1])
+            pos_out.append(pos[wanted])
+            x_out.append(unit[wanted])
+    return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
+            "x": np.concatenate(x_out) if x_out else np.zeros((0, item["width"]), np.float32)}
+
+
+def _assign(item: dict) -> dict[str, np.ndarray]:
+    """Nearest centroid and cosine to it of every row of the partition not dropped by the exact pass; the rows
+    (stored vectors) written into their cluster's regroup bucket."""
+    from datasel_ray.clustering import assign_nearest, normalize_rows
+
+    centroids = Location.parse(item["centroids"]).read_npy()
+    regroup = Location.parse(item["regroup"]).read_npy()
+    excluded = Location.parse(item["excluded"]).read_npy()
+    pos_all, lab_all, ids_all, raw_all, cos_all = [], [], [], [], []
+    for path, pos in zip(item["files"], item["pos"]):
+        ids, vectors = _read_feature(path, item)
+        keep = ~np.isin(pos, excluded)
+        raw = vectors[keep]
+        unit = normalize_rows(raw)
+        labels = assign_nearest(unit, centroids)
+        pos_all.append(pos[keep])
+        lab_all.append(labels)
+        ids_all.append(ids[keep])
+        raw_all.append(raw)
+        cos_all.append(np.einsum("ij,ij->i", unit, centroids[labels]).astype(np.float32))
+    labels = np.concatenate(lab_all)
+    write_buckets(Location.parse(item["work"]), item["key"], labels, regroup, np.concatenate(ids_all),
+                  np.concatenate(raw_all), {layout.COS_CENTROID: np.concatenate(cos_all)})
+    return {"pos": np.concatenate(pos_all), "cluster": labels}
+
+
+def _clusters(item: dict) -> dict[str, np.ndarray]:
+    """SemDeDup on every cluster of one bucket; writes the bucket's member file (rows grouped by cluster)."""
+    from datasel_ray.clustering import normalize_rows
+
+    bucket = read_bucket(Location.parse(item["work"]), item["bucket"])
+    ids, labels = bucket[schema.ROW_ID], bucket[layout.CLUSTER]
+    raw, cos = bucket[layout.VECTOR], bucket[layout.COS_CENTROID]
+    Location.parse(item["members"]).write_parquet(pa.table({
+        schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels, pa.int64()),
+        layout.VECTOR: vector_column(raw)}))
+    unit = normalize_rows(raw)
+    clusters, starts = np.unique(labels, return_index=True)
+    bounds = np.append(starts, len(labels))
+    parts: dict[str, list[np.ndarray]] = {}
+    for c, lo, hi in zip(clusters, bounds[:-1], bounds[1:]):
+        res = semantic.cluster_dedup(unit[lo:hi], ids[lo:hi], cos[lo:hi], item["ranking"], item["eps"],
+                                     item["workspace_bytes"])
+        for name, value in vars(res).items():
+            parts.setdefault(name, []).append(value)
+        parts.setdefault("member_cluster", []).append(np.full(hi - lo, c, dtype=np.int64))
+        parts.setdefault("pair_cluster", []).append(np.full(len(res.pair_a), c, dtype=np.int64))
+    out = {name: np.concatenate(values) for name, values in parts.items()}
+    out.update({"cluster": clusters.astype(np.int64), "offset": starts.astype(np.int64),
+                "size": np.diff(bounds).astype(np.int64)})
+    return out
+
+
+def _copy_kept(item: dict) -> dict[str, np.ndarray]:
+    """The rows of one feature shard that dedup kept, written to ``dedup/kept/<shard name>`` (none: no file)."""
+    table = Location.parse(item["src"]).read_parquet()
+    dropped = Location.parse(item["dropped"]).read_npy()
+    keep = ~np.isin(column_to_numpy(table.column(schema.ROW_ID)).astype(np.int64), dropped)
+    if keep.any():
+        Location.parse(item["dst"]).write_parquet(table.filter(pa.array(keep)))
+    return {"rows": np.array([int(keep.sum())], dtype=np.int64)}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _exact(ctx: FitContext, work: Location) -> tuple[np.ndarray, np.ndarray]:
+    """(dropped bool[N], representative int64[N]) of the exact pass, in ``pos`` order."""
+    store = ctx.store
+    files = [str(f) for f in (ctx.run_dir / "samples").list(".parquet")]
+    if not files:
+        raise RuntimeError(f"No parquet files in {ctx.run_dir / 'samples'}: run the ingest phase first")
+    chunks = [files[i:i + SAMPLE_FILES_PER_TASK] for i in range(0, len(files), SAMPLE_FILES_PER_TASK)]
+    results = ctx.map("dedup:exact", _digests, [{"files": c} for c in chunks],
+                      [f"{i:05d}" for i in range(len(chunks))], unit="tasks", work=work / "exact")
+    ids = np.concatenate([r[schema.ROW_ID] for r in results])
+    digests = np.concatenate([r["digest"] for r in results])
+    found = np.isin(ids, store.row_ids)  # rows quarantined at extract have no features: not in the pool
+    ids, digests = ids[found], digests[found]
+    if len(ids) != store.n:
+        raise RuntimeError(f"dedup: samples/ holds {len(ids)} of the {store.n} feature rows (stale samples/?)")
+    by_digest = np.lexsort((ids, digests))
+    (dedup_dir(ctx.run_dir) / layout.DIGESTS).write_parquet(pa.table({
+        schema.ROW_ID: pa.array(ids[by_digest], pa.int64()),
+        "digest": _digest_column(digests[by_digest])}))
+    pos = np.searchsorted(store.row_ids, ids)
+    ordered = np.empty(store.n, dtype=digests.dtype)
+    ordered[pos] = digests
+    return exact_pass.exact_groups(ordered, store.row_ids)
+
+
+def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarray) -> dict:
+    """The partitioned semantic pass over the rows not in ``excluded`` (sorted positions); returns the
+    concatenated bucket results and a summary."""
+    from datasel_ray.clustering import assign_nearest, kmeans_train_rows, train_spherical_kmeans
+
+    cfg, store = ctx.cfg.dedup, ctx.store
+    column = semantic.source_column(cfg.feature)
+    store.require([column, schema.LAST_TOKEN] if cfg.feature == "coincide_visual" else [column])
+    hidden = store.widths.get(schema.LAST_TOKEN, 0)
+    d = store.widths[column] // (2 if cfg.feature == "coincide_visual" else 1)
+    spec = {"feature": cfg.feature, "hidden": hidden}
+    n_left = store.n - len(excluded)
+    k = num_clusters(ctx.cfg, n_left)
+    seed = kmeans_seed(ctx.cfg)
+    candidates = np.setdiff1d(np.arange(store.n), excluded)
+    rows = kmeans_train_rows(len(candidates), k, cfg.train_sample, seed)
+    train_pos = candidates if rows is None else candidates[rows]
+    if len(train_pos) * d * 4 > ctx.cfg.aggregate.driver_bytes:
+        raise ValueError(f"dedup: k-means training would hold {len(train_pos)} x {d} floats on the driver, over "
+                         f"aggregate.driver_bytes={ctx.cfg.aggregate.driver_bytes}: lower dedup.train_sample")
+    items, keys = ctx.partition_items([column], want=train_pos, width=d, **spec)
+    got = ctx.map("dedup:train-rows", _gather, items, keys, work=work / "train-rows")
+    pos = np.concatenate([r["pos"] for r in got])
+    train = np.ascontiguousarray(np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")])
+    del got
+    import faiss
+
+    centroids = train_spherical_kmeans(train, k, cfg.niter, seed, faiss.get_num_gpus() > 0)
+    (out / layout.CENTROIDS).write_npy(centroids)
+    estimated = np.bincount(assign_nearest(train, centroids), minlength=k) * (n_left / max(1, len(train)))
+    del train
+    row_bytes = store.row_bytes([column]) * d // store.widths[column] + 8
+    regroup = bucket_plan(estimated, row_bytes, max(1, ctx.partition_bytes // REGROUP_SPLIT))
+    (work / "regroup.npy").write_npy(regroup)
+    (work / "excluded.npy").write_npy(np.asarray(excluded, dtype=np.int64))
+    items, keys = ctx.partition_items([column], **spec, centroids=str(out / layout.CENTROIDS),
+                                      regroup=str(work / "regroup.npy"), excluded=str(work / "excluded.npy"),
+                                      work=str(work / "buckets"))
+    labels = np.full(store.n, -1, dtype=np.int64)
+    for r in ctx.map("dedup:assign", _assign, items, keys, work=work / "assign"):
+        labels[r["pos"]] = r["cluster"]
+    size = np.bincount(labels[labels >= 0], minlength=k).astype(np.int64)
+    regroup_rows = np.bincount(regroup, weights=size, minlength=int(regroup.max()) + 1)
+    bucket_of_regroup = bucket_plan(regroup_rows, row_bytes, ctx.partition_bytes)
+    buckets = bucket_of_regroup[regroup]
+    filled = np.flatnonzero(regroup_rows > 0)
+    bucket_ids = np.unique(bucket_of_regroup[filled])
+    items = [{"work": str(work / "buckets"), "bucket": filled[bucket_of_regroup[filled] == b].tolist(),
+              "members": str(layout.members_file(out, b)), "ranking": cfg.ranking, "eps": float(cfg.eps),
+              "workspace_bytes": int(cfg.workspace_bytes)} for b in bucket_ids]
+    results = ctx.map("dedup:clusters", _clusters, items, [f"{int(b):05d}" for b in bucket_ids], unit="buckets",
+                      work=work / "clusters")
+    offset = np.zeros(k, dtype=np.int64)
+    for r in results:
+        if not np.array_equal(r["size"], size[r["cluster"]]):
+            raise RuntimeError("dedup: a bucket's cluster sizes differ from the assignment (stale work files)")
+        offset[r["cluster"]] = r["offset"]
+    (out / layout.CLUSTERS).write_parquet(pa.table({
+        layout.CLUSTER: np.arange(k, dtype=np.int64), layout.SIZE: size,
+        layout.BUCKET: np.where(size > 0, buckets, -1).astype(np.int64), layout.OFFSET: offset}))
+    names = ["row_id", "dropped", "similarity", "duplicate_of", "representative", "member_cluster", "pair_a",
+             "pair_b", "pair_sim", "pair_cluster"]
+    merged = {name: np.concatenate([r[name] for r in results]) if results else np.zeros(0) for name in names}
+    summary = {"feature": cfg.feature, "clusters": k, "nonempty_clusters": int((size > 0).sum()),
+               "kmeans_seed": seed, "kmeans_train_rows": int(len(train_pos)), "buckets": int(len(bucket_ids)),
+               "largest_cluster": int(size.max()) if k else 0}
+    return {"result": merged, "summary": summary}
+
+
+def _digest_column(digests: np.ndarray) -> pa.Array:
+    """S16 digests as a fixed_size_binary(16) column, byte for byte (``tolist`` would strip trailing zero bytes)."""
+    data = np.ascontiguousarray(digests, dtype=f"S{exact_pass.DIGEST_BYTES}")
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(exact_pass.DIGEST_BYTES), len(data),
+                                                [None, pa.py_buffer(data.tobytes())])
+
+
+def run_dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
+    from datasel_ray.pipeline.aggregate import make_context
+
+    started = time.monotonic()
+    ctx = make_context(cfg, run_dir, quiet, features=run_dir / "features")
+    store = ctx.store
+    out = dedup_dir(run_dir)
+    out.mkdir()
+    work = out / layout.WORK
+    n = store.n
+    ids = store.row_ids
+    timings: dict[str, float] = {}
+
+    t0 = time.monotonic()
+    if cfg.dedup.exact:
+        exact_dropped, exact_rep = _exact(ctx, work)
+    else:
+        exact_dropped, exact_rep = np.zeros(n, dtype=bool), ids.copy()
+    timings["exact"] = round(time.monotonic() - t0, 3)
+
+    dropped_pos: list[np.ndarray] = [np.flatnonzero(exact_dropped)]
+    rep = exact_rep.copy()
+    dup_of = np.where(exact_dropped, exact_rep, -1)
+    sim = np.where(exact_dropped, np.float32(1.0), np.float32(np.nan)).astype(np.float32)
+    which = np.where(exact_dropped, layout.PASS_EXACT, "").astype(object)
+    cluster = np.full(n, -1, dtype=np.int64)
+    pair_a = [exact_rep[exact_dropped]]
+    pair_b = [ids[exact_dropped]]
+    pair_sim = [np.ones(int(exact_dropped.sum()), dtype=np.float32)]
+    pair_pass = [np.full(int(exact_dropped.sum()), layout.PASS_EXACT, dtype=object)]
+    pair_cluster = [np.full(int(exact_dropped.sum()), -1, dtype=np.int64)]
+    semantic_summary: dict = {}
+    t0 = time.monotonic()
+    if cfg.dedup.semantic and n - int(exact_dropped.sum()) > 0:
+        sem = _semantic(ctx, out, work, np.flatnonzero(exact_dropped))
+        r, semantic_summary = sem["result"], sem["summary"]
+        pos = np.searchsorted(ids, r["row_id"].astype(np.int64))
+        cluster[pos] = r["member_cluster"]
+        d = r["dropped"].astype(bool)
+        dropped_pos.append(pos[d])
+        rep[pos] = r["representative"]
+        dup_of[pos[d]] = r["duplicate_of"][d]
+        sim[pos[d]] = r["similarity"][d]
+        which[pos[d]] = layout.PASS_SEMANTIC
+        pair_a.append(r["pair_a"].astype(np.int64))
+        pair_b.append(r["pair_b"].astype(np.int64))
+        pair_sim.append(r["pair_sim"].astype(np.float32))
+        pair_pass.append(np.full(len(r["pair_a"]), layout.PASS_SEMANTIC, dtype=object))
+        pair_cluster.append(r["pair_cluster"].astype(np.int64))
+        # an exact duplicate's representative may itself be a semantic duplicate: follow it to the kept row
+        exact_rows = np.flatnonzero(exact_dropped)
+        if len(exact_rows):
+            rep_pos = np.searchsorted(ids, rep[exact_rows])
+            rep[exact_rows] = rep[rep_pos]
+    timings["semantic"] = round(time.monotonic() - t0, 3)
+
+    dropped = np.zeros(n, dtype=bool)
+    dropped[np.concatenate(dropped_pos)] = True
+    names, codes = store.task_names, store.task_codes
+    task_col = pc.take(pa.array(names.tolist(), pa.string()), pa.array(codes))
+    d_rows = np.flatnonzero(dropped)
+    (out / layout.DROPPED).write_parquet(pa.table({
+        schema.ROW_ID: pa.array(ids[d_rows], pa.int64()), schema.TASK: task_col.take(pa.array(d_rows)),
+        layout.REPRESENTATIVE: pa.array(rep[d_rows], pa.int64()),
+        layout.DUPLICATE_OF: pa.array(dup_of[d_rows], pa.int64()),
+        layout.SIMILARITY: pa.array(sim[d_rows], pa.float32()),
+        layout.PASS: pa.array(which[d_rows].tolist(), pa.string()),
+        layout.CLUSTER: pa.array(cluster[d_rows], pa.int64())}))
+    (out / layout.PAIRS).write_parquet(pa.table({
+        "row_a": pa.array(np.concatenate(pair_a), pa.int64()), "row_b": pa.array(np.concatenate(pair_b), pa.int64()),
+        layout.SIMILARITY: pa.array(np.concatenate(pair_sim), pa.float32()),
+        layout.PASS: pa.array(np.concatenate(pair_pass).tolist(), pa.string()),
+        layout.CLUSTER: pa.array(np.concatenate(pair_cluster), pa.int64())}))
+    # groups: every kept row with at least one dropped row resolving to it
+    rep_of_dropped = rep[d_rows]
+    reps, inverse = np.unique(rep_of_dropped, return_inverse=True)
+    n_exact = np.bincount(inverse, weights=(which[d_rows] == layout.PASS_EXACT), minlength=len(reps))
+    n_sem = np.bincount(inverse, minlength=len(reps)) - n_exact
+    rep_pos = np.searchsorted(ids, reps)
+    (out / layout.GROUPS).write_parquet(pa.table({
+        layout.REPRESENTATIVE: pa.array(reps, pa.int64()), schema.TASK: task_col.take(pa.array(rep_pos)),
+        layout.SIZE: pa.array(1 + n_exact.astype(np.int64) + n_sem.astype(np.int64)),
+        layout.PASS_EXACT: pa.array(n_exact.astype(np.int64)), layout.PASS_SEMANTIC: pa.array(n_sem.astype(np.int64))}))
+    T = len(names)
+    is_exact = dropped & (which == layout.PASS_EXACT)
+    is_sem = dropped & (which == layout.PASS_SEMANTIC)
+    task_table = pa.table({
+        schema.TASK: pa.array(names.tolist(), pa.string()),
+        "rows": np.bincount(codes, minlength=T).astype(np.int64),
+        "kept": np.bincount(codes[~dropped], minlength=T).astype(np.int64),
+        "dropped_exact": np.bincount(codes[is_exact], minlength=T).astype(np.int64),
+        "dropped_semantic": np.bincount(codes[is_sem], minlength=T).astype(np.int64),
+        "groups": np.bincount(codes[rep_pos], minlength=T).astype(np.int64)})
+    (out / layout.TASKS).write_parquet(task_table)
+
+    kept_rows = n - int(dropped.sum())
+    if cfg.select.dedup:
+        t0 = time.monotonic()
+        kept = kept_features(run_dir)  # a resumed run keeps the shards its finished tasks wrote
+        kept.mkdir()
+        (work / "dropped.npy").write_npy(np.sort(ids[d_rows]))
+        items = [{"src": f, "dst": str(kept / Location.parse(f).name), "dropped": str(work / "dropped.npy")}
+                 for f in store.files]
+        copied = ctx.map("dedup:kept", _copy_kept, items, [f"{i:05d}" for i in range(len(items))], unit="shards",
+                         work=work / "kept")
+        if sum(int(c["rows"][0]) for c in copied) != kept_rows:
+            raise RuntimeError("dedup: the kept shards do not hold the kept rows (stale work files)")
+        timings["kept"] = round(time.monotonic() - t0, 3)
+    result = {"rows": int(n), "kept": int(kept_rows), "dropped": int(dropped.sum()),
+              "dropped_exact": int(is_exact.sum()), "dropped_semantic": int(is_sem.sum()),
+              "groups": int(len(reps)), "executor": ctx.executor.name, **semantic_summary,
+              "kept_features": bool(cfg.select.dedup), "step_seconds": timings,
+              "seconds": round(time.monotonic() - started, 3)}
+    work.delete()
+    (out / layout.META).write_json({**result, "config": cfg.dedup.model_dump(mode="json")})
+    return result
+
+
+def pool_rows(cfg: RunConfig, run_dir: RunDir, store_rows: int) -> int:
+    """Rows of the whole pool the budget is a share of: the dedup phase's row count with ``select.dedup`` (the
+    store then holds the kept rows only), else ``store_rows``."""
+    if not cfg.select.dedup:
+        return store_rows
+    meta = dedup_dir(run_dir) / layout.META
+    if not meta.exists():
+        raise RuntimeError(f"select.dedup is true but {meta} does not exist: run the dedup phase first")
+    return int(meta.read_json()["rows"])
