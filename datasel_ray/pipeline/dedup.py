@@ -67,6 +67,14 @@ def kmeans_seed(cfg: RunConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tasks
+def _partition_items(ctx: FitContext, columns: list[str], **extra) -> tuple[list[dict], list[str]]:
+    """One task item per partition of ``columns`` (``files``, ``pos`` of :class:`Partition`, plus ``extra``)
+    and the partitions' keys."""
+    parts = ctx.partitions(columns)
+    return [{"files": list(p.files), "pos": list(p.pos), "key": p.key, **extra} for p in parts], \
+        [p.key for p in parts]
+
+
 def _digests(item: dict) -> dict[str, np.ndarray]:
     """Digest (S16) of every row of some ``samples/`` shards: its images' bytes + normalised turns."""
     ids, out = [], []
@@ -212,7 +220,7 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     if len(train_pos) * d * 4 > ctx.cfg.aggregate.driver_bytes:
         raise ValueError(f"dedup: k-means training would hold {len(train_pos)} x {d} floats on the driver, over "
                          f"aggregate.driver_bytes={ctx.cfg.aggregate.driver_bytes}: lower dedup.train_sample")
-    items, keys = ctx.partition_items([column], want=train_pos, width=d, **spec)
+    items, keys = _partition_items(ctx, [column], want=train_pos, width=d, **spec)
     got = ctx.map("dedup:train-rows", _gather, items, keys, work=work / "train-rows")
     pos = np.concatenate([r["pos"] for r in got])
     train = np.ascontiguousarray(np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")])
@@ -227,7 +235,7 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     regroup = bucket_plan(estimated, row_bytes, max(1, ctx.partition_bytes // REGROUP_SPLIT))
     (work / "regroup.npy").write_npy(regroup)
     (work / "excluded.npy").write_npy(np.asarray(excluded, dtype=np.int64))
-    items, keys = ctx.partition_items([column], **spec, centroids=str(out / layout.CENTROIDS),
+    items, keys = _partition_items(ctx, [column], **spec, centroids=str(out / layout.CENTROIDS),
                                       regroup=str(work / "regroup.npy"), excluded=str(work / "excluded.npy"),
                                       work=str(work / "buckets"))
     labels = np.full(store.n, -1, dtype=np.int64)
