@@ -38,6 +38,9 @@ def demo_config(workdir: Path, pool_path: Path, tive: bool, seed: int = 0, model
         "model": {"name_or_path": model},
         "tive": {"enabled": tive, "warmup_preset": "cpu"},
         "select": {"methods": DEMO_METHODS + (["tive"] if tive else []), "budget": 0.2},
+        # the tiny model's features do not tell near-duplicates apart (README, "Near-duplicate removal": its
+        # semantic pass would drop ~85% of the generated pool); the demo runs the exact pass alone with it
+        "dedup": {"semantic": model != TINY_MODEL},
         "ray": {"num_cpus": 2},
     })
 
