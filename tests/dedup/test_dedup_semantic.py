@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,7 @@ import pytest
 from datasel_ray.clustering import normalize_rows, spherical_kmeans
 from datasel_ray.dedup.semantic import cluster_dedup, earlier_similarity, rank_members, semantic_dedup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features  # noqa: E402
+from benchmarks.feature_store_gen import generate_features
 
 
 def dense_pairs(x: np.ndarray, row_ids: np.ndarray, eps: float) -> set[tuple[int, int]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,7 @@ from datasel_ray.pipeline.select import run_select
 from datasel_ray.report import write_report
 from datasel_ray.scoring.state import RunStats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features, write_features, write_samples  # noqa: E402
+from benchmarks.feature_store_gen import generate_features, write_features, write_samples
 
 
 class TauAboveTaskMedian(SelectionMethod):

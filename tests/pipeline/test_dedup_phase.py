@@ -4,7 +4,6 @@ duplicates from image bytes + text, and select.dedup selecting among the kept ro
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,7 @@ from datasel_ray.pipeline.dedup import run_dedup
 from datasel_ray.pipeline.feature_store import column_to_numpy
 from datasel_ray.pipeline.select import run_select
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dedup"))
-from dedup_store import EXACT_COPIES, N, generated_features, write_run  # noqa: E402
+from dedup_store import EXACT_COPIES, N, generated_features, write_run
 
 
 @pytest.fixture(scope="module")

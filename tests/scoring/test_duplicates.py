@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from datasel_ray.pipeline.dedup import run_dedup
 from datasel_ray.scoring.duplicates import DuplicateIndex
 from datasel_ray.scoring.state import MemberCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dedup"))
-from dedup_store import generated_features, write_run  # noqa: E402
+from dedup_store import generated_features, write_run
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +101,8 @@ def test_score_results_carry_the_duplicate_answer(demo_run, demo_pool, tmp_path)
     cfg, _ = demo_run
     copy = tmp_path / "run"
     shutil.copytree(cfg.run_dir, copy)
-    dedup_cfg = cfg.model_copy(update={"run_dir": str(copy)})
+    # both passes (the demo config runs the exact pass alone with the tiny model)
+    dedup_cfg = cfg.model_copy(update={"run_dir": str(copy), "dedup": cfg.dedup.model_copy(update={"semantic": True})})
     run_dedup(dedup_cfg, RunDir(str(copy)), quiet=True)
     table = sorted((copy / "samples").glob("*.parquet"))[0]
     t = pq.read_table(table, columns=[schema.ROW_ID, schema.SOURCE_INDEX, schema.IMAGE_PATH])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,7 @@ import pyarrow.parquet as pq
 
 from datasel_ray.pipeline.ingest import IMAGES_TYPE
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from feature_store_gen import generate_features, write_features  # noqa: E402
+from benchmarks.feature_store_gen import generate_features, write_features
 
 N = 1500
 EXACT_COPIES = {7: 3, 9: 3, 400: 12}  # row -> the earlier row whose image bytes and (case-changed) text it repeats
