@@ -59,7 +59,7 @@ def _images():
 def test_prepare_keeps_image_sizes_and_tiles(vlm):
     samples = [vlm.processor.prepare(QUESTION, image) for image in _images()]
     assert [s.image_inputs["image_sizes"].tolist() for s in samples] == [[[32, 32]], [[32, 64]], [[50, 20]]]
-    assert [s.pixel_values.shape[0] for s in samples] == [2, 3, 3]  # base tile + any-resolution tiles
+    assert [s.pixel_values.shape[1] for s in samples] == [2, 3, 3]  # base tile + any-resolution tiles
     assert len({int(s.image_mask.sum()) for s in samples}) > 1  # the image span depends on the aspect ratio
     batch = collate(samples, vlm.processor.pad_token_id)
     assert batch.pixel_values.shape == (3, 3, 3, 32, 32)  # zero-padded to the largest tile count
