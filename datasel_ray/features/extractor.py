@@ -33,6 +33,9 @@ INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"
 TEXT_MASK = "text_mask"
 IMAGE_INPUTS = "image_inputs"
+TOKEN_INPUTS = "token_inputs"
+# ingest's per-row list of image references (several images per sample); rows without it use image_path
+ROW_IMAGES = "images"
 ANSWER_MASK = "answer_mask"
 PIXEL_VALUES = "pixel_values"
 HAS_IMAGE = "has_image"
@@ -49,12 +52,17 @@ def object_column(arrays: list[np.ndarray]) -> np.ndarray:
 class Preprocessor:
     """CPU stage: image decode, chat template, tokenisation and token masks (no model weights).
 
-    Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only).
-    Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64 [L_i];
-    ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
-    [B, C, H, W] (zeros where ``has_image`` is False), or object [B] of per-image arrays when the processor's
-    pixel shapes vary by image (LLaVA-NeXT, Qwen2-VL); ``image_inputs`` object [B] of dict | None, only when the
-    processor returns other image inputs (``image_sizes``, ``image_grid_thw``); ``has_image`` bool [B];
+    Input columns: ``row_id`` int64, ``conversations`` (JSON string), and the row's images: ``images`` (ingest's
+    list of image references per row, read with ``datasel_ray.io.images.load_row_images``; several images per
+    sample, empty for text-only) when the batch has that column, else ``image_path`` (one path, "" for
+    text-only). Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64
+    [L_i]; ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
+    [B, 1, C, H, W] (one image per row; zeros where ``has_image`` is False), or object [B] of per-sample arrays
+    when the pixel shapes vary by row (several images, LLaVA-NeXT tiles, Qwen2-VL patches; see
+    :class:`~datasel_ray.models.vlm.PreparedSample`); ``image_inputs`` object [B] of dict | None, only when the
+    processor returns other image inputs (``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``);
+    ``token_inputs`` object [B] of dict | None, only when it returns per-token inputs (``mm_token_type_ids``);
+    ``has_image`` bool [B];
     ``truncated`` bool [B]; ``error_reason`` / ``error_message`` str [B] ("" when fine). Failed rows get length-1
     dummy token arrays.
     """
@@ -75,12 +83,14 @@ class Preprocessor:
         probe = self.processor.pixel_values(Image.new("RGB", (size, size), (127, 127, 127)))
         self.pixel_shape = tuple(probe.shape)
 
-    def prepare_row(self, conversations, image_path: str) -> PreparedSample:
-        """One row -> PreparedSample; raises RowError with the quarantine reason on the row's own failure, and
-        StorageError (:mod:`datasel_ray.io.images`) when the image cannot be read for another cause."""
-        image = load_image(image_path, self.model_cfg.image_size) if image_path else None
+    def prepare_row(self, conversations, images) -> PreparedSample:
+        """One row -> PreparedSample. ``images``: the row's PIL images in placeholder order (empty for text-only),
+        or one image path ("" for text-only). Raises RowError with the quarantine reason on the row's own
+        failure, and StorageError (:mod:`datasel_ray.io.images`) when an image cannot be read for another cause."""
+        if isinstance(images, str):
+            images = [load_image(images, self.model_cfg.image_size)] if images else []
         try:
-            return self.processor.prepare(load_conversations(conversations), image)
+            return self.processor.prepare(load_conversations(conversations), list(images))
         except ContextTooShortError as err:
             raise RowError(schema.Reason.TOO_LONG, str(err)) from err
         except Exception as err:
@@ -93,11 +103,9 @@ class Preprocessor:
         samples: list[PreparedSample] = []
         reasons: list[str] = []
         messages: list[str] = []
-        paths = batch.get(schema.IMAGE_PATH)
         for i in range(len(batch[schema.ROW_ID])):
-            path = "" if paths is None or paths[i] is None else str(paths[i])
             try:
-                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], path)
+                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], self.row_images(batch, i))
                 reason, message = "", ""
             except RowError as err:
                 sample, reason, message = self._dummy(), err.reason, str(err)
@@ -105,6 +113,21 @@ class Preprocessor:
             reasons.append(reason)
             messages.append(message)
         return self.columns(np.asarray(batch[schema.ROW_ID], dtype=np.int64), samples, reasons, messages)
+
+    def row_images(self, batch: dict[str, np.ndarray], i: int):
+        """Row ``i``'s images: ingest's ``images`` list read by ``load_row_images`` (a list of PIL images,
+        resized to ``model.image_size`` when set), else its ``image_path`` string ("" for text-only)."""
+        if ROW_IMAGES in batch:
+            from PIL import Image
+
+            from datasel_ray.io.images import load_row_images
+
+            images = load_row_images({key: column[i] for key, column in batch.items()})
+            size = self.model_cfg.image_size
+            return [im.resize((size, size), Image.Resampling.BICUBIC) if size and im.size != (size, size) else im
+                    for im in images]
+        paths = batch.get(schema.IMAGE_PATH)
+        return "" if paths is None or paths[i] is None else str(paths[i])
 
     def _dummy(self) -> PreparedSample:
         ids = np.full(1, self.processor.pad_token_id, dtype=np.int64)
@@ -124,6 +147,8 @@ class Preprocessor:
         extra = {}
         if any(s.image_inputs for s in samples):
             extra[IMAGE_INPUTS] = object_column([s.image_inputs for s in samples])
+        if any(s.token_inputs for s in samples):
+            extra[TOKEN_INPUTS] = object_column([s.token_inputs for s in samples])
         return {
             schema.ROW_ID: row_ids,
             INPUT_IDS: object_column([s.input_ids for s in samples]),
@@ -150,6 +175,7 @@ def sample_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedSample:
         answer_mask=np.asarray(batch[ANSWER_MASK][i], dtype=bool),
         truncated=bool(batch[schema.TRUNCATED][i]),
         image_inputs=batch[IMAGE_INPUTS][i] if IMAGE_INPUTS in batch and has_image else None,
+        token_inputs=batch[TOKEN_INPUTS][i] if TOKEN_INPUTS in batch else None,
     )
 
 
