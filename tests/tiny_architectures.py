@@ -105,8 +105,9 @@ def _idefics(path: Path, family: str):
         from transformers import SmolVLMForConditionalGeneration as Model
         from transformers import SmolVLMImageProcessorPil as ImageProcessor
         from transformers import SmolVLMProcessor as Processor
-    processor = image_only(Processor)(image_processor=ImageProcessor(**image_kwargs), tokenizer=tokenizer, video_processor=None,
-                                      image_seq_len=4, chat_template=IDEFICS_TEMPLATE)
+    video = {"video_processor": None} if "video_processor" in Processor.get_attributes() else {}
+    processor = image_only(Processor)(image_processor=ImageProcessor(**image_kwargs), tokenizer=tokenizer,
+                                      image_seq_len=4, chat_template=IDEFICS_TEMPLATE, **video)
     config = Config(vision_config=vision, text_config=text, image_token_id=image_token_id, scale_factor=2)
     return Model(config), processor
 

@@ -151,16 +151,15 @@ def test_image_grid_of_odd_sizes_follows_the_models_resize_rule(arch_dir, vlm, s
         assert sample.image_inputs["image_grid_thw"].tolist() == [grid]
         assert int(sample.image_mask.sum()) == grid[1] * grid[2] // processor.merge_size ** 2
     elif arch in ("idefics3", "smolvlm"):
-        # resized so that the longest edge is size["longest_edge"] (64) rounded up to whole 32-pixel tiles, then
-        # split into tiles of max_image_size (32) plus the global image when split
-        tile = processor.max_image_size["longest_edge"]
-        longest = processor.size["longest_edge"]
-        scale = longest / max(size)
-        h, w = (max(1, round(size[1] * scale)), max(1, round(size[0] * scale)))
-        rows, cols = -(-h // tile), -(-w // tile)
-        tiles = rows * cols + (1 if rows * cols > 1 else 0)
-        assert sample.pixel_rows == tiles
+        # tiles (the split image plus the global image) as the image processor's own rule counts them
+        tiles, rows, cols = processor.get_number_of_image_patches(size[1], size[0])
+        assert sample.pixel_rows == tiles == rows * cols + (1 if rows * cols > 1 else 0)
         assert int(sample.image_mask.sum()) == tiles * vlm.processor.processor.image_seq_len
-    else:  # LLaVA-OneVision: image_sizes as given, tiles of the best pinpoint + the base image
+    else:  # LLaVA-OneVision: image_sizes as given; tiles of the best pinpoint + the base image
         assert sample.image_inputs["image_sizes"].tolist() == [[size[1], size[0]]]
+        from transformers.image_processing_utils import select_best_resolution
+
+        best_h, best_w = select_best_resolution((size[1], size[0]), processor.image_grid_pinpoints)
+        tile = processor.size["height"]
+        assert sample.pixel_values.shape[1] == (best_h // tile) * (best_w // tile) + 1
     vlm.forward_features([sample])  # the model accepts the processor's token count for this grid
