@@ -643,6 +643,21 @@ class ReferenceVLM:
         model.to(device).eval()
         return cls(model, VLMProcessor.load(model_cfg), torch.device(device), model_cfg.coincide_layers)
 
+    def hook_points(self) -> dict:
+        """Where the features come from in this architecture (written to the extract manifest): the model class,
+        the hooked modules' qualified names (COINCIDE: ``self_attn`` output projections of ``coincide_layers``;
+        DataTailor: the last decoder block, whose output is taken before the final norm) and the number of
+        decoder layers."""
+        names = {id(module): name for name, module in self.model.named_modules()}
+        return {
+            "architecture": type(self.model).__name__,
+            "decoder_layers": len(self.decoder_layers),
+            "coincide_layers": list(self.coincide_layers),
+            "coincide_modules": [names[id(attention_output_module(self.decoder_layers[layer]))]
+                                 for layer in self.coincide_layers],
+            "datatailor_module": names[id(self.decoder_layers[-1])],
+        }
+
     @property
     def hidden_size(self) -> int:
         config = self.model.config

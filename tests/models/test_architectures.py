@@ -163,3 +163,16 @@ def test_image_grid_of_odd_sizes_follows_the_models_resize_rule(arch_dir, vlm, s
         tile = processor.size["height"]
         assert sample.pixel_values.shape[1] == (best_h // tile) * (best_w // tile) + 1
     vlm.forward_features([sample])  # the model accepts the processor's token count for this grid
+
+
+def test_hook_points_name_the_language_models_modules(arch_dir, vlm):
+    """COINCIDE hooks the language model's self_attn output projections, DataTailor its last decoder block (the
+    names the extract manifest records)."""
+    hooks = vlm.hook_points()
+    modules = dict(vlm.model.named_modules())
+    lm = "text_model" if arch_dir[0] in ("idefics3", "smolvlm") else "language_model"
+    n = hooks["decoder_layers"]
+    assert n == 4 and hooks["coincide_layers"] == [0, 1, 2, 3]
+    assert hooks["coincide_modules"] == [f"model.{lm}.layers.{i}.self_attn.o_proj" for i in range(n)]
+    assert hooks["datatailor_module"] == f"model.{lm}.layers.{n - 1}"
+    assert all(name in modules for name in [*hooks["coincide_modules"], hooks["datatailor_module"]])
