@@ -18,8 +18,9 @@ Two implementations give the same numbers (tested):
   their output ``inputs_embeds`` is captured by a pre-hook on the ``language_model`` submodule, and only the
   language model + LM head are vmapped, with a prepared 4-D mask (causal x key padding; pad query rows attend
   to themselves so that no softmax row is empty) and ``position_ids = cumsum(mask) - 1``. Unsupported when a
-  selected parameter lives outside the language model, or with ``vmap_attention=None`` on a model whose attention
-  is FlashAttention-2 (no 4-D mask); ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
+  selected parameter lives outside the language model, when the language model's rotary positions depend on the
+  image grid (Qwen2-VL / Qwen2.5-VL M-RoPE: 1-D positions would be wrong), or with ``vmap_attention=None`` on a
+  model whose attention is FlashAttention-2 (no 4-D mask); ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
   The vmapped pass switches the language model to eager attention (``vmap_attention``) for its duration:
   functorch has no batching rule for the CPU flash-SDPA kernel (forward or backward) and would run it one
   sample at a time inside vmap. The batched no-grad embedding pass and every other forward keep the model's own
@@ -36,6 +37,12 @@ Adam preconditioning (LESS ``adam`` gradient type; METHODS.md section 4): with t
 modified (each sample starts from the stored m, v; ICONS' mutating variant is not copied). TIVE uses plain
 SGD gradients (the default). ``grad_norm`` is always the norm of the raw gradient g (TIVE's task value); the
 projection is of Γ when Adam state is given.
+
+Several images per row (and every processor layout: LLaVA images, LLaVA-NeXT / OneVision tiles, Qwen2-VL's
+concatenated patches, Idefics3 tiles with a batch axis): the loop gives each row exactly its own slice of the
+batch's image inputs (``pixel_counts`` / ``image_input_counts`` of
+:class:`~datasel_ray.models.vlm.PaddedBatch`; for Qwen2-VL the rows' cumulative ``prod(image_grid_thw)``), so a
+row's gradient is that of its whole sample, all images included.
 
 Loss: ``sum_{answer tokens} CE / max(#answer tokens, 1)`` in fp32 on next-token-shifted logits. A sample with
 no answer token gets a zero gradient, ``grad_norm = 0``, a zero projection and ``answer_loss = nan``.

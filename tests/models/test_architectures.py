@@ -7,7 +7,7 @@ follow the model's own resize rule."""
 
 from __future__ import annotations
 
-import json
+import warnings
 
 import numpy as np
 import pytest
@@ -121,7 +121,11 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
     projector = make_projector("rademacher", sum(params[n].numel() for n in names), 16)
     featurizer = LoraGradientFeaturizer(model, projector, param_filter=tive_param_filter, method=method)
     samples = _samples(vlm)
-    got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no silent fallback from vmap to the loop
+        got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
+    if method == "auto":  # M-RoPE models (Qwen2-VL, Qwen2.5-VL) take the loop, the others vmap
+        assert featurizer.method == ("loop" if arch_dir[0].startswith("qwen") else "vmap")
     matrix = projector.materialize().double()
     for b, sample in enumerate(samples):
         one = collate([sample], vlm.processor.pad_token_id)
