@@ -84,10 +84,10 @@ def load_processor(path: str, **kwargs):
 
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
-    except Exception as err:  # the video processor needs torchvision; anything else is re-raised below
+    except (OSError, ImportError, ValueError) as err:  # e.g. "Can't load video processor" without torchvision
         try:
             cls = processor_class_of(path, **kwargs)
-        except Exception:
+        except (OSError, ValueError, AttributeError):
             raise err from None
         if VIDEO_ATTRIBUTE not in cls.get_attributes():
             raise

@@ -82,7 +82,11 @@ def test_batched_features_equal_single_sample_features_for_mixed_batches(vlm):
 def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_model_dir, vlm, method):
     from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.features.gradients import LoraGradientFeaturizer, answer_token_loss, tive_param_filter
+    from datasel_ray.features.gradients import (
+        LoraGradientFeaturizer,
+        answer_token_loss,
+        tive_param_filter,
+    )
     from datasel_ray.features.projector import make_projector
     from datasel_ray.training.lora import attach_lora
 

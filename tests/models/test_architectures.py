@@ -92,7 +92,7 @@ def test_extractor_features_of_single_and_multi_image_rows(arch_dir, vlm, tmp_pa
     acts = vlm.forward_features([two])[0]
     expected = coincide_vector(acts.layer_outputs, two.image_mask, two.text_mask).numpy()
     np.testing.assert_allclose(vectors[1], expected, atol=2e-3)
-    informativeness, tau = spectrum_stats(acts.last_hidden)
+    informativeness, _ = spectrum_stats(acts.last_hidden)
     assert out[schema.INFORMATIVENESS][1] == pytest.approx(informativeness, rel=1e-4)
     assert out[schema.N_IMAGE_TOKENS].tolist() == [int(s.image_mask.sum()) for s in _samples(vlm)]
     assert not np.allclose(vectors[0], vectors[1])
@@ -105,7 +105,11 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
     from transformers import AutoModelForImageTextToText
 
     from datasel_ray.config import LoraConfig
-    from datasel_ray.features.gradients import LoraGradientFeaturizer, answer_token_loss, tive_param_filter
+    from datasel_ray.features.gradients import (
+        LoraGradientFeaturizer,
+        answer_token_loss,
+        tive_param_filter,
+    )
     from datasel_ray.features.projector import make_projector
     from datasel_ray.training.lora import attach_lora
 
@@ -146,7 +150,9 @@ def test_image_grid_of_odd_sizes_follows_the_models_resize_rule(arch_dir, vlm, s
     sample = vlm.processor.prepare(ONE, [image])
     processor = vlm.processor.processor.image_processor
     if arch.startswith("qwen"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            smart_resize,
+        )
 
         factor = processor.patch_size * processor.merge_size
         height, width = smart_resize(size[1], size[0], factor=factor, min_pixels=processor.size["shortest_edge"],
