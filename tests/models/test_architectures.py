@@ -98,7 +98,7 @@ def test_extractor_features_of_single_and_multi_image_rows(arch_dir, vlm, tmp_pa
     assert not np.allclose(vectors[0], vectors[1])
 
 
-@pytest.mark.parametrize("method", ["auto", "loop"])
+@pytest.mark.parametrize("method", ["auto", pytest.param("loop", marks=pytest.mark.slow)])
 def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vlm, method):
     """Per-sample LoRA gradients of rows with one image, two images and none equal plain single-sample backward
     passes (Qwen2-VL's concatenated patches sliced per row by the cumulative image_grid_thw products)."""
