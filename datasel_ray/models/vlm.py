@@ -161,11 +161,13 @@ def conversation_to_messages(conversations: list[dict], with_image: bool | int,
     text-only samples carry no image tokens. Fewer placeholders than images (but at least one) is a ValueError:
     where the others stand is unknown (ingest quarantines such rows as ``placeholder_mismatch``).
 
-    ``image_first`` (the references' ``preprocess_multimodal``): with images, every placeholder is removed,
-    the first human turn is stripped and the image items put at its front, wherever the row wrote ``<image>``.
+    ``image_first`` (the references' ``preprocess_multimodal``): with one image, every placeholder is removed,
+    the first human turn is stripped and the image item put at its front, wherever the row wrote ``<image>``.
+    Rows with several images keep their placeholders where they stand, as LLaVA-NeXT / OneVision's
+    ``preprocess_multimodal`` moves the image only when a turn holds exactly one.
     """
     n_images = int(with_image)
-    if n_images and image_first:
+    if n_images == 1 and image_first:
         conversations = _image_to_front(conversations, n_images)
     n_placeholders = sum(str(t.get("value", t.get("content", ""))).count(IMAGE_PLACEHOLDER) for t in conversations)
     if 0 < n_placeholders < n_images:

@@ -39,8 +39,10 @@ def test_each_image_goes_where_its_placeholder_stands():
                                       {"type": "text", "text": "Are they the same colour?"}]
     front = conversation_to_messages(THREE_NO_PLACEHOLDER, with_image=3)
     assert front[0]["content"][:3] == [{"type": "image"}] * 3
-    first = conversation_to_messages(TWO, with_image=2, image_first=True)
-    assert first[0]["content"][:2] == [{"type": "image"}] * 2
+    # image_first moves a single image only (LLaVA-NeXT's preprocess_multimodal); two stay where they stand
+    assert conversation_to_messages(TWO, with_image=2, image_first=True) == messages
+    moved = conversation_to_messages([{"from": "human", "value": "Look: <image>"}, TWO[1]], 1, image_first=True)
+    assert moved[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Look:"}]
     with pytest.raises(ValueError, match="1 <image> placeholders for 2 images"):
         conversation_to_messages(ONE, with_image=2)
 
