@@ -18,9 +18,10 @@ Two implementations give the same numbers (tested):
   their output ``inputs_embeds`` is captured by a pre-hook on the ``language_model`` submodule, and only the
   language model + LM head are vmapped, with a prepared 4-D mask (causal x key padding; pad query rows attend
   to themselves so that no softmax row is empty) and ``position_ids = cumsum(mask) - 1``. Unsupported when a
-  selected parameter lives outside the language model, when the language model's rotary positions depend on the
-  image grid (Qwen2-VL / Qwen2.5-VL M-RoPE: 1-D positions would be wrong), or with ``vmap_attention=None`` on a
-  model whose attention is FlashAttention-2 (no 4-D mask); ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
+  selected parameter lives outside the language model, or with ``vmap_attention=None`` on a model whose attention
+  is FlashAttention-2 (no 4-D mask); when the model hands its language model ``position_ids`` of its own (Qwen2-VL
+  / Qwen2.5-VL M-RoPE, [3, B, T], computed from the image grid and the attention mask by the batched pass), the
+  pre-hook keeps those and each vmapped row gets its slice instead of ``cumsum(mask) - 1``; ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
   The vmapped pass switches the language model to eager attention (``vmap_attention``) for its duration:
   functorch has no batching rule for the CPU flash-SDPA kernel (forward or backward) and would run it one
   sample at a time inside vmap. The batched no-grad embedding pass and every other forward keep the model's own
@@ -236,8 +237,11 @@ class LoraGradientFeaturizer:
         """torch.func over the language model on precomputed ``inputs_embeds`` (see module docstring)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        embeds = self._input_embeddings(ids, mask, pixels, extra.model_inputs())
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        embeds, model_positions = self._input_embeddings(ids, mask, pixels, extra.model_inputs())
+        # the model's own multimodal rotary positions ([3, B, T], Qwen2-VL M-RoPE, computed by its batched
+        # forward from the grid and the attention mask) are kept; otherwise positions = cumsum(mask) - 1
+        rope_3d = model_positions is not None and model_positions.ndim == 3
+        positions = model_positions.detach() if rope_3d else (mask.long().cumsum(-1) - 1).clamp(min=0)
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         model = self.model
         # The LM head and the CE run only at the positions whose next token is an answer token in some sample of
@@ -251,14 +255,16 @@ class LoraGradientFeaturizer:
 
         def loss_fn(p, emb, m4, pos, lab):
             out = functional_call(model, p, args=(), kwargs=dict(
-                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False, **head))
+                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[:, None] if rope_3d else pos[None],
+                use_cache=False, **head))
             if keep is None:
                 return answer_token_loss(out.logits[0], lab)
             return masked_mean_cross_entropy(out.logits[0], lab[keep + 1])
 
         with _text_attention(self.model, self.vmap_attention):
             mask4 = self._prepared_mask(mask, embeds.dtype)
-            per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 0, 0), chunk_size=self.chunk_size)
+            per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 1 if rope_3d else 0, 0),
+                              chunk_size=self.chunk_size)
             grads, losses = per_sample(params, embeds, mask4, positions, labels)
         return [grads[n].reshape(ids.shape[0], -1) for n in self.names], losses
 
@@ -320,9 +326,6 @@ class LoraGradientFeaturizer:
                                               None) or "sdpa"
         if attn not in ("sdpa", "eager"):
             return None, f"attention implementation {attn!r} takes no prepared 4-D mask"
-        if any(hasattr(m, "get_rope_index") for m in self.model.modules()):
-            return None, ("the language model's rotary positions depend on the image grid (M-RoPE, Qwen2-VL); "
-                          "the vmapped pass takes 1-D positions")
         names = [n for n, _ in self.model.named_modules() if n.split(".")[-1] in LANGUAGE_MODEL_NAMES]
         if not names:
             outside = [n for n in self.names if "embed_tokens" in n]
@@ -333,15 +336,17 @@ class LoraGradientFeaturizer:
             return lm, f"selected parameter {outside[0]!r} lies outside {lm!r}"
         return lm, ""
 
-    def _input_embeddings(self, ids, mask, pixels, extra) -> torch.Tensor:
-        """Batched, no-grad ``inputs_embeds`` of the language model (image features merged)."""
+    def _input_embeddings(self, ids, mask, pixels, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batched, no-grad ``inputs_embeds`` of the language model (image features merged) and the
+        ``position_ids`` the model passes it (None when it leaves them to the language model)."""
         if self._lm_name is None:
             with torch.no_grad():
-                return self.model.get_input_embeddings()(ids)
+                return self.model.get_input_embeddings()(ids), None
         captured = {}
 
         def hook(_module, _args, kwargs):
             captured["embeds"] = kwargs["inputs_embeds"]
+            captured["positions"] = kwargs.get("position_ids")
             raise _StopForward
 
         lm = self.model.get_submodule(self._lm_name)
@@ -355,7 +360,7 @@ class LoraGradientFeaturizer:
             handle.remove()
         if "embeds" not in captured:
             raise RuntimeError(f"{self._lm_name} was not called with inputs_embeds")
-        return captured["embeds"].detach()
+        return captured["embeds"].detach(), captured["positions"]
 
     def _prepared_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, T, T] causal x key-padding mask; bool for SDPA, additive float for eager attention."""

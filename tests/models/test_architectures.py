@@ -128,8 +128,8 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback from vmap to the loop
         got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
-    if method == "auto":  # M-RoPE models (Qwen2-VL, Qwen2.5-VL) take the loop, the others vmap
-        assert featurizer.method == ("loop" if arch_dir[0].startswith("qwen") else "vmap")
+    if method == "auto":  # vmap for every architecture (Qwen2-VL: with its own M-RoPE positions)
+        assert featurizer.method == "vmap"
     matrix = projector.materialize().double()
     for b, sample in enumerate(samples):
         one = collate([sample], vlm.processor.pad_token_id)
