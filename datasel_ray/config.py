@@ -216,8 +216,9 @@ class DataTailorConfig(_Section):
         "of the task (null: all), then every row is assigned.")
 
 
-LM_ATTENTION_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-LM_LINEAR_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# the language model is `language_model` in LLaVA / Qwen2-VL / LLaVA-OneVision and `text_model` in Idefics3 / SmolVLM
+LM_ATTENTION_MODULES = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)"
+LM_LINEAR_MODULES = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # The TIVE warm-up recipes (TiveConfig.warmup_preset); a field set to a non-default value wins over its preset.
 WARMUP_PRESETS: dict[str, dict] = {

@@ -5,6 +5,10 @@ Reference facts (G-JWLee/COINCIDE_code, ``extract_embed.py``): the hooked activa
 ``v_l = normalize(tanh(mean(A_l[image tokens])))`` and ``t_l = normalize(tanh(mean(A_l[text after the image])))``;
 ``u = concat_l [v_l, t_l] / sqrt(2 |L|)`` (unit norm), stored fp16 with NaN set to 0.
 
+Several images per row (the papers' pools have at most one): ``v_l`` pools the image tokens of all the row's
+images together and ``t_l`` the tokens after the last image token (the masks of
+:class:`~datasel_ray.models.vlm.PreparedSample`); one vector per row either way.
+
 Deviation from the reference code (METHODS.md Sec. 6): text-only samples get zero visual halves and use every
 token as text, instead of slicing fixed offsets that fall on the wrong tokens. Their vector is divided by
 ``sqrt(|L|)`` (the number of non-empty halves) instead of ``sqrt(2 |L|)`` so that every ``u`` keeps unit norm:

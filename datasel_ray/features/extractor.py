@@ -17,7 +17,7 @@ from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.features.activations import coincide_vector
 from datasel_ray.features.spectrum import spectrum_stats
-from datasel_ray.io.images import load_row_images
+from datasel_ray.io.images import load_image, load_row_images
 from datasel_ray.models.vlm import (
     ContextTooShortError,
     PreparedSample,
@@ -33,6 +33,7 @@ INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"
 TEXT_MASK = "text_mask"
 IMAGE_INPUTS = "image_inputs"
+TOKEN_INPUTS = "token_inputs"
 ANSWER_MASK = "answer_mask"
 PIXEL_VALUES = "pixel_values"
 HAS_IMAGE = "has_image"
@@ -49,13 +50,17 @@ def object_column(arrays: list[np.ndarray]) -> np.ndarray:
 class Preprocessor:
     """CPU stage: image decode, chat template, tokenisation and token masks (no model weights).
 
-    Input columns: ``row_id`` int64, ``conversations`` (JSON string), ``image_path`` ("" for text-only), and
-    ``images`` (the samples table's per-row image list, embedded bytes included) when the samples have it.
-    Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64 [L_i];
-    ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
-    [B, C, H, W] (zeros where ``has_image`` is False), or object [B] of per-image arrays when the processor's
-    pixel shapes vary by image (LLaVA-NeXT, Qwen2-VL); ``image_inputs`` object [B] of dict | None, only when the
-    processor returns other image inputs (``image_sizes``, ``image_grid_thw``); ``has_image`` bool [B];
+    Input columns: ``row_id`` int64, ``conversations`` (JSON string), and the row's images: ``images`` (ingest's
+    list of image references per row, read with ``datasel_ray.io.images.load_row_images``; several images per
+    sample, empty for text-only) when the batch has that column, else ``image_path`` (one path, "" for
+    text-only). Output columns (B rows, row order kept): ``row_id`` int64 [B]; ``input_ids`` object [B] of int64
+    [L_i]; ``image_mask`` / ``text_mask`` / ``answer_mask`` object [B] of bool [L_i]; ``pixel_values`` float32
+    [B, 1, C, H, W] (one image per row; zeros where ``has_image`` is False), or object [B] of per-sample arrays
+    when the pixel shapes vary by row (several images, LLaVA-NeXT tiles, Qwen2-VL patches; see
+    :class:`~datasel_ray.models.vlm.PreparedSample`); ``image_inputs`` object [B] of dict | None, only when the
+    processor returns other image inputs (``image_sizes``, ``image_grid_thw``, ``pixel_attention_mask``);
+    ``token_inputs`` object [B] of dict | None, only when it returns per-token inputs (``mm_token_type_ids``);
+    ``has_image`` bool [B];
     ``truncated`` bool [B]; ``error_reason`` / ``error_message`` str [B] ("" when fine). Failed rows get length-1
     dummy token arrays.
     """
@@ -76,24 +81,14 @@ class Preprocessor:
         probe = self.processor.pixel_values(Image.new("RGB", (size, size), (127, 127, 127)))
         self.pixel_shape = tuple(probe.shape)
 
-    def prepare_row(self, conversations, image_path: str | dict) -> PreparedSample:
-        """One row -> PreparedSample; raises RowError with the quarantine reason on the row's own failure, and
-        StorageError (:mod:`datasel_ray.io.images`) when the image cannot be read for another cause.
-
-        ``image_path``: the image's path ("" for text-only), or the samples-table row (a dict with ``images`` /
-        ``image_path``) whose images :func:`~datasel_ray.io.images.load_row_images` reads."""
-        row = image_path if isinstance(image_path, dict) else {schema.IMAGE_PATH: image_path}
-        return self.prepare_images(conversations, load_row_images(row, self.model_cfg.image_size))
-
-    def prepare_images(self, conversations, images: list) -> PreparedSample:
-        """One sample from its turns and its decoded images (placeholder order). The processor here takes one
-        image per sample: a row with more is refused with a FieldError on ``images``."""
-        if len(images) > 1:
-            raise FieldError("images", schema.Reason.EXTRACT_FAILED,
-                             f"{len(images)} images in one sample; this model code takes one image per sample")
-        image = images[0] if images else None
+    def prepare_row(self, conversations, images) -> PreparedSample:
+        """One row -> PreparedSample. ``images``: the row's PIL images in placeholder order (empty for text-only),
+        or one image path ("" for text-only). Raises RowError with the quarantine reason on the row's own
+        failure, and StorageError (:mod:`datasel_ray.io.images`) when an image cannot be read for another cause."""
+        if isinstance(images, str):
+            images = [load_image(images, self.model_cfg.image_size)] if images else []
         try:
-            return self.processor.prepare(load_conversations(conversations), image)
+            return self.processor.prepare(load_conversations(conversations), list(images))
         except ContextTooShortError as err:
             raise RowError(schema.Reason.TOO_LONG, str(err)) from err
         except Exception as err:
@@ -106,14 +101,9 @@ class Preprocessor:
         samples: list[PreparedSample] = []
         reasons: list[str] = []
         messages: list[str] = []
-        paths = batch.get(schema.IMAGE_PATH)
-        images = batch.get(schema.IMAGES)
         for i in range(len(batch[schema.ROW_ID])):
-            row = {schema.IMAGE_PATH: "" if paths is None or paths[i] is None else str(paths[i])}
-            if images is not None and images[i] is not None:
-                row[schema.IMAGES] = list(images[i])
             try:
-                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], row)
+                sample = self.prepare_row(batch[schema.CONVERSATIONS][i], self.row_images(batch, i))
                 reason, message = "", ""
             except RowError as err:
                 sample, reason, message = self._dummy(), err.reason, str(err)
@@ -121,6 +111,14 @@ class Preprocessor:
             reasons.append(reason)
             messages.append(message)
         return self.columns(np.asarray(batch[schema.ROW_ID], dtype=np.int64), samples, reasons, messages)
+
+    def row_images(self, batch: dict[str, np.ndarray], i: int):
+        """Row ``i``'s images: ingest's ``images`` list read by ``load_row_images`` (a list of PIL images,
+        resized to ``model.image_size`` when set), else its ``image_path`` string ("" for text-only)."""
+        if schema.IMAGES in batch:
+            return load_row_images({key: column[i] for key, column in batch.items()}, self.model_cfg.image_size)
+        paths = batch.get(schema.IMAGE_PATH)
+        return "" if paths is None or paths[i] is None else str(paths[i])
 
     def _dummy(self) -> PreparedSample:
         ids = np.full(1, self.processor.pad_token_id, dtype=np.int64)
@@ -140,6 +138,8 @@ class Preprocessor:
         extra = {}
         if any(s.image_inputs for s in samples):
             extra[IMAGE_INPUTS] = object_column([s.image_inputs for s in samples])
+        if any(s.token_inputs for s in samples):
+            extra[TOKEN_INPUTS] = object_column([s.token_inputs for s in samples])
         return {
             schema.ROW_ID: row_ids,
             INPUT_IDS: object_column([s.input_ids for s in samples]),
@@ -166,6 +166,7 @@ def sample_from_row(batch: dict[str, np.ndarray], i: int) -> PreparedSample:
         answer_mask=np.asarray(batch[ANSWER_MASK][i], dtype=bool),
         truncated=bool(batch[schema.TRUNCATED][i]),
         image_inputs=batch[IMAGE_INPUTS][i] if IMAGE_INPUTS in batch and has_image else None,
+        token_inputs=batch[TOKEN_INPUTS][i] if TOKEN_INPUTS in batch else None,
     )
 
 

@@ -19,7 +19,9 @@ Two implementations give the same numbers (tested):
   language model + LM head are vmapped, with a prepared 4-D mask (causal x key padding; pad query rows attend
   to themselves so that no softmax row is empty) and ``position_ids = cumsum(mask) - 1``. Unsupported when a
   selected parameter lives outside the language model, or with ``vmap_attention=None`` on a model whose attention
-  is FlashAttention-2 (no 4-D mask); ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
+  is FlashAttention-2 (no 4-D mask); when the model hands its language model ``position_ids`` of its own (Qwen2-VL
+  / Qwen2.5-VL M-RoPE, [3, B, T], computed from the image grid and the attention mask by the batched pass), the
+  pre-hook keeps those and each vmapped row gets its slice instead of ``cumsum(mask) - 1``; ``"auto"`` then uses the loop, and it also falls back to the loop if the vmapped call raises.
   The vmapped pass switches the language model to eager attention (``vmap_attention``) for its duration:
   functorch has no batching rule for the CPU flash-SDPA kernel (forward or backward) and would run it one
   sample at a time inside vmap. The batched no-grad embedding pass and every other forward keep the model's own
@@ -36,6 +38,12 @@ Adam preconditioning (LESS ``adam`` gradient type; METHODS.md section 4): with t
 modified (each sample starts from the stored m, v; ICONS' mutating variant is not copied). TIVE uses plain
 SGD gradients (the default). ``grad_norm`` is always the norm of the raw gradient g (TIVE's task value); the
 projection is of Γ when Adam state is given.
+
+Several images per row (and every processor layout: LLaVA images, LLaVA-NeXT / OneVision tiles, Qwen2-VL's
+concatenated patches, Idefics3 tiles with a batch axis): the loop gives each row exactly its own slice of the
+batch's image inputs (``pixel_counts`` / ``image_input_counts`` of
+:class:`~datasel_ray.models.vlm.PaddedBatch`; for Qwen2-VL the rows' cumulative ``prod(image_grid_thw)``), so a
+row's gradient is that of its whole sample, all images included.
 
 Loss: ``sum_{answer tokens} CE / max(#answer tokens, 1)`` in fp32 on next-token-shifted logits. A sample with
 no answer token gets a zero gradient, ``grad_norm = 0``, a zero projection and ``answer_loss = nan``.
@@ -55,9 +63,11 @@ from torch import nn
 
 from datasel_ray import schema
 from datasel_ray.models.answer_loss import answer_cross_entropy
-from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY
+from datasel_ray.models.vlm import BATCH_AXIS_KEY, CONCATENATED_PATCHES_KEY
 
 METHODS = ("auto", "vmap", "loop")
+# submodule names of the language model inside a VLM (LLaVA / Qwen2-VL / LLaVA-OneVision; Idefics3 / SmolVLM)
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
 # Attention implementations that take the prepared 4-D mask of the vmapped pass (None: the model's own).
 VMAP_ATTENTION = ("eager", "sdpa", None)
 # "auto" resolves to this when vmap is supported (benchmarks/bench_gradients.py compares them).
@@ -173,8 +183,12 @@ class LoraGradientFeaturizer:
         ``batch``: mapping or object with ``input_ids`` int [B, T], ``attention_mask`` int/bool [B, T], ``labels``
         int [B, T] (-100 outside answer tokens, unshifted), ``pixel_values`` float [n_images, ...] for the rows
         that contain image tokens, in row order (or None), and optionally ``image_inputs`` {name: [n_images, ...]}
-        (e.g. LLaVA-NeXT ``image_sizes``), sliced per row with the pixels. numpy or torch. Processors that
-        concatenate all images' patches (``image_grid_thw``, Qwen2-VL) are refused.
+        (e.g. LLaVA-NeXT ``image_sizes``), sliced per row with the pixels, and ``token_inputs`` {name: [B, T]}
+        (Qwen2-VL ``mm_token_type_ids``). numpy or torch. Rows may hold several images: the per-row extents come
+        from ``pixel_counts`` int [B] and ``image_input_counts`` {name: int [B]}
+        (:class:`~datasel_ray.models.vlm.PaddedBatch`); without them every row with image tokens holds one
+        image, and for processors that concatenate all images' patches (``image_grid_thw``, Qwen2-VL) row b's
+        patches are the slice given by the cumulative ``prod(image_grid_thw)`` of its images.
 
         Returns:
             ``grad_proj`` float32 [B, proj_dim], ``grad_norm`` float32 [B] (fp32 L2 norm of the raw gradient),
@@ -205,14 +219,10 @@ class LoraGradientFeaturizer:
     # -- per-sample gradients ------------------------------------------------------------------------------
     def _per_sample_loop(self, ids, mask, labels, pixels, extra) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Reference: batch size 1 on each sample's non-pad tokens. Returns [B, n_p] pieces and losses [B]."""
-        image_rows = self._image_rows(ids).tolist()
         per_sample, losses = [], []
         for b in range(ids.shape[0]):
             keep = mask[b].bool()
-            image = {"pixel_values": None}
-            if image_rows[b] >= 0:
-                r = image_rows[b]
-                image = {"pixel_values": pixels[r:r + 1], **{k: v[r:r + 1] for k, v in extra.items()}}
+            image = extra.row_inputs(b, pixels, keep)
             with torch.enable_grad():
                 out = self.model(input_ids=ids[b, keep][None], attention_mask=mask[b, keep][None].long(),
                                  **image, use_cache=False)
@@ -227,8 +237,11 @@ class LoraGradientFeaturizer:
         """torch.func over the language model on precomputed ``inputs_embeds`` (see module docstring)."""
         from torch.func import functional_call, grad_and_value, vmap
 
-        embeds = self._input_embeddings(ids, mask, pixels, extra)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        embeds, model_positions = self._input_embeddings(ids, mask, pixels, extra.model_inputs())
+        # the model's own multimodal rotary positions ([3, B, T], Qwen2-VL M-RoPE, computed by its batched
+        # forward from the grid and the attention mask) are kept; otherwise positions = cumsum(mask) - 1
+        rope_3d = model_positions is not None and model_positions.ndim == 3
+        positions = model_positions.detach() if rope_3d else (mask.long().cumsum(-1) - 1).clamp(min=0)
         params = {n: p.detach() for n, p in zip(self.names, self.params)}
         model = self.model
         # The LM head and the CE run only at the positions whose next token is an answer token in some sample of
@@ -242,14 +255,16 @@ class LoraGradientFeaturizer:
 
         def loss_fn(p, emb, m4, pos, lab):
             out = functional_call(model, p, args=(), kwargs=dict(
-                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[None], use_cache=False, **head))
+                inputs_embeds=emb[None], attention_mask=m4[None], position_ids=pos[:, None] if rope_3d else pos[None],
+                use_cache=False, **head))
             if keep is None:
                 return answer_cross_entropy(out.logits[0], lab, "masked")
             return answer_cross_entropy(out.logits[0], lab[keep + 1], "masked", shifted=True)
 
         with _text_attention(self.model, self.vmap_attention):
             mask4 = self._prepared_mask(mask, embeds.dtype)
-            per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 0, 0), chunk_size=self.chunk_size)
+            per_sample = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0, 1 if rope_3d else 0, 0),
+                              chunk_size=self.chunk_size)
             grads, losses = per_sample(params, embeds, mask4, positions, labels)
         return [grads[n].reshape(ids.shape[0], -1) for n in self.names], losses
 
@@ -277,29 +292,32 @@ class LoraGradientFeaturizer:
             value = batch[key] if isinstance(batch, Mapping) else getattr(batch, key)
             return None if value is None else torch.as_tensor(value).to(self.device)
 
-        extra = batch.get("image_inputs") if isinstance(batch, Mapping) else getattr(batch, "image_inputs", None)
-        extra = {k: torch.as_tensor(v).to(self.device) for k, v in (extra or {}).items()}
-        if CONCATENATED_PATCHES_KEY in extra:
-            raise ValueError(f"TIVE gradients need one image tensor per row; this model's processor concatenates "
-                             f"all images' patches ({sorted(extra)}, e.g. Qwen2-VL)")
+        def field_of(key):
+            return batch.get(key) if isinstance(batch, Mapping) else getattr(batch, key, None)
+
+        extra = {k: torch.as_tensor(v).to(self.device) for k, v in (field_of("image_inputs") or {}).items()}
+        tokens = {k: torch.as_tensor(v).to(self.device) for k, v in (field_of("token_inputs") or {}).items()}
         ids, mask, labels, pixels = (get(k) for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
         if ids.ndim != 2 or mask.shape != ids.shape or labels.shape != ids.shape:
             raise ValueError(f"input_ids/attention_mask/labels must be [B, T] alike, got {tuple(ids.shape)}, "
                              f"{tuple(mask.shape)}, {tuple(labels.shape)}")
         if pixels is not None:
             pixels = pixels.to(next(self.model.parameters()).dtype)
-        n_images = int((self._image_rows(ids) >= 0).sum())
-        if n_images and (pixels is None or pixels.shape[0] != n_images):
-            raise ValueError(f"{n_images} rows hold image tokens but pixel_values has "
-                             f"{0 if pixels is None else pixels.shape[0]} images")
-        return ids, mask, labels.long(), pixels, extra
-
-    def _image_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [B]: index into pixel_values of each row's image, -1 for rows without image tokens."""
-        if self.image_token_id is None:
-            return torch.full((ids.shape[0],), -1, dtype=torch.int64)
-        has = (ids == self.image_token_id).any(dim=1).cpu()
-        return torch.where(has, has.long().cumsum(0) - 1, torch.full_like(has, -1, dtype=torch.int64))
+        counts = field_of("pixel_counts")
+        input_counts = field_of("image_input_counts") or {}
+        if counts is None:  # one image per row with image tokens
+            has = torch.zeros(ids.shape[0], dtype=torch.int64) if self.image_token_id is None else \
+                (ids == self.image_token_id).any(dim=1).long().cpu()
+            input_counts = {k: has for k in extra}
+            counts = has
+            if CONCATENATED_PATCHES_KEY in extra:  # row b's patches: prod(grid_thw) of its image
+                patches = extra[CONCATENATED_PATCHES_KEY].prod(dim=-1).cpu()
+                counts = torch.zeros_like(has)
+                counts[has.bool()] = patches
+        images = _BatchImages(extra, torch.as_tensor(counts).long().cpu(),
+                              {k: torch.as_tensor(v).long().cpu() for k, v in input_counts.items()}, tokens)
+        images.check(ids.shape[0], pixels)
+        return ids, mask, labels.long(), pixels, images
 
     def _vmap_support(self) -> tuple[str | None, str]:
         """Name of the language-model submodule (or None) and why vmap is unsupported ("" when supported)."""
@@ -308,7 +326,7 @@ class LoraGradientFeaturizer:
                                               None) or "sdpa"
         if attn not in ("sdpa", "eager"):
             return None, f"attention implementation {attn!r} takes no prepared 4-D mask"
-        names = [n for n, _ in self.model.named_modules() if n.split(".")[-1] == "language_model"]
+        names = [n for n, _ in self.model.named_modules() if n.split(".")[-1] in LANGUAGE_MODEL_NAMES]
         if not names:
             outside = [n for n in self.names if "embed_tokens" in n]
             return None, (f"parameter {outside[0]} is part of the embedding" if outside else "")
@@ -318,15 +336,17 @@ class LoraGradientFeaturizer:
             return lm, f"selected parameter {outside[0]!r} lies outside {lm!r}"
         return lm, ""
 
-    def _input_embeddings(self, ids, mask, pixels, extra) -> torch.Tensor:
-        """Batched, no-grad ``inputs_embeds`` of the language model (image features merged)."""
+    def _input_embeddings(self, ids, mask, pixels, extra) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batched, no-grad ``inputs_embeds`` of the language model (image features merged) and the
+        ``position_ids`` the model passes it (None when it leaves them to the language model)."""
         if self._lm_name is None:
             with torch.no_grad():
-                return self.model.get_input_embeddings()(ids)
+                return self.model.get_input_embeddings()(ids), None
         captured = {}
 
         def hook(_module, _args, kwargs):
             captured["embeds"] = kwargs["inputs_embeds"]
+            captured["positions"] = kwargs.get("position_ids")
             raise _StopForward
 
         lm = self.model.get_submodule(self._lm_name)
@@ -340,7 +360,7 @@ class LoraGradientFeaturizer:
             handle.remove()
         if "embeds" not in captured:
             raise RuntimeError(f"{self._lm_name} was not called with inputs_embeds")
-        return captured["embeds"].detach()
+        return captured["embeds"].detach(), captured["positions"]
 
     def _prepared_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, T, T] causal x key-padding mask; bool for SDPA, additive float for eager attention."""
@@ -370,6 +390,53 @@ def _text_attention(model: nn.Module, implementation: str | None):
         yield
     finally:
         text._attn_implementation = previous
+
+
+@dataclass
+class _BatchImages:
+    """The image side of a batch, per row: ``image_inputs`` {key: [entries, ...]}, ``pixel_counts`` int64 [B]
+    (leading entries of pixel_values per row), ``input_counts`` {key: int64 [B]}, ``token_inputs`` {key: [B, T]}.
+    With ``pixel_attention_mask`` (Idefics3) pixel_values and that input carry a batch axis of 1 in front."""
+
+    extra: dict
+    pixel_counts: torch.Tensor
+    input_counts: dict
+    token_inputs: dict
+
+    @property
+    def batch_axis(self) -> bool:
+        return BATCH_AXIS_KEY in self.extra
+
+    def check(self, rows: int, pixels) -> None:
+        n = 0 if pixels is None else pixels.shape[1 if self.batch_axis else 0]
+        if self.pixel_counts.shape != (rows,) or int(self.pixel_counts.sum()) != n:
+            raise ValueError(f"pixel_counts {self.pixel_counts.tolist()} do not add up to the {n} leading entries "
+                             f"of pixel_values")
+        for key, value in self.extra.items():
+            counts = self.input_counts.get(key)
+            entries = value.shape[1 if self.batch_axis else 0]
+            if counts is None or int(counts.sum()) != entries:
+                raise ValueError(f"image_input_counts[{key!r}] do not add up to its {entries} entries")
+
+    def model_inputs(self) -> dict:
+        """The batch's image inputs and token inputs as model keyword arguments."""
+        return {**self.extra, **self.token_inputs}
+
+    def row_inputs(self, b: int, pixels, keep: torch.Tensor) -> dict:
+        """Model keyword arguments of row ``b`` alone (``keep``: its non-pad positions); pixel_values None
+        without images."""
+        if int(self.pixel_counts[b]) == 0:
+            return {"pixel_values": None}
+
+        def part(value, counts):
+            start = int(counts[:b].sum())
+            end = start + int(counts[b])
+            return value[:, start:end] if self.batch_axis else value[start:end]
+
+        out = {"pixel_values": part(pixels, self.pixel_counts)}
+        out.update({k: part(v, self.input_counts[k]) for k, v in self.extra.items()})
+        out.update({k: v[b, keep][None] for k, v in self.token_inputs.items()})
+        return out
 
 
 class _StopForward(Exception):

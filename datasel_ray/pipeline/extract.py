@@ -154,14 +154,26 @@ class ShardExtractStage:
                for i in np.flatnonzero(~ok)]
         (self.run_dir / "quarantine" / "extract" / f"{shard_id}.parquet").write_parquet(
             pa.Table.from_pylist(bad, schema=QUARANTINE_SCHEMA))
+        metadata = {HOOKS_METADATA_KEY: json.dumps(self.extractor.vlm.hook_points(), sort_keys=True)}
         if self.gradients is not None:
-            fingerprint = json.dumps(self.gradients.projector_fingerprint(), sort_keys=True)
-            table = table.replace_schema_metadata({PROJECTOR_METADATA_KEY: fingerprint})
+            metadata[PROJECTOR_METADATA_KEY] = json.dumps(self.gradients.projector_fingerprint(), sort_keys=True)
+        table = table.replace_schema_metadata(metadata)
         (self.run_dir / "features" / f"{shard_id}.parquet").write_parquet(table)
         return int(ok.sum()), int((~ok).sum())
 
 
 PROJECTOR_METADATA_KEY = "datasel.projector"
+# the modules the features were hooked at (ReferenceVLM.hook_points), named in the extract manifest entry
+HOOKS_METADATA_KEY = "datasel.hooks"
+
+
+def feature_hook_points(run_dir: RunDir) -> dict | None:
+    """The hook points recorded in the first feature shard's footer (None without shards or record)."""
+    for f in (run_dir / "features").list(".parquet"):
+        with f.open_input() as handle:
+            value = (pq.ParquetFile(handle).metadata.metadata or {}).get(HOOKS_METADATA_KEY.encode())
+        return None if value is None else json.loads(value.decode())
+    return None
 
 
 def feature_shards_summary(run_dir: RunDir) -> tuple[int, dict | None]:
@@ -289,4 +301,5 @@ def run_extract(cfg: RunConfig, run_dir: RunDir, lora_dir: str | None = None, qu
                  for f in (run_dir / "quarantine" / "extract").list(".parquet"))
     return {"rows": total, "features": n_features, "failed": failed, "shards": len(shards),
             "num_gpus_per_actor": num_gpus, "preprocess": "actor" if in_actor else "tasks", "projector": projector,
+            "hooks": feature_hook_points(run_dir),
             "seconds": round(time.monotonic() - started, 3)}

@@ -99,14 +99,6 @@ def preflight(cfg: RunConfig, phases: list[str]) -> None:
                          "add 'dedup' to phases (before 'aggregate') or set select.dedup=false")
     from datasel_ray.pipeline.warmup import adapter_location
 
-    if "extract" in phases and cfg.tive.enabled:
-        from datasel_ray.models.vlm import CONCATENATED_PATCHES_KEY, VLMProcessor
-
-        extra = VLMProcessor.load(cfg.model).extra_image_inputs(cfg.model.image_size or 64)
-        if CONCATENATED_PATCHES_KEY in extra:
-            raise ValueError(f"tive.enabled: TIVE gradients need one image tensor per row, but the processor of "
-                             f"{cfg.model.name_or_path} concatenates all images' patches ({extra}, e.g. Qwen2-VL). "
-                             f"Set tive.enabled=false to select with COINCIDE and DataTailor")
     if "extract" in phases and cfg.tive.enabled and "warmup" not in phases \
             and not adapter_location(RunDir(cfg.run_dir)).exists():
         raise ValueError("tive.enabled is true but phases has no 'warmup' and the run has no warm-up adapter yet: "

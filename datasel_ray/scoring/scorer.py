@@ -128,11 +128,11 @@ class Scorer:
 
     def _prepare(self, sample: ValidatedSample, images: list):
         """Tokenise one validated sample with its decoded images, as extraction does
-        (:meth:`~datasel_ray.features.extractor.Preprocessor.prepare_images`); a refusal names its field."""
+        (:meth:`~datasel_ray.features.extractor.Preprocessor.prepare_row`); a refusal names its field."""
         from datasel_ray.schema import FieldError, RowError
 
         try:
-            return self.preprocessor.prepare_images(sample.conversations, images)
+            return self.preprocessor.prepare_row(sample.conversations, images)
         except FieldError as err:
             raise SampleError(err.field, err.reason, err.detail) from None
         except RowError as err:  # too long for the context, or the processor/template refuses this sample

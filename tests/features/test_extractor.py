@@ -82,7 +82,7 @@ def test_preprocessor_columns_and_errors(pre):
     assert list(pre[schema.ERROR_REASON]) == [
         "", "", schema.Reason.IMAGE_CORRUPT, schema.Reason.IMAGE_MISSING, schema.Reason.IMAGE_CORRUPT, ""]
     assert pre[schema.ROW_ID].tolist() == list(range(10, 16))
-    assert pre["pixel_values"].shape == (6, 3, 32, 32) and pre["pixel_values"].dtype == np.float32
+    assert pre["pixel_values"].shape == (6, 1, 3, 32, 32) and pre["pixel_values"].dtype == np.float32  # one image
     assert pre["has_image"].tolist() == [True, False, False, False, False, True]
     assert not pre["pixel_values"][1].any()
     assert "missing.png" in pre[schema.ERROR_MESSAGE][3]
@@ -136,7 +136,7 @@ def independent_features(model, ids: np.ndarray, pixels: np.ndarray | None, laye
     try:
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids)[None], output_hidden_states=True,
-                        pixel_values=None if pixels is None else torch.from_numpy(pixels)[None])
+                        pixel_values=None if pixels is None else torch.from_numpy(pixels))  # [images, C, H, W]
     finally:
         for h in handles:
             h.remove()

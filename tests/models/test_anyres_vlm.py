@@ -59,7 +59,7 @@ def _images():
 def test_prepare_keeps_image_sizes_and_tiles(vlm):
     samples = [vlm.processor.prepare(QUESTION, image) for image in _images()]
     assert [s.image_inputs["image_sizes"].tolist() for s in samples] == [[[32, 32]], [[32, 64]], [[50, 20]]]
-    assert [s.pixel_values.shape[0] for s in samples] == [2, 3, 3]  # base tile + any-resolution tiles
+    assert [s.pixel_values.shape[1] for s in samples] == [2, 3, 3]  # base tile + any-resolution tiles
     assert len({int(s.image_mask.sum()) for s in samples}) > 1  # the image span depends on the aspect ratio
     batch = collate(samples, vlm.processor.pad_token_id)
     assert batch.pixel_values.shape == (3, 3, 3, 32, 32)  # zero-padded to the largest tile count
@@ -141,15 +141,15 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
         np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
 
 
-def test_preflight_refuses_tive_only_for_concatenated_patches(next_dir, tmp_path, monkeypatch):
+def test_preflight_accepts_tive_for_tiles_and_concatenated_patches(next_dir, tmp_path, monkeypatch):
+    """TIVE slices every processor's images per row (tiles + image_sizes; Qwen2-VL's concatenated patches by
+    the cumulative image_grid_thw products, tests/models/test_architectures.py): preflight refuses neither."""
     from datasel_ray.config import RunConfig
     from datasel_ray.models.vlm import VLMProcessor
     from datasel_ray.pipeline.runner import preflight
 
     cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "model": {"name_or_path": str(next_dir)},
                                     "tive": {"enabled": True}})
-    preflight(cfg, ["warmup", "extract"])  # tiles + image_sizes: supported
-    # a Qwen2-VL-style processor (not buildable here: it needs torchvision)
+    preflight(cfg, ["warmup", "extract"])
     monkeypatch.setattr(VLMProcessor, "extra_image_inputs", lambda self, size=64: ["image_grid_thw"])
-    with pytest.raises(ValueError, match=r"tive.enabled: .*concatenates.*image_grid_thw"):
-        preflight(cfg, ["warmup", "extract"])
+    preflight(cfg, ["warmup", "extract"])

@@ -53,7 +53,7 @@ def test_image_span_and_text_span(proc, vlm):
     s = proc.prepare(TWO_TURNS, image())
     span = runs(s.image_mask)
     assert len(span) == 1 and span[0][1] - span[0][0] == vlm.model.config.image_seq_length == 16
-    assert s.pixel_values.shape == (3, 32, 32) and s.pixel_values.dtype == np.float32
+    assert s.pixel_values.shape == (1, 3, 32, 32) and s.pixel_values.dtype == np.float32  # [images, C, H, W]
     assert s.input_ids.dtype == np.int64
     assert np.array_equal(np.flatnonzero(s.text_mask), np.arange(span[0][1], s.length))
     assert not s.truncated
