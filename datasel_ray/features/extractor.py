@@ -27,7 +27,7 @@ from datasel_ray.models.vlm import (
     length_groups,
     load_conversations,
 )
-from datasel_ray.schema import FieldError, RowError
+from datasel_ray.schema import RowError
 
 INPUT_IDS = "input_ids"
 IMAGE_MASK = "image_mask"

@@ -86,10 +86,10 @@ def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_mode
 
     from datasel_ray.features.gradients import (
         LoraGradientFeaturizer,
-        answer_token_loss,
         tive_param_filter,
     )
     from datasel_ray.features.projector import make_projector
+    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), LoraConfig(r=2, alpha=4), seed=0)
@@ -110,7 +110,7 @@ def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_mode
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_token_loss(logits, one.labels[0]).backward()
+            answer_cross_entropy(logits, one.labels[0], "masked").backward()
         flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
         assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
         expected = (flat @ matrix).numpy()
@@ -120,17 +120,17 @@ def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_mode
 def test_preprocessor_reads_ingests_image_lists(tiny_model_dir, vlm, monkeypatch):
     """With ingest's ``images`` column the Preprocessor takes each row's images from
     ``io.images.load_row_images(row)`` (the ingest side's contract) and features equal the direct path."""
-    import datasel_ray.io.images as image_io
+    import datasel_ray.features.extractor as extractor_module
     from datasel_ray.features.extractor import FeatureExtractor, Preprocessor
 
     colours = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200)}
     seen = []
 
-    def load_row_images(row):
+    def load_row_images(row, image_size=None):
         seen.append(list(row["images"]))
         return [_image(colours[ref]) for ref in row["images"]]
 
-    monkeypatch.setattr(image_io, "load_row_images", load_row_images, raising=False)
+    monkeypatch.setattr(extractor_module, "load_row_images", load_row_images)
     rows = [(ONE, ["a"]), (TWO, ["b", "c"]), (TEXT, [])]
     batch = {schema.ROW_ID: np.arange(3, dtype=np.int64),
              schema.CONVERSATIONS: np.array([json.dumps(c) for c, _ in rows], dtype=object),

@@ -45,9 +45,13 @@ def test_embedded_bytes_and_paths_give_the_same_pixels(preprocessor, tmp_path):
                                           str(tmp_path / "a.png")], dtype=object),
              schema.IMAGES: images}
     out = preprocessor(batch)
-    assert list(out[schema.ERROR_REASON]) == ["", "", "", schema.Reason.EXTRACT_FAILED, ""]
-    assert out[schema.ERROR_MESSAGE][3] == "images: 2 images in one sample; this model code takes one image per sample"
-    assert list(out[HAS_IMAGE]) == [True, True, False, False, True]
+    assert list(out[schema.ERROR_REASON]) == ["", "", "", "", ""]
+    assert list(out[HAS_IMAGE]) == [True, True, False, True, True]
+    # the two-image row holds both images, in placeholder order: the path's image first, then the embedded one
+    two_images = np.asarray(out[PIXEL_VALUES][3])
+    assert two_images.shape[0] == 2
+    np.testing.assert_array_equal(two_images[0], np.asarray(out[PIXEL_VALUES][0]).reshape(two_images[0].shape))
+    assert not np.array_equal(two_images[0], two_images[1])
     np.testing.assert_array_equal(out[PIXEL_VALUES][0], out[PIXEL_VALUES][1])  # path == embedded bytes
     np.testing.assert_array_equal(out[PIXEL_VALUES][0], out[PIXEL_VALUES][4])  # no images column: image_path
     assert out[PIXEL_VALUES][0].sum() != 0

@@ -107,10 +107,10 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
     from datasel_ray.config import LoraConfig
     from datasel_ray.features.gradients import (
         LoraGradientFeaturizer,
-        answer_token_loss,
         tive_param_filter,
     )
     from datasel_ray.features.projector import make_projector
+    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(arch_dir[1]), LoraConfig(r=2, alpha=4), seed=0)
@@ -136,7 +136,7 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_token_loss(logits, one.labels[0]).backward()
+            answer_cross_entropy(logits, one.labels[0], "masked").backward()
         flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
         assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
         expected = (flat @ matrix).numpy()
