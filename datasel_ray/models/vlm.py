@@ -32,9 +32,8 @@ import numpy as np
 
 from datasel_ray.config import ModelConfig
 from datasel_ray.models.loading import resolve_model
+from datasel_ray.roles import IMAGE_PLACEHOLDER, KNOWN_ROLES, chat_role
 
-IMAGE_PLACEHOLDER = "<image>"
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ATTN_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
 # processor outputs that describe the text, not the image
 _TEXT_OUTPUTS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
@@ -175,9 +174,9 @@ def conversation_to_messages(conversations: list[dict], with_image: bool | int,
     image_left = n_images
     messages = []
     for turn in conversations:
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        role = chat_role(turn.get("from", turn.get("role", "")))
         if role is None:
-            raise ValueError(f"Unknown conversation role {turn.get('from')!r}; expected one of {sorted(_ROLES)}")
+            raise ValueError(f"Unknown conversation role {turn.get('from')!r}; expected one of {sorted(KNOWN_ROLES)}")
         value = str(turn.get("value", turn.get("content", "")))
         if image_left and not has_placeholder and role == "user":
             value = (IMAGE_PLACEHOLDER + "\n") * image_left + value
@@ -205,7 +204,7 @@ def _image_to_front(conversations: list[dict], n_images: int = 1) -> list[dict]:
     for turn in conversations:
         key = "value" if "value" in turn else "content"
         value = str(turn.get(key, "")).replace(IMAGE_PLACEHOLDER, "")
-        role = _ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        role = chat_role(turn.get("from", turn.get("role", "")))
         if role == "user" and not placed:
             value = (IMAGE_PLACEHOLDER + "\n") * n_images + value.strip()
             placed = True
