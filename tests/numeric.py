@@ -38,3 +38,28 @@ def assert_projection_close(actual, x, matrix, ulps: float = 16.0) -> None:
     """A float32 projection ``actual`` of ``x`` [B, D] by ``matrix`` [D, k] against the float64 product."""
     x64, m64 = torch.as_tensor(_np(x)), torch.as_tensor(_np(matrix))
     assert_close_to_accumulation(actual, (x64 @ m64).numpy(), (x64.abs() @ m64.abs()).numpy(), ulps)
+
+
+def assert_gradients_match_single_passes(model, samples, got: dict, projector, names: list[str],
+                                         pad_token_id: int) -> None:
+    """Per-sample TIVE gradients of a batch (``got``: the featurizer's ``grad_norm`` float [B] and ``grad_proj``
+    float [B, k]) equal one plain backward pass per sample: the answer-token CE of that sample alone, its
+    gradient over the parameters ``names`` flattened in that order, its norm, and its projection by
+    ``projector`` (float64 reference)."""
+    import pytest
+
+    from datasel_ray.models.answer_loss import answer_cross_entropy
+    from datasel_ray.models.vlm import collate
+
+    params = dict(model.named_parameters())
+    matrix = projector.materialize().double()
+    for b, sample in enumerate(samples):
+        one = collate([sample], pad_token_id)
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
+            answer_cross_entropy(logits, one.labels[0], "masked").backward()
+        flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
+        assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4), b
+        expected = (flat @ matrix).numpy()
+        np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())

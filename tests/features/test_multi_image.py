@@ -14,6 +14,7 @@ from PIL import Image
 from datasel_ray import schema
 from datasel_ray.config import LoraConfig, ModelConfig
 from datasel_ray.models.vlm import ReferenceVLM, collate, conversation_to_messages
+from numeric import assert_gradients_match_single_passes
 
 TWO = [{"from": "human", "value": "Left: <image>\nRight: <image>\nAre they the same colour?"},
        {"from": "gpt", "value": "No, there is not."}]
@@ -89,7 +90,6 @@ def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_mode
         tive_param_filter,
     )
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), LoraConfig(r=2, alpha=4), seed=0)
@@ -104,17 +104,7 @@ def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_mode
     featurizer = LoraGradientFeaturizer(model, projector, method=method)
     samples = _mixed(vlm)
     got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
-    matrix = projector.materialize().double()
-    for b, sample in enumerate(samples):
-        one = collate([sample], vlm.processor.pad_token_id)
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_cross_entropy(logits, one.labels[0], "masked").backward()
-        flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
-        assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
-        expected = (flat @ matrix).numpy()
-        np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    assert_gradients_match_single_passes(model, samples, got, projector, names, vlm.processor.pad_token_id)
 
 
 def test_preprocessor_reads_ingests_image_lists(tiny_model_dir, vlm, monkeypatch):

@@ -14,6 +14,7 @@ from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.training.recipes import tiny
 from datasel_ray.models.vlm import ReferenceVLM, collate
+from numeric import assert_gradients_match_single_passes
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 QUESTION = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "It is red."}]
@@ -111,7 +112,6 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
     from datasel_ray.config import LoraConfig
     from datasel_ray.features.gradients import LoraGradientFeaturizer, tive_param_filter
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(next_dir), LoraConfig(r=2, alpha=4), seed=0)
@@ -128,17 +128,7 @@ def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, metho
     samples = [vlm.processor.prepare(QUESTION, image) for image in _images()] + [vlm.processor.prepare(text_only)]
     got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
 
-    matrix = projector.materialize().double()
-    for b, sample in enumerate(samples):
-        one = collate([sample], vlm.processor.pad_token_id)
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_cross_entropy(logits, one.labels[0], "masked").backward()
-        flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
-        assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
-        expected = (flat @ matrix).numpy()
-        np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    assert_gradients_match_single_passes(model, samples, got, projector, names, vlm.processor.pad_token_id)
 
 
 def test_preflight_accepts_tive_for_tiles_and_concatenated_patches(next_dir, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from tiny_architectures import ARCHITECTURES, build
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.models.vlm import ReferenceVLM, collate
+from numeric import assert_gradients_match_single_passes
 
 ONE = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "It is red."}]
 TWO = [{"from": "human", "value": "Image one: <image>\nImage two: <image>\nWhich one is red?"},
@@ -110,7 +111,6 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
         tive_param_filter,
     )
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.models.answer_loss import answer_cross_entropy
     from datasel_ray.training.lora import attach_lora
 
     model = attach_lora(AutoModelForImageTextToText.from_pretrained(arch_dir[1]), LoraConfig(r=2, alpha=4), seed=0)
@@ -130,17 +130,7 @@ def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vl
         got = featurizer.compute(collate(samples, vlm.processor.pad_token_id))
     if method == "auto":  # vmap for every architecture (Qwen2-VL: with its own M-RoPE positions)
         assert featurizer.method == "vmap"
-    matrix = projector.materialize().double()
-    for b, sample in enumerate(samples):
-        one = collate([sample], vlm.processor.pad_token_id)
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            logits = model(input_ids=one.input_ids, **one.image_kwargs("cpu", torch.float32)).logits[0]
-            answer_cross_entropy(logits, one.labels[0], "masked").backward()
-        flat = torch.cat([params[n].grad.reshape(-1) for n in names]).double()
-        assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4)
-        expected = (flat @ matrix).numpy()
-        np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    assert_gradients_match_single_passes(model, samples, got, projector, names, vlm.processor.pad_token_id)
 
 
 @pytest.mark.parametrize("size", [(17, 33), (45, 30), (101, 7), (64, 64)])
