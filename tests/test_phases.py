@@ -7,7 +7,7 @@ from datasel_ray.pipeline.runner import PHASE_FUNCS
 
 
 def test_every_phase_table_names_the_phases_of_config_in_order():
-    assert PHASES == ("ingest", "warmup", "extract", "aggregate", "select", "report")
+    assert PHASES == ("ingest", "warmup", "extract", "dedup", "aggregate", "select", "report")
     assert tuple(PHASE_DIRS) == PHASES
     assert tuple(PHASE_FUNCS) == PHASES
     assert RunConfig.model_fields["phases"].default_factory() == list(PHASES)

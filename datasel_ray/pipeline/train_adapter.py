@@ -10,6 +10,8 @@ with its rank, device, a ``prepare_model`` (DDP when ``world_size > 1``) and a `
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +75,14 @@ def fit_torch(worker_fn: Callable[[dict, WorkerContext], None], worker_config: d
         run_config=RunConfig(storage_path=storage_path, name=name,
                              logging_config=LoggingConfig(log_level=console.train_log_level())),
     )
-    result = trainer.fit()
+    # Ray Train's fit() installs its own SIGINT handler in the main thread (abort the run, exit 0 on a finished
+    # controller) and leaves it there: the phases after the warm-up need the one they had (Ctrl-C, StallWatch)
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        result = trainer.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if result.error is not None:
         raise RuntimeError(f"Ray Train run {name!r} failed: {result.error}") from result.error
     if result.checkpoint is None:

@@ -121,7 +121,7 @@ def test_chat_template_places_the_image_and_masks_the_answer(smol):
         "<|im_start|>assistant\ncircle<|im_end|>")
     assert int(prepared.image_mask.sum()) == 4
     assert tokenizer.decode(prepared.input_ids[prepared.answer_mask]) == "blue<|im_end|>circle<|im_end|>"
-    assert prepared.pixel_values.shape == (3, 128, 128)
+    assert prepared.pixel_values.shape == (1, 3, 128, 128)  # a leading image axis: one image
 
 
 @pytest.mark.slow

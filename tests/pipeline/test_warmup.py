@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,11 @@ def warm_run(tmp_path_factory, ray_local, tiny_model_dir):
     cfg.tive.warmup_fraction = 0.25
     cfg.tive.proj_dim = PROJ_DIM
     cfg.extract.shard_rows = 80
-    return cfg, run_phases(cfg, ["ingest", "warmup"], quiet=True)["warmup"]
+    handler = signal.getsignal(signal.SIGINT)
+    warm = run_phases(cfg, ["ingest", "warmup"], quiet=True)["warmup"]
+    # Ray Train's fit() installs its own SIGINT handler; the driver's is back for the later phases (StallWatch)
+    assert signal.getsignal(signal.SIGINT) is handler
+    return cfg, warm
 
 
 @pytest.mark.integration  # a Ray Train worker group; the training loop itself: tests/training
