@@ -42,3 +42,17 @@ def test_qwen2_vl_through_every_phase(tmp_path, ray_local):
     assert (images > 0).any() and (images == 0).any()
     for method in cfg.select.methods:
         assert results["select"][method]["selected"] > 0
+
+    # the online scorer on this run: a pool row sent as it is gets the features extraction computed for it
+    import json
+
+    from datasel_ray.scoring.scorer import Scorer
+
+    samples = load_table(RunDir(cfg.run_dir), "samples").to_pylist()
+    rows = [r for r in samples if r[schema.N_IMAGES] == 1][:2] + [r for r in samples if r[schema.N_IMAGES] == 0][:1]
+    served = Scorer(cfg.run_dir).score_records([json.loads(r[schema.RAW]) for r in rows])
+    position = {int(i): k for k, i in enumerate(column_to_numpy(features.column(schema.ROW_ID)))}
+    for row, got in zip(rows, served):
+        k = position[row[schema.ROW_ID]]
+        assert got["features"]["n_image_tokens"] == int(images[k]), (row[schema.ROW_ID], got["features"])
+        assert got["coincide"]["pool_row_id"] == row[schema.ROW_ID]
