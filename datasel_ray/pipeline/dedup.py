@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +41,7 @@ from datasel_ray.io.images import row_image_bytes
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
-from datasel_ray.pipeline.fit.context import FitContext, bucket_plan, read_bucket, write_buckets
+from datasel_ray.pipeline.fit.context import FitContext, Partition, bucket_plan, read_bucket, write_buckets
 from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
 
@@ -67,61 +69,117 @@ def kmeans_seed(cfg: RunConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------ tasks
-def _partition_items(ctx: FitContext, columns: list[str], **extra) -> tuple[list[dict], list[str]]:
-    """One task item per partition of ``columns`` (``files``, ``pos`` of :class:`Partition`, plus ``extra``)
-    and the partitions' keys."""
-    parts = ctx.partitions(columns)
-    return [{"files": list(p.files), "pos": list(p.pos), "key": p.key, **extra} for p in parts], \
-        [p.key for p in parts]
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which vectors a task reads: ``feature`` (``dedup.feature``) and the ``last_token`` width ``hidden`` that
+    splits a COINCIDE vector into its halves."""
+
+    feature: str
+    hidden: int
 
 
-def _digests(item: dict) -> dict[str, np.ndarray]:
+@dataclass(frozen=True, eq=False)
+class DigestTask:
+    """Digests of every row of some ``samples/`` shard ``files``, reading ``io_threads`` rows' images at a time
+    (``pool.io_threads``: each image is a round trip on object storage)."""
+
+    files: tuple[str, ...]
+    io_threads: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class GatherTask:
+    """Unit vectors of rows ``want`` (int64 store positions) of ``part`` (k-means training rows), ``width`` wide."""
+
+    part: Partition
+    spec: FeatureSpec
+    want: np.ndarray
+    width: int
+
+
+@dataclass(frozen=True, eq=False)
+class AssignTask:
+    """Nearest centroid of every row of ``part`` outside ``excluded``, written into its ``regroup`` bucket under
+    ``work`` (files: ``.npy`` paths written by the driver)."""
+
+    part: Partition
+    spec: FeatureSpec
+    centroids: str
+    regroup: str
+    excluded: str
+    work: str
+
+
+@dataclass(frozen=True, eq=False)
+class ClustersTask:
+    """SemDeDup on the clusters of regroup buckets ``bucket`` under ``work``; members written to ``members``."""
+
+    work: str
+    bucket: tuple[int, ...]
+    members: str
+    ranking: str
+    eps: float
+    workspace_bytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class KeptTask:
+    """The rows of feature shard ``src`` not in ``dropped`` (a sorted row-id ``.npy``), written to ``dst``."""
+
+    src: str
+    dst: str
+    dropped: str
+
+
+def _digests(task: DigestTask) -> dict[str, np.ndarray]:
     """Digest (S16) of every row of some ``samples/`` shards: its images' bytes + normalised turns."""
+    def digest(row: dict) -> bytes:
+        conv = row[schema.CONVERSATIONS]
+        return exact_pass.row_digest(row_image_bytes(row), exact_pass.normalise_text(json.loads(conv) if conv else []))
+
     ids, out = [], []
-    for path in item["files"]:
-        t = Location.parse(path).read_parquet([schema.ROW_ID, schema.IMAGES, schema.CONVERSATIONS])
-        ids.append(column_to_numpy(t.column(schema.ROW_ID)).astype(np.int64))
-        for row in t.to_pylist():
-            conv = row[schema.CONVERSATIONS]
-            out.append(exact_pass.row_digest(row_image_bytes(row),
-                                             exact_pass.normalise_text(json.loads(conv) if conv else [])))
+    with ThreadPoolExecutor(task.io_threads, thread_name_prefix="dedup-io") as threads:
+        for path in task.files:
+            t = Location.parse(path).read_parquet([schema.ROW_ID, schema.IMAGES, schema.CONVERSATIONS])
+            ids.append(column_to_numpy(t.column(schema.ROW_ID)).astype(np.int64))
+            out.extend(threads.map(digest, t.to_pylist()))
     return {schema.ROW_ID: np.concatenate(ids) if ids else np.zeros(0, np.int64),
             "digest": np.array(out, dtype=f"S{exact_pass.DIGEST_BYTES}")}
 
 
-def _read_feature(path: str, item: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(row ids, ``item["feature"]`` vectors as stored) of one shard."""
-    column = semantic.source_column(item["feature"])
+def _read_feature(path: str, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, ``spec.feature`` vectors as stored) of one shard."""
+    column = semantic.source_column(spec.feature)
     cols = read_shard(path, [column])
-    return cols[schema.ROW_ID].astype(np.int64), semantic.feature_vectors(item["feature"], cols[column], item["hidden"])
+    return cols[schema.ROW_ID].astype(np.int64), semantic.feature_vectors(spec.feature, cols[column], spec.hidden)
 
 
-def _gather(item: dict) -> dict[str, np.ndarray]:
-    """Unit rows at positions ``item["want"]`` of the partition (k-means training rows)."""
+def _gather(task: GatherTask) -> dict[str, np.ndarray]:
+    """Unit rows at positions ``task.want`` of the partition (k-means training rows)."""
     from datasel_ray.clustering import normalize_rows
 
     pos_out, x_out = [], []
-    for path, pos in zip(item["files"], item["pos"]):
-        wanted = np.flatnonzero(np.isin(pos, item["want"]))
+    for path, pos in zip(task.part.files, task.part.pos):
+        wanted = np.flatnonzero(np.isin(pos, task.want))
         if len(wanted):
-            unit = normalize_rows(_read_feature(path, item)[1])
+            unit = normalize_rows(_read_feature(path, task.spec)[1])
             pos_out.append(pos[wanted])
             x_out.append(unit[wanted])
     return {"pos": np.concatenate(pos_out) if pos_out else np.zeros(0, np.int64),
-            "x": np.concatenate(x_out) if x_out else np.zeros((0, item["width"]), np.float32)}
+            "x": np.concatenate(x_out) if x_out else np.zeros((0, task.width), np.float32)}
 
 
-def _assign(item: dict) -> dict[str, np.ndarray]:
+def _assign(task: AssignTask) -> dict[str, np.ndarray]:
     """Nearest centroid and cosine to it of every row of the partition not dropped by the exact pass; the rows
     (stored vectors) written into their cluster's regroup bucket."""
     from datasel_ray.clustering import assign_nearest, normalize_rows
 
-    centroids = Location.parse(item["centroids"]).read_npy()
-    regroup = Location.parse(item["regroup"]).read_npy()
-    excluded = Location.parse(item["excluded"]).read_npy()
+    centroids = Location.parse(task.centroids).read_npy()
+    regroup = Location.parse(task.regroup).read_npy()
+    excluded = Location.parse(task.excluded).read_npy()
     pos_all, lab_all, ids_all, raw_all, cos_all = [], [], [], [], []
-    for path, pos in zip(item["files"], item["pos"]):
-        ids, vectors = _read_feature(path, item)
+    for path, pos in zip(task.part.files, task.part.pos):
+        ids, vectors = _read_feature(path, task.spec)
         keep = ~np.isin(pos, excluded)
         raw = vectors[keep]
         unit = normalize_rows(raw)
@@ -132,19 +190,19 @@ def _assign(item: dict) -> dict[str, np.ndarray]:
         raw_all.append(raw)
         cos_all.append(np.einsum("ij,ij->i", unit, centroids[labels]).astype(np.float32))
     labels = np.concatenate(lab_all)
-    write_buckets(Location.parse(item["work"]), item["key"], labels, regroup, np.concatenate(ids_all),
+    write_buckets(Location.parse(task.work), task.part.key, labels, regroup, np.concatenate(ids_all),
                   np.concatenate(raw_all), {layout.COS_CENTROID: np.concatenate(cos_all)})
     return {"pos": np.concatenate(pos_all), "cluster": labels}
 
 
-def _clusters(item: dict) -> dict[str, np.ndarray]:
+def _clusters(task: ClustersTask) -> dict[str, np.ndarray]:
     """SemDeDup on every cluster of one bucket; writes the bucket's member file (rows grouped by cluster)."""
     from datasel_ray.clustering import normalize_rows
 
-    bucket = read_bucket(Location.parse(item["work"]), item["bucket"])
+    bucket = read_bucket(Location.parse(task.work), list(task.bucket))
     ids, labels = bucket[schema.ROW_ID], bucket[layout.CLUSTER]
     raw, cos = bucket[layout.VECTOR], bucket[layout.COS_CENTROID]
-    Location.parse(item["members"]).write_parquet(pa.table({
+    Location.parse(task.members).write_parquet(pa.table({
         schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels, pa.int64()),
         layout.VECTOR: vector_column(raw)}))
     unit = normalize_rows(raw)
@@ -152,8 +210,8 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
     bounds = np.append(starts, len(labels))
     parts: dict[str, list[np.ndarray]] = {}
     for c, lo, hi in zip(clusters, bounds[:-1], bounds[1:]):
-        res = semantic.cluster_dedup(unit[lo:hi], ids[lo:hi], cos[lo:hi], item["ranking"], item["eps"],
-                                     item["workspace_bytes"])
+        res = semantic.cluster_dedup(unit[lo:hi], ids[lo:hi], cos[lo:hi], task.ranking, task.eps,
+                                     task.workspace_bytes)
         for name, value in vars(res).items():
             parts.setdefault(name, []).append(value)
         parts.setdefault("member_cluster", []).append(np.full(hi - lo, c, dtype=np.int64))
@@ -164,13 +222,13 @@ def _clusters(item: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _copy_kept(item: dict) -> dict[str, np.ndarray]:
+def _copy_kept(task: KeptTask) -> dict[str, np.ndarray]:
     """The rows of one feature shard that dedup kept, written to ``dedup/kept/<shard name>`` (none: no file)."""
-    table = Location.parse(item["src"]).read_parquet()
-    dropped = Location.parse(item["dropped"]).read_npy()
+    table = Location.parse(task.src).read_parquet()
+    dropped = Location.parse(task.dropped).read_npy()
     keep = ~np.isin(column_to_numpy(table.column(schema.ROW_ID)).astype(np.int64), dropped)
     if keep.any():
-        Location.parse(item["dst"]).write_parquet(table.filter(pa.array(keep)))
+        Location.parse(task.dst).write_parquet(table.filter(pa.array(keep)))
     return {"rows": np.array([int(keep.sum())], dtype=np.int64)}
 
 
@@ -182,7 +240,7 @@ def _exact(ctx: FitContext, work: Location) -> tuple[np.ndarray, np.ndarray]:
     if not files:
         raise RuntimeError(f"No parquet files in {ctx.run_dir / 'samples'}: run the ingest phase first")
     chunks = [files[i:i + SAMPLE_FILES_PER_TASK] for i in range(0, len(files), SAMPLE_FILES_PER_TASK)]
-    results = ctx.map("dedup:exact", _digests, [{"files": c} for c in chunks],
+    results = ctx.map("dedup:exact", _digests, [DigestTask(tuple(c), ctx.cfg.pool.io_threads) for c in chunks],
                       [f"{i:05d}" for i in range(len(chunks))], unit="tasks", work=work / "exact")
     ids = np.concatenate([r[schema.ROW_ID] for r in results])
     digests = np.concatenate([r["digest"] for r in results])
@@ -210,7 +268,7 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     store.require([column, schema.LAST_TOKEN] if cfg.feature == "coincide_visual" else [column])
     hidden = store.widths.get(schema.LAST_TOKEN, 0)
     d = store.widths[column] // (2 if cfg.feature == "coincide_visual" else 1)
-    spec = {"feature": cfg.feature, "hidden": hidden}
+    spec = FeatureSpec(cfg.feature, hidden)
     n_left = store.n - len(excluded)
     k = num_clusters(ctx.cfg, n_left)
     seed = kmeans_seed(ctx.cfg)
@@ -220,8 +278,9 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     if len(train_pos) * d * 4 > ctx.cfg.aggregate.driver_bytes:
         raise ValueError(f"dedup: k-means training would hold {len(train_pos)} x {d} floats on the driver, over "
                          f"aggregate.driver_bytes={ctx.cfg.aggregate.driver_bytes}: lower dedup.train_sample")
-    items, keys = _partition_items(ctx, [column], want=train_pos, width=d, **spec)
-    got = ctx.map("dedup:train-rows", _gather, items, keys, work=work / "train-rows")
+    parts = ctx.partitions([column])
+    got = ctx.map("dedup:train-rows", _gather, [GatherTask(p, spec, train_pos, d) for p in parts],
+                  [p.key for p in parts], work=work / "train-rows")
     pos = np.concatenate([r["pos"] for r in got])
     train = np.ascontiguousarray(np.concatenate([r["x"] for r in got])[np.argsort(pos, kind="stable")])
     del got
@@ -235,11 +294,10 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     regroup = bucket_plan(estimated, row_bytes, max(1, ctx.partition_bytes // REGROUP_SPLIT))
     (work / "regroup.npy").write_npy(regroup)
     (work / "excluded.npy").write_npy(np.asarray(excluded, dtype=np.int64))
-    items, keys = _partition_items(ctx, [column], **spec, centroids=str(out / layout.CENTROIDS),
-                                      regroup=str(work / "regroup.npy"), excluded=str(work / "excluded.npy"),
-                                      work=str(work / "buckets"))
+    items = [AssignTask(p, spec, str(out / layout.CENTROIDS), str(work / "regroup.npy"),
+                        str(work / "excluded.npy"), str(work / "buckets")) for p in parts]
     labels = np.full(store.n, -1, dtype=np.int64)
-    for r in ctx.map("dedup:assign", _assign, items, keys, work=work / "assign"):
+    for r in ctx.map("dedup:assign", _assign, items, [p.key for p in parts], work=work / "assign"):
         labels[r["pos"]] = r["cluster"]
     size = np.bincount(labels[labels >= 0], minlength=k).astype(np.int64)
     regroup_rows = np.bincount(regroup, weights=size, minlength=int(regroup.max()) + 1)
@@ -247,9 +305,9 @@ def _semantic(ctx: FitContext, out: Location, work: Location, excluded: np.ndarr
     buckets = bucket_of_regroup[regroup]
     filled = np.flatnonzero(regroup_rows > 0)
     bucket_ids = np.unique(bucket_of_regroup[filled])
-    items = [{"work": str(work / "buckets"), "bucket": filled[bucket_of_regroup[filled] == b].tolist(),
-              "members": str(layout.members_file(out, b)), "ranking": cfg.ranking, "eps": float(cfg.eps),
-              "workspace_bytes": int(cfg.workspace_bytes)} for b in bucket_ids]
+    items = [ClustersTask(str(work / "buckets"), tuple(int(r) for r in filled[bucket_of_regroup[filled] == b]),
+                          str(layout.members_file(out, b)), cfg.ranking, float(cfg.eps), int(cfg.workspace_bytes))
+             for b in bucket_ids]
     results = ctx.map("dedup:clusters", _clusters, items, [f"{int(b):05d}" for b in bucket_ids], unit="buckets",
                       work=work / "clusters")
     offset = np.zeros(k, dtype=np.int64)
@@ -377,8 +435,7 @@ def run_dedup(cfg: RunConfig, run_dir: RunDir, quiet: bool = False) -> dict:
         kept = kept_features(run_dir)  # a resumed run keeps the shards its finished tasks wrote
         kept.mkdir()
         (work / "dropped.npy").write_npy(np.sort(ids[d_rows]))
-        items = [{"src": f, "dst": str(kept / Location.parse(f).name), "dropped": str(work / "dropped.npy")}
-                 for f in store.files]
+        items = [KeptTask(f, str(kept / Location.parse(f).name), str(work / "dropped.npy")) for f in store.files]
         copied = ctx.map("dedup:kept", _copy_kept, items, [f"{i:05d}" for i in range(len(items))], unit="shards",
                          work=work / "kept")
         if sum(int(c["rows"][0]) for c in copied) != kept_rows:
