@@ -63,3 +63,36 @@ def assert_gradients_match_single_passes(model, samples, got: dict, projector, n
         assert got["grad_norm"][b] == pytest.approx(float(flat.norm()), rel=1e-4), b
         expected = (flat @ matrix).numpy()
         np.testing.assert_allclose(got["grad_proj"][b], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def lora_model_with_nonzero_b(model_dir, seed: int = 1):
+    """``(model, names)``: the VLM at ``model_dir`` with LoRA r=2 attached (seed 0) and every ``lora_B`` set to
+    ``0.05 * N(0, 1)`` from ``seed`` (B starts at zero, which would leave A without gradient), and the names of
+    the TIVE parameters (``tive_param_filter``) in model order."""
+    from transformers import AutoModelForImageTextToText
+
+    from datasel_ray.config import LoraConfig
+    from datasel_ray.features.gradients import tive_param_filter
+    from datasel_ray.training.lora import attach_lora
+
+    model = attach_lora(AutoModelForImageTextToText.from_pretrained(model_dir), LoraConfig(r=2, alpha=4), seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return model, [n for n, _ in model.named_parameters() if tive_param_filter(n)]
+
+
+def assert_batched_features_match_single(vlm, samples, batched, atol: float) -> None:
+    """``batched``: ``vlm.forward_features`` of a batch holding ``samples`` in this order; each row's last hidden
+    states, layer outputs (rtol 1e-4, ``atol``) and answer loss (rel 1e-4) equal those of the sample alone."""
+    import pytest
+
+    for sample, got in zip(samples, batched):
+        alone = vlm.forward_features([sample])[0]
+        assert got.last_hidden.shape[0] == sample.length
+        torch.testing.assert_close(got.last_hidden, alone.last_hidden, rtol=1e-4, atol=atol)
+        for a, b in zip(got.layer_outputs, alone.layer_outputs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+        assert got.answer_loss == pytest.approx(alone.answer_loss, rel=1e-4)

@@ -8,13 +8,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from datasel_ray import schema
-from datasel_ray.config import LoraConfig, ModelConfig
+from datasel_ray.config import ModelConfig
 from datasel_ray.models.vlm import ReferenceVLM, collate, conversation_to_messages
-from numeric import assert_gradients_match_single_passes
+from numeric import assert_batched_features_match_single, assert_gradients_match_single_passes, lora_model_with_nonzero_b
 
 TWO = [{"from": "human", "value": "Left: <image>\nRight: <image>\nAre they the same colour?"},
        {"from": "gpt", "value": "No, there is not."}]
@@ -73,32 +72,17 @@ def _mixed(vlm):
 def test_batched_features_equal_single_sample_features_for_mixed_batches(vlm):
     samples = _mixed(vlm)
     for order in ([0, 1, 2, 3], [2, 3, 1, 0]):
-        batched = vlm.forward_features([samples[i] for i in order])
-        for i, got in zip(order, batched):
-            alone = vlm.forward_features([samples[i]])[0]
-            torch.testing.assert_close(got.last_hidden, alone.last_hidden, rtol=1e-4, atol=1e-5)
-            for a, b in zip(got.layer_outputs, alone.layer_outputs):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        batch = [samples[i] for i in order]
+        assert_batched_features_match_single(vlm, batch, vlm.forward_features(batch), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["loop", "vmap"])
 def test_tive_gradients_of_multi_image_rows_equal_single_sample_passes(tiny_model_dir, vlm, method):
-    from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.features.gradients import (
-        LoraGradientFeaturizer,
-        tive_param_filter,
-    )
+    from datasel_ray.features.gradients import LoraGradientFeaturizer
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.training.lora import attach_lora
 
-    model = attach_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), LoraConfig(r=2, alpha=4), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    names = [n for n, _ in model.named_parameters() if tive_param_filter(n)]
+    model, names = lora_model_with_nonzero_b(tiny_model_dir)
     params = dict(model.named_parameters())
     projector = make_projector("rademacher", sum(params[n].numel() for n in names), 16)
     featurizer = LoraGradientFeaturizer(model, projector, method=method)

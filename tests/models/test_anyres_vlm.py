@@ -14,7 +14,7 @@ from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.training.recipes import tiny
 from datasel_ray.models.vlm import ReferenceVLM, collate
-from numeric import assert_gradients_match_single_passes
+from numeric import assert_batched_features_match_single, assert_gradients_match_single_passes, lora_model_with_nonzero_b
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 QUESTION = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "It is red."}]
@@ -72,14 +72,7 @@ def test_batched_features_equal_single_sample_features(vlm):
     text_only = [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "How can I help you today?"}]
     samples = [vlm.processor.prepare(QUESTION, image) for image in _images()]
     samples.append(vlm.processor.prepare(text_only))
-    batched = vlm.forward_features(samples)
-    for sample, got in zip(samples, batched):
-        alone = vlm.forward_features([sample])[0]
-        assert got.last_hidden.shape[0] == sample.length
-        torch.testing.assert_close(got.last_hidden, alone.last_hidden, rtol=1e-4, atol=1e-4)
-        for a, b in zip(got.layer_outputs, alone.layer_outputs):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        assert got.answer_loss == pytest.approx(alone.answer_loss, rel=1e-4)
+    assert_batched_features_match_single(vlm, samples, vlm.forward_features(samples), atol=1e-4)
 
 
 def test_extractor_columns_carry_variable_tiles_and_image_inputs(next_dir, tmp_path):
@@ -107,20 +100,11 @@ def test_extractor_columns_carry_variable_tiles_and_image_inputs(next_dir, tmp_p
 def test_tive_gradients_slice_tiles_and_image_sizes_per_row(next_dir, vlm, method):
     """Per-sample LoRA gradients of a mixed batch (tile counts 2, 3, 3 and a text-only row) equal plain
     single-sample backward passes on each sample alone."""
-    from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.config import LoraConfig
     from datasel_ray.features.gradients import LoraGradientFeaturizer, tive_param_filter
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.training.lora import attach_lora
 
-    model = attach_lora(AutoModelForImageTextToText.from_pretrained(next_dir), LoraConfig(r=2, alpha=4), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    names = [n for n, _ in model.named_parameters() if tive_param_filter(n)]
+    model, names = lora_model_with_nonzero_b(next_dir)
     params = dict(model.named_parameters())
     projector = make_projector("rademacher", sum(params[n].numel() for n in names), 16)
     featurizer = LoraGradientFeaturizer(model, projector, param_filter=tive_param_filter, method=method)

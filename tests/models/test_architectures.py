@@ -11,14 +11,13 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tiny_architectures import ARCHITECTURES, build
 
 from datasel_ray import schema
 from datasel_ray.config import ModelConfig
 from datasel_ray.models.vlm import ReferenceVLM, collate
-from numeric import assert_gradients_match_single_passes
+from numeric import assert_batched_features_match_single, assert_gradients_match_single_passes, lora_model_with_nonzero_b
 
 ONE = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "It is red."}]
 TWO = [{"from": "human", "value": "Image one: <image>\nImage two: <image>\nWhich one is red?"},
@@ -63,14 +62,7 @@ def test_loads_without_video_processor_and_places_each_image(vlm):
 
 def test_batched_features_equal_single_sample_features(vlm):
     samples = _samples(vlm)
-    batched = vlm.forward_features(samples)
-    for sample, got in zip(samples, batched):
-        alone = vlm.forward_features([sample])[0]
-        assert got.last_hidden.shape[0] == sample.length
-        torch.testing.assert_close(got.last_hidden, alone.last_hidden, rtol=1e-4, atol=1e-5)
-        for a, b in zip(got.layer_outputs, alone.layer_outputs):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        assert got.answer_loss == pytest.approx(alone.answer_loss, rel=1e-4)
+    assert_batched_features_match_single(vlm, samples, vlm.forward_features(samples), atol=1e-5)
 
 
 def test_extractor_features_of_single_and_multi_image_rows(arch_dir, vlm, tmp_path):
@@ -103,23 +95,14 @@ def test_extractor_features_of_single_and_multi_image_rows(arch_dir, vlm, tmp_pa
 def test_tive_gradients_of_a_mixed_batch_equal_single_sample_passes(arch_dir, vlm, method):
     """Per-sample LoRA gradients of rows with one image, two images and none equal plain single-sample backward
     passes (Qwen2-VL's concatenated patches sliced per row by the cumulative image_grid_thw products)."""
-    from transformers import AutoModelForImageTextToText
 
-    from datasel_ray.config import LoraConfig
     from datasel_ray.features.gradients import (
         LoraGradientFeaturizer,
         tive_param_filter,
     )
     from datasel_ray.features.projector import make_projector
-    from datasel_ray.training.lora import attach_lora
 
-    model = attach_lora(AutoModelForImageTextToText.from_pretrained(arch_dir[1]), LoraConfig(r=2, alpha=4), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    names = [n for n, _ in model.named_parameters() if tive_param_filter(n)]
+    model, names = lora_model_with_nonzero_b(arch_dir[1])
     assert names, "LoRA found no attention projection of the language model"
     params = dict(model.named_parameters())
     projector = make_projector("rademacher", sum(params[n].numel() for n in names), 16)
