@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from datasel_ray import schema
-from datasel_ray.pipeline.ingest import file_shapes, ingest_counts, pool_shape, quarantine_duplicate_ids
 from datasel_ray.schema import Reason, TaskFrom
 
 
@@ -192,27 +191,6 @@ def make_shape_pools(root: Path) -> tuple[Path, dict[str, ShapePool]]:
         Expected(Reason.IMAGE_PATH_ESCAPE, "images[0]: path '../outside.png' resolves outside the image root"),
     ])
     return images, pools
-
-
-def ingest_in_process(cfg, run_dir) -> dict:
-    """The ingest phase without Ray: the same planning, block stage, duplicate pass and counts as
-    :func:`datasel_ray.pipeline.ingest.run_ingest` (which maps the block stage over Ray tasks)."""
-    from datasel_ray.io.pool import POOL_FILES, list_pool_files, plan_blocks, write_pool_files
-    from datasel_ray.pipeline.ingest import IngestBlockStage, resolve_image_root, task_decisions
-
-    files = list_pool_files(cfg.pool.path, cfg.pool.format)
-    write_pool_files(run_dir / "samples" / POOL_FILES, files)
-    blocks = plan_blocks(files, cfg.pool.records_per_block)
-    shape = pool_shape(cfg.pool, files, blocks)
-    stage = IngestBlockStage(cfg.pool.model_dump(), resolve_image_root(cfg.pool), str(run_dir),
-                             cfg.extract.shard_rows, shape=shape["shape"], file_shapes=file_shapes(shape, files))
-    for block in blocks:
-        stage.process(block)
-    quarantine_duplicate_ids(run_dir, cfg.extract.shard_rows)
-    counts = ingest_counts(run_dir)
-    counts.update(rows_in=sum(b.num_records for b in blocks), shape=shape, tasks_decided_by=task_decisions(run_dir),
-                  blocks=len(blocks))
-    return counts
 
 
 def samples_by_index(run_dir) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from shape_pools import ingest_in_process, make_shape_pools, png, samples_by_index
+from shape_pools import make_shape_pools, png, samples_by_index
 
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
 from datasel_ray.io.images import ImageError, load_row_images
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.shapes import detect_shape, normalize_record
+from datasel_ray.pipeline.ingest import run_ingest
 from datasel_ray.roles import IMAGE_PLACEHOLDER, count_placeholders
 from datasel_ray.schema import FieldError, Reason, TaskFrom
 
@@ -30,10 +31,10 @@ def shape_pools(tmp_path_factory):
 
 def _run(tmp_path, pool_path, image_root, **pool):
     cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "pool": {
-        "path": str(pool_path), "image_root": str(image_root), "records_per_block": 3, **pool}})
+        "path": str(pool_path), "image_root": str(image_root), "records_per_block": 3, "executor": "local", **pool}})
     rd = RunDir(cfg.run_dir)
     rd.init(cfg)
-    return cfg, rd, ingest_in_process(cfg, rd)
+    return cfg, rd, run_ingest(cfg, rd, quiet=True)
 
 
 @pytest.mark.parametrize("name", ["llava_json", "ov_parquet", "cauldron_parquet", "messages_jsonl"])
