@@ -1,8 +1,9 @@
 """The report phase: ``report/index.html`` plus PNG plots and ``report/summary.json`` for a run directory.
 
 Reads what the other phases wrote (all optional): ``manifest.json``, ``samples/``, ``quarantine/{ingest,extract}/``,
-``selections/<method>/{scores.parquet,summary.json}`` and ``stats/<method>/clusters.parquet`` of the methods whose
-class names a cluster plot (``SelectionMethod.report_clusters``; COINCIDE). A missing input
+``selections/<method>/{scores.parquet,summary.json}``, ``stats/<method>/clusters.parquet`` of the methods whose
+class names a cluster plot (``SelectionMethod.report_clusters``; COINCIDE) and ``dedup/`` (counts, similarities and
+the images of the largest duplicate groups, read from the samples' own image references). A missing input
 skips its plot with a note on the page; it is never an error. All I/O goes through :class:`Location`, so the
 run directory may live on object storage. Plots use matplotlib's object API (``Figure``, Agg canvas): no pyplot
 global state, safe inside Ray workers.
@@ -159,42 +160,61 @@ def read_run_inputs(run_dir: RunDir) -> RunInputs:
 
 
 DEDUP_EXAMPLE_GROUPS = 5
+DEDUP_EXAMPLE_MEMBERS = 6  # rows drawn per example group: the kept row and its most similar dropped rows
+_EXAMPLE_COLUMNS = ("row_id", "images", "image_path", "conversations")
+
+
+def _example_rows(run_dir: RunDir, wanted: set[int]) -> dict[int, dict]:
+    """``{row_id: samples row}`` (the columns of :data:`_EXAMPLE_COLUMNS` the table has) of the ``wanted`` rows."""
+    rows: dict[int, dict] = {}
+    for f in (run_dir / "samples").list(".parquet"):
+        with f.open_input() as handle:
+            names = pq.ParquetFile(handle).schema_arrow.names
+        t = f.read_parquet([c for c in _EXAMPLE_COLUMNS if c in names])
+        ids = t.column("row_id").to_numpy()
+        for i in np.flatnonzero(np.isin(ids, list(wanted))).tolist():
+            rows[int(ids[i])] = {name: t.column(name)[i].as_py() for name in t.column_names}
+    return rows
+
+
+def _describe(row: dict | None) -> dict:
+    """An example member's image references and first turn (120 characters), JSON-ready."""
+    if row is None:
+        return {}
+    images = [i.get("ref") or i.get("uri") or "" for i in row["images"]] if row.get("images") is not None \
+        else [row["image_path"]] if row.get("image_path") else []
+    turns = json.loads(row.get("conversations") or "[]")
+    return {"images": images, "text": str(turns[0].get("value", ""))[:120] if turns else ""}
 
 
 def read_dedup(run_dir: RunDir) -> dict | None:
     """The dedup phase's outputs for the report (None when the run has no finished dedup phase): ``meta``,
-    ``tasks`` (per-task rows/kept/dropped/groups), ``similarity`` and ``pass`` of every dropped row, and the
-    largest groups (representative and members with their image paths and first turn)."""
+    ``tasks`` (per-task rows/kept/dropped/groups), ``similarity`` and ``pass`` of every dropped row, the largest
+    groups (``examples``: per group the kept row, then its dropped rows by descending similarity, at most
+    :data:`DEDUP_EXAMPLE_MEMBERS`, each with its image references, first turn, similarity and pass) and
+    ``example_rows`` (their samples rows, from which the report draws their images)."""
     out = run_dir / layout.DEDUP
     if not (out / layout.META).exists():
         return None
     dropped = (out / layout.DROPPED).read_parquet()
     groups = (out / layout.GROUPS).read_parquet().sort_by([(layout.SIZE, "descending"),
                                                             (layout.REPRESENTATIVE, "ascending")])
-    examples = []
     reps = groups.column(layout.REPRESENTATIVE).to_pylist()[:DEDUP_EXAMPLE_GROUPS]
-    if reps:
-        rep_col = dropped.column(layout.REPRESENTATIVE).to_numpy()
-        members = {r: dropped.column("row_id").to_numpy()[rep_col == r].tolist() for r in reps}
-        wanted = set(reps) | {m for ms in members.values() for m in ms}
-        info = {}
-        for f in (run_dir / "samples").list(".parquet"):
-            with f.open_input() as handle:
-                names = pq.ParquetFile(handle).schema_arrow.names
-            if "image_path" not in names or "conversations" not in names:
-                continue
-            t = f.read_parquet(["row_id", "image_path", "conversations"])
-            ids = t.column("row_id").to_numpy()
-            for i in np.flatnonzero(np.isin(ids, list(wanted))).tolist():
-                turns = json.loads(t.column("conversations")[i].as_py() or "[]")
-                info[int(ids[i])] = {"image": t.column("image_path")[i].as_py() or "",
-                                     "text": str(turns[0].get("value", ""))[:120] if turns else ""}
-        for r in reps:
-            examples.append([{"row_id": int(m), "kept": m == r, **info.get(int(m), {})} for m in [r, *members[r]]])
-    return {"meta": (out / layout.META).read_json(),
-            "tasks": (out / layout.TASKS).read_parquet().to_pylist(),
-            "similarity": dropped.column(layout.SIMILARITY).to_numpy(zero_copy_only=False).astype(np.float64),
-            "pass": np.asarray(dropped.column(layout.PASS).to_pylist(), dtype=object), "examples": examples}
+    rep_col = dropped.column(layout.REPRESENTATIVE).to_numpy()
+    row_col = dropped.column("row_id").to_numpy()
+    similarity = dropped.column(layout.SIMILARITY).to_numpy(zero_copy_only=False).astype(np.float64)
+    passes = np.asarray(dropped.column(layout.PASS).to_pylist(), dtype=object)
+    members = {}
+    for r in reps:
+        at = np.flatnonzero(rep_col == r)
+        at = at[np.lexsort((row_col[at], -similarity[at]))][:DEDUP_EXAMPLE_MEMBERS - 1]
+        members[r] = [(int(row_col[i]), float(similarity[i]), str(passes[i])) for i in at]
+    rows = _example_rows(run_dir, set(reps) | {m for ms in members.values() for m, _, _ in ms}) if reps else {}
+    examples = [[{"row_id": int(r), "kept": True, **_describe(rows.get(int(r)))}]
+                + [{"row_id": m, "kept": False, "similarity": round(sim, 4), "pass": kind, **_describe(rows.get(m))}
+                   for m, sim, kind in members[r]] for r in reps]
+    return {"meta": (out / layout.META).read_json(), "tasks": (out / layout.TASKS).read_parquet().to_pylist(),
+            "similarity": similarity, "pass": passes, "examples": examples, "example_rows": rows}
 
 
 # --- plots ----------------------------------------------------------------------------------------------------
@@ -389,7 +409,57 @@ def plot_dedup(inputs: RunInputs) -> bytes | None:
     return _png_bytes(fig)
 
 
-def _render_dedup(inputs: RunInputs) -> str:
+def plot_dedup_group(inputs: RunInputs, group: int, thumbnail: int = 160) -> bytes | None:
+    """One example group of :func:`read_dedup` as a strip: the images of each member (kept row first), titled
+    with its row id and, for a dropped row, its similarity and pass. A text-only row, or one whose image cannot
+    be read any more, gets an empty frame saying so. None when the group does not exist."""
+    from datasel_ray.io.images import load_row_images
+    from datasel_ray.io.storage import StorageError
+    from datasel_ray.schema import RowError
+
+    d = inputs.dedup
+    if d is None or group >= len(d["examples"]):
+        return None
+    members = d["examples"][group]
+    pictures: list[tuple[dict, list, str]] = []
+    for member in members:
+        row = d["example_rows"].get(member["row_id"])
+        try:
+            images = load_row_images(row) if row is not None else []
+            note = "" if images else "text only"
+        except (RowError, StorageError) as err:
+            images, note = [], f"unreadable\n{getattr(err, 'reason', type(err).__name__)}"
+        for image in images:
+            image.thumbnail((thumbnail, thumbnail))
+        pictures.append((member, images, note))
+    panels = sum(max(1, len(images)) for _, images, _ in pictures)
+    fig, axes = _new_figure(1, panels, height=2.2)
+    k = 0
+    for member, images, note in pictures:
+        label = (f"row {member['row_id']}\nkept" if member["kept"]
+                 else f"row {member['row_id']}\n{member.get('pass', '')} {member.get('similarity', 0):.3f}")
+        for j, image in enumerate(images or [None]):
+            ax = axes[k]
+            k += 1
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is None:
+                ax.set_xlim(0, 1)
+                ax.set_ylim(0, 1)
+                ax.set_aspect("equal")
+                ax.text(0.5, 0.5, note, ha="center", va="center", fontsize="xx-small")
+            else:
+                ax.imshow(np.asarray(image.convert("RGB")))
+            title = label if j == 0 else f"\nimage {j + 1}"
+            ax.set_title(title, fontsize="x-small", color="tab:green" if member["kept"] else "black")
+    return _png_bytes(fig)
+
+
+def dedup_group_filename(group: int) -> str:
+    return f"dedup_group_{group}.png"
+
+
+def _render_dedup(inputs: RunInputs, group_images: dict[int, str] | None = None) -> str:
     d = inputs.dedup
     if d is None:
         return ""
@@ -403,9 +473,16 @@ def _render_dedup(inputs: RunInputs) -> str:
                    f"<td>{_fmt_int(t['dropped_semantic'])}</td><td>{_fmt_int(t['groups'])}</td></tr>" for t in d["tasks"])
     table = ("<table><tr><th class='text'>task</th><th>rows</th><th>kept</th><th>exact</th><th>semantic</th>"
              f"<th>groups</th></tr>{rows}</table>")
-    examples = "".join("<ul>" + "".join(
-        f"<li>{'kept' if e['kept'] else 'dropped'} {_esc(e['row_id'])}: {_esc(e.get('image'))} "
-        f"<em>{_esc(e.get('text'))}</em></li>" for e in group) + "</ul>" for group in d["examples"])
+    group_images = group_images or {}
+
+    def member(e: dict) -> str:
+        how = "kept" if e["kept"] else f"dropped ({_esc(e.get('pass'))}, similarity {e.get('similarity', 0):.3f})"
+        return (f"<li>{how} {_esc(e['row_id'])}: {_esc(', '.join(e.get('images', [])))} "
+                f"<em>{_esc(e.get('text'))}</em></li>")
+
+    examples = "".join(
+        (f"<img src='{_esc(group_images[k])}' alt='duplicate group {k + 1}'>" if k in group_images else "")
+        + "<ul>" + "".join(member(e) for e in group) + "</ul>" for k, group in enumerate(d["examples"]))
     return f"<h2>Near-duplicate removal</h2>{head}{table}" + (f"<h3>Largest groups</h3>{examples}" if examples else "")
 
 
@@ -572,15 +649,17 @@ def _render_quarantine_table(inputs: RunInputs) -> str:
     return f"<table><tr><th>phase</th><th class='text'>reason</th><th>rows</th></tr>{body}</table>"
 
 
-def render_html(inputs: RunInputs, plots: list[tuple[PlotSpec, str]], notes: list[str]) -> str:
-    """The report page. ``plots`` pairs each written plot with its file name relative to the page."""
+def render_html(inputs: RunInputs, plots: list[tuple[PlotSpec, str]], notes: list[str],
+                group_images: dict[int, str] | None = None) -> str:
+    """The report page. ``plots`` pairs each written plot with its file name relative to the page;
+    ``group_images``: the strip of each dedup example group (``{group: file name}``)."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>datasel report {_esc(inputs.manifest.get('run_id', ''))}</title><style>{_CSS}</style></head><body>",
              _render_header(inputs)]
     if notes:
         parts.append("<div class='notes'><strong>Not shown</strong><ul>"
                      + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></div>")
-    parts += [_render_method_table(inputs), _render_task_table(inputs), _render_dedup(inputs)]
+    parts += [_render_method_table(inputs), _render_task_table(inputs), _render_dedup(inputs, group_images)]
     for spec, filename in plots:
         parts.append(f"<h2>{_esc(spec.title)}</h2>")
         if spec.filename == "quarantine_reasons.png":
@@ -611,7 +690,8 @@ def _summary_json(inputs: RunInputs, notes: list[str]) -> dict:
 def write_report(run_dir: RunDir) -> dict:
     """Write ``report/index.html``, its PNG plots and ``report/summary.json``; return their paths and notes.
 
-    Returns ``{"html": str, "plots": [str, ...], "summary": str, "notes": [str, ...]}``; a plot whose inputs are
+    Returns ``{"html": str, "plots": [str, ...], "summary": str, "notes": [str, ...], "dedup_groups": [str, ...]}``
+    (``dedup_groups``: the image strip of each example group of the dedup phase); a plot whose inputs are
     absent is skipped and named in ``notes``.
     """
     inputs = read_run_inputs(run_dir)
@@ -628,8 +708,16 @@ def write_report(run_dir: RunDir) -> dict:
         target = out / spec.filename
         target.write_bytes(png)
         written.append((spec, target))
+    group_images: dict[int, str] = {}
+    for group in range(len(inputs.dedup["examples"]) if inputs.dedup else 0):
+        png = plot_dedup_group(inputs, group)
+        if png is not None:
+            target = out / dedup_group_filename(group)
+            target.write_bytes(png)
+            group_images[group] = target.name
     page = out / "index.html"
-    page.write_text(render_html(inputs, [(spec, loc.name) for spec, loc in written], notes))
+    page.write_text(render_html(inputs, [(spec, loc.name) for spec, loc in written], notes, group_images))
     summary = out / "summary.json"
     summary.write_json(_summary_json(inputs, notes))
-    return {"html": str(page), "plots": [str(loc) for _, loc in written], "summary": str(summary), "notes": notes}
+    return {"html": str(page), "plots": [str(loc) for _, loc in written], "summary": str(summary), "notes": notes,
+            "dedup_groups": [str(out / name) for name in group_images.values()]}

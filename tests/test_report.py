@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import struct
 from pathlib import Path
@@ -19,6 +21,33 @@ METHODS = ("coincide", "datatailor", "random")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+IMAGE_STRUCT = pa.struct([("ref", pa.string()), ("uri", pa.string()), ("data", pa.binary())])
+
+
+def _png(colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    from PIL import Image
+
+    sink = io.BytesIO()
+    Image.new("RGB", size, colour).save(sink, format="PNG")
+    return sink.getvalue()
+
+
+def _images(run_dir: RunDir, row: int) -> list[dict]:
+    """The samples' images: row 0 (the duplicate group's kept row) and even rows one file under the run
+    directory; row 1 two (a file and embedded bytes); row 3 a file that was removed; other odd rows none."""
+    folder = Path(str(run_dir)) / "pool-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row}.png"
+    if row % 2 == 0 or row in (1, 3):
+        path.write_bytes(_png((row % 256, 90, 160)))
+    out = [{"ref": f"{row}.png", "uri": str(path), "data": None}] if row % 2 == 0 or row in (1, 3) else []
+    if row == 1:
+        out.append({"ref": "inline.png", "uri": "", "data": _png((250, 200, 10))})
+    if row == 3:
+        path.unlink()
+    return out
+
+
 def _write_samples(run_dir: RunDir, rng: np.random.Generator, n_rows: int) -> np.ndarray:
     tasks = rng.choice(TASKS, size=n_rows, p=TASK_WEIGHTS)
     for shard, rows in enumerate(np.array_split(np.arange(n_rows), 2)):
@@ -26,6 +55,8 @@ def _write_samples(run_dir: RunDir, rng: np.random.Generator, n_rows: int) -> np
             "row_id": pa.array(rows, pa.int64()),
             "task": pa.array(tasks[rows].tolist(), pa.string()),
             "n_turns": pa.array(rng.integers(1, 5, size=len(rows)), pa.int32()),
+            "images": pa.array([_images(run_dir, int(r)) for r in rows], pa.list_(IMAGE_STRUCT)),
+            "conversations": [json.dumps([{"from": "human", "value": f"question {r}"}]) for r in rows],
         }))
     return tasks
 
@@ -140,7 +171,7 @@ def _check_report(result: dict) -> str:
     page = page_path.read_text()
     on_disk = {p.name for p in page_path.parent.glob("*.png")}
     assert _referenced_images(page) == on_disk
-    assert {Path(p).name for p in result["plots"]} == on_disk
+    assert {Path(p).name for p in result["plots"] + result["dedup_groups"]} == on_disk
     for name in on_disk:
         width, height = _png_size(page_path.parent / name)
         assert 300 <= width <= 1400 and 150 <= height <= 1400, (name, width, height)
@@ -160,6 +191,37 @@ def test_full_report(tmp_path):
         assert f"<td>{task}</td>" in page
     assert "image_missing" in page and "extract_failed" in page
     assert "Near-duplicate removal" in page and "kept 280 of 300 rows; dropped 2 exact and 18 near" in page
+    assert [Path(p).name for p in result["dedup_groups"]] == ["dedup_group_0.png"]
+
+
+def test_dedup_example_group_shows_its_rows_and_images(tmp_path):
+    from datasel_ray.report import DEDUP_EXAMPLE_MEMBERS, plot_dedup_group, read_run_inputs
+
+    run_dir = make_run_dir(tmp_path / "run")
+    inputs = read_run_inputs(run_dir)
+    (group,) = inputs.dedup["examples"]
+    dropped = (run_dir / "dedup" / "dropped.parquet").read_parquet().to_pylist()
+    order = sorted(dropped, key=lambda r: (-r["similarity"], r["row_id"]))[:DEDUP_EXAMPLE_MEMBERS - 1]
+    assert [m["row_id"] for m in group] == [0] + [r["row_id"] for r in order]
+    assert group[0]["kept"] and group[0]["images"] == ["0.png"] and group[0]["text"] == "question 0"
+    for member, row in zip(group[1:], order):
+        assert not member["kept"] and member["pass"] == row["pass"]
+        assert member["similarity"] == pytest.approx(row["similarity"], abs=1e-4)
+    png = plot_dedup_group(inputs, 0)
+    assert png[:8] == PNG_SIGNATURE and plot_dedup_group(inputs, 1) is None
+    from PIL import Image
+
+    strip = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert np.any(np.all(strip == (0, 90, 160), axis=-1)), "the kept row's image is not on the strip"
+    # a member with two images (a file and embedded bytes) shows both; one whose file is gone still gets a panel
+    group[1:] = [{"row_id": 1, "kept": False, "similarity": 1.0, "pass": "exact", "images": ["1.png", "inline.png"]},
+                 {"row_id": 3, "kept": False, "similarity": 0.99, "pass": "semantic", "images": ["3.png"]}]
+    strip = np.asarray(Image.open(io.BytesIO(plot_dedup_group(inputs, 0))).convert("RGB"))
+    assert np.any(np.all(strip == (1, 90, 160), axis=-1)) and np.any(np.all(strip == (250, 200, 10), axis=-1))
+
+    write_report(run_dir)
+    summary = (run_dir / "report" / "summary.json").read_json()["dedup"]["example_groups"]
+    assert [m["row_id"] for m in summary[0]] == [0] + [r["row_id"] for r in order]
 
 
 def test_summary_json_counts(tmp_path):
