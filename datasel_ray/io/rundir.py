@@ -60,12 +60,13 @@ def phase_fingerprint(cfg: RunConfig, phase: str) -> dict[str, Any]:
         parts["tive"] = cfg.tive.model_dump(include={"enabled", "proj_dim", "projection", "gradient_type"})
         parts["feature_schema_version"] = schema.FEATURE_SCHEMA_VERSION
     elif phase == "aggregate":
-        from datasel_ray.methods.registry import fitted_methods
+        from datasel_ray.methods.registry import fitted_methods, registry
 
         parts["methods"] = fitted_methods(cfg.select.methods, cfg.tive.enabled)
-        parts["coincide"] = cfg.coincide.model_dump()
-        parts["datatailor"] = cfg.datatailor.model_dump()
-        parts["tive"] = cfg.tive.model_dump(include={"enabled", "task_value"})
+        for method in registry().values():  # every registered method's switches, fitted or not
+            if method.config_section:
+                fields = set(method.fit_fields) if method.fit_fields is not None else None
+                parts[method.config_section] = getattr(cfg, method.config_section).model_dump(include=fields)
         if cfg.select.dedup:  # the methods are fitted on the rows dedup kept
             parts["select_dedup"] = True
             parts["dedup"] = cfg.dedup.model_dump()

@@ -52,7 +52,8 @@ class SelectionMethod:
     returns a state whose ``score_new`` answers ``POST /score``); ``report_clusters`` (the title of the report's
     plot of ``stats/<name>/clusters.parquet``, with ``size`` and optionally ``density`` columns; None: no plot);
     ``config_section`` (the :class:`~datasel_ray.config.RunConfig` section holding its switches, recorded in
-    ``stats/meta.json``; None: none).
+    ``stats/meta.json``; None: none); ``fit_fields`` (the fields of that section that decide what ``fit`` and
+    ``select`` write, in the aggregate phase's fingerprint: a change re-runs aggregate; None: every field).
     """
 
     name: ClassVar[str]
@@ -63,6 +64,7 @@ class SelectionMethod:
     scored: ClassVar[bool] = False
     report_clusters: ClassVar[str | None] = None
     config_section: ClassVar[str | None] = None
+    fit_fields: ClassVar[tuple[str, ...] | None] = None
 
     def fit(self, ctx: FitContext) -> dict:
         """Budget-independent statistics into ``ctx.stats(self.name)``; a JSON-ready summary for ``meta.json``.

@@ -48,6 +48,7 @@ class Tive(SelectionMethod):
     fits = True
     scored = True
     config_section = "tive"
+    fit_fields = ("enabled", "task_value")  # the rest of the section decides the warm-up and extract phases
 
     # columns of stats/tive/tasks.parquet (besides the task and layout.SIZE)
     TASK_VALUE = "task_value"
