@@ -7,6 +7,8 @@ Protocol (issue #14, item 4; the papers' protocol, scaled to a CPU):
   or ``--pool synthetic`` (:mod:`datasel_ray.synthetic`, the generated pool);
 - selection: the real pipeline (:func:`datasel_ray.pipeline.runner.run_phases`: ingest, TIVE warm-up on Ray
   Train, extract with TIVE gradients, aggregate, select) with ``model.name_or_path: smol-llava`` as reference,
+  ``select.dedup`` from ``--dedup`` (``both``: each method also selects among the rows the dedup phase kept,
+  recorded as ``<method>+dedup``; the budget stays a share of the whole pool),
   ``tive.warmup_preset`` from ``--warmup-preset``, at each budget of ``--budgets``; ``random`` is drawn per
   training seed;
 - target training: smol-llava's unaligned model (the same pretrained EfficientNet-Lite0 and SmolLM2, a seeded
@@ -75,6 +77,10 @@ def _parse(argv):
     p.add_argument("--eval-samples", type=int, default=120)
     p.add_argument("--warmup-preset", choices=["cpu", "reference"], default="cpu")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--dedup", choices=["off", "on", "both"], default="off",
+                   help="select.dedup for the methods (the dedup phase runs before aggregate): off, on, or both "
+                        "(every method twice; the dedup selections are keyed '<method>+dedup'); random stays "
+                        "drawn from the whole pool")
     p.add_argument("--metric", choices=["auto", "acc", "loss"], default="auto",
                    help="what the protocol check and Rel read (auto: acc on easyvqa, loss on synthetic)")
     p.add_argument("--workdir", default=None)
@@ -146,19 +152,27 @@ def run(args, workdir: Path, timings: dict) -> dict:
     t0 = time.perf_counter()
     info, truth, task_map, held_out = _pool(args, workdir)
     pool_tasks = {r["task"] for r in truth if not r["bad_kind"]}
+    dedup_modes = {"off": [False], "on": [True], "both": [False, True]}[args.dedup]
+    phases = ["ingest", *(["warmup"] if "tive" in methods else []), "extract",
+              *(["dedup"] if any(dedup_modes) else []), "aggregate", "select"]
     cfg = RunConfig.model_validate({
-        "run_dir": str(workdir / "run"), "seed": args.pool_seed,
-        "phases": ["ingest", "warmup", "extract", "aggregate", "select"] if "tive" in methods else
-        ["ingest", "extract", "aggregate", "select"],
+        "run_dir": str(workdir / "run"), "seed": args.pool_seed, "phases": phases,
         "pool": {"path": str(info.pool_path), "task_map": task_map, "records_per_block": 200},
         "model": {"name_or_path": "smol-llava"},
         "extract": {"batch_size": 8, "shard_rows": 64},
         "tive": {"enabled": "tive" in methods, "warmup_preset": args.warmup_preset},
-        "select": {"methods": methods, "budget": budgets[0]},
+        "select": {"methods": methods, "budget": budgets[0], "dedup": dedup_modes[0]},
         "ray": {"num_cpus": 2},
     })
     run_phases(cfg, quiet=True)
-    selections = selections_at_budgets(cfg, methods, budgets)
+    selections = {}
+    for k, dedup in enumerate(dedup_modes):
+        if k:  # the same features, the methods fitted again on the rows dedup kept
+            cfg.select.dedup, cfg.select.budget = dedup, budgets[0]
+            run_phases(cfg, ["dedup", "aggregate", "select"], quiet=True)
+        suffix = "+dedup" if dedup else ""
+        at_budgets = selections_at_budgets(cfg, methods, budgets)
+        selections.update({(m + suffix, b): rows for (m, b), rows in at_budgets.items()})
     timings["pipeline_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
