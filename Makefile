@@ -25,13 +25,15 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/datasel demo --workdir $(WORKDIR) --num-samples $(DEMO_SAMPLES) --model $(MODEL)
 
+# The one-time build, then its acceptance check (the real_model tests: the aligned model's answers depend on the image).
 smol-llava: venv
 	$(VENV)/bin/datasel make-model smol-llava
+	$(PY) -m pytest -q -m real_model tests/models/test_smol_llava.py
 
-# CI (.ci/run): every test but the gpu ones, slow and integration included. pytest exits 5 when it collects
-# nothing: make fails then too.
+# CI (.ci/run): every test but the gpu ones and the real_model check of smol-llava's build (make smol-llava runs
+# it), slow and integration included. pytest exits 5 when it collects nothing: make fails then too.
 test: venv
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu and not real_model"
 
 # The default selection (pytest's addopts): no slow, integration or gpu tests.
 test-fast: venv

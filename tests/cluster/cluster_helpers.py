@@ -283,7 +283,8 @@ def standard_config(pool_dir: str | Path, run_dir: str | Path, ray: dict | None 
     ``pool.json`` and images: a local folder or ``s3://...``) and the run directory ``run_dir``.
 
     The demo config (seed 5, tiny model, no TIVE, budget 20%) with COINCIDE, DataTailor and random selection,
-    ``extract.max_actors: 2``, ``extract.shard_rows: 16`` (about 19 feature shards of the 300-row pool, so a node
+    ``extract.min_actors`` = ``max_actors`` = 2 (a fixed pool: with ``min_actors: 1`` Ray Data may run the whole
+    phase on one actor, and a worker node that joins mid-run then never gets one), ``extract.shard_rows: 16`` (about 19 feature shards of the 300-row pool, so a node
     removed during extraction finds shards still to do), and ``aggregate.executor: ray`` with the smallest
     ``aggregate.partition_bytes`` (partition tasks on the worker nodes, so a node removed during aggregate
     loses running tasks; ``datatailor.dense_max_rows: 200`` so that a dense task fits such a partition). None
@@ -301,7 +302,7 @@ def standard_config(pool_dir: str | Path, run_dir: str | Path, ray: dict | None 
     data["run_dir"] = str(run_dir)
     data["pool"]["path"] = f"{pool_dir}/pool.json"
     data["pool"]["image_root"] = pool_dir
-    data["extract"]["max_actors"] = 2
+    data["extract"]["min_actors"] = data["extract"]["max_actors"] = 2
     data["extract"]["shard_rows"] = 16
     data["aggregate"]["executor"] = "ray"
     data["aggregate"]["partition_bytes"] = 1 << 16  # AggregateConfig's minimum

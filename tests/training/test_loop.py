@@ -1,8 +1,10 @@
 """The one training loop (training/loop.py) and the one answer-token CE (models/answer_loss.py).
 
 The warm-up's loss curve must be the one it had before the loop was shared: `_warmup_loop_before` is the
-pre-change `lora.train_lora` (commit 00300f0) kept verbatim as the oracle, and the curves are also pinned as
-recorded then (single-threaded, on the tiny reference model).
+pre-change `lora.train_lora` (commit 00300f0) kept verbatim as the oracle, compared bit for bit on the same weights.
+No curve is pinned as numbers: the tiny reference model is built on the machine that runs the tests, and its
+weights (so every loss) differ in the last bits between CPU kinds (a curve recorded on one machine was 0.2% to 3%
+off on another).
 """
 
 from __future__ import annotations
@@ -22,13 +24,7 @@ from datasel_ray.training.finetune import FinetuneConfig, lr_at
 from datasel_ray.training.lora import attach_lora, epoch_batches, lr_factor, train_lora
 from datasel_ray.training.loop import LrSchedule
 
-# recorded with the pre-change loop (torch.set_num_threads(1)); see the module docstring
-RECORDED = {
-    "constant": [8.57589054107666, 7.566818714141846, 7.390189170837402, 7.861051082611084, 7.442031383514404,
-                 6.309610366821289, 6.105930805206299, 6.294947147369385, 5.584907531738281],
-    "cosine_accum": [8.876083374023438, 7.392575740814209, 8.626222133636475, 7.866685390472412,
-                     9.253757953643799, 7.357195854187012],
-}
+STEPS = {"constant": 9, "cosine_accum": 6}
 RUNS = {
     "constant": dict(learning_rate=1e-2, epochs=3, batch_size=2, seed=1),
     "cosine_accum": dict(learning_rate=1e-3, epochs=2, batch_size=1, seed=0, schedule="cosine", warmup_ratio=0.5,
@@ -120,7 +116,8 @@ def test_the_shared_loop_gives_the_warmup_loss_curve_of_before(run, warmup_sampl
     assert log.step_loss == old_curve  # bit for bit
     new_params = dict(new_model.named_parameters())
     assert all(torch.equal(p, new_params[n]) for n, p in old_model.named_parameters())
-    np.testing.assert_allclose(log.step_loss, RECORDED[run], rtol=1e-5)
+    # 6 samples: 3 steps of 2 per epoch, or 6 batches of 1 accumulated by 2; the loss comes down
+    assert len(log.step_loss) == STEPS[run] and log.step_loss[-1] < log.step_loss[0], log.step_loss
 
 
 def test_schedules_keep_each_callers_convention():
