@@ -160,6 +160,10 @@ def test_report_shows_dedup_counts_groups_and_histogram(tmp_path, feats):
     assert sum(t["dropped_exact"] + t["dropped_semantic"] for t in summary["tasks"]) == res["dropped"]
     biggest = summary["example_groups"][0]
     assert biggest[0]["kept"] and not any(m["kept"] for m in biggest[1:]) and len(biggest) >= 2
+    similarities = [m["similarity"] for m in biggest[1:]]
+    assert similarities == sorted(similarities, reverse=True) and all(s >= 1 - 0.01 - 1e-6 for s in similarities)
+    # one image strip per example group (these rows have no images: each panel says so)
+    assert len(out["dedup_groups"]) == len(summary["example_groups"]) == min(5, res["groups"])
     page = Path(out["html"]).read_text()
     assert "Near-duplicate removal" in page and f"kept {res['kept']:,} of {N:,} rows" in page
 
