@@ -9,20 +9,23 @@ triangle of the similarity matrix, column max), and ``identify_duplicates.py`` d
 ``SemanticDeduplicationWorkflow``: ``eps=0.01``, ``which_to_keep="hard"``, ``n_clusters=100``,
 ``pairwise_batch_size=1024``.
 
-This module: the same rule on unit float32 rows, blocked so that the similarity workspace of a cluster of m
-rows is at most ``workspace_bytes`` (``m x b`` floats per block of b columns). ``pool_order`` is an added
+This module: the same rule on unit float32 rows, compared in blocks of rows so that the workspace of a cluster
+is at most ``workspace_bytes`` (two blocks of rows and their similarities) whatever its size; a cluster larger
+than memory is read block by block from disk (:func:`earlier_similarity_blocks`). ``pool_order`` is an added
 ranking (lowest row id first). Every function is pure numpy (faiss only for the nearest-centroid assignment in
 :func:`semantic_dedup`, the in-process reference of the partitioned phase).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FEATURES", "RANKINGS", "ClusterResult", "cluster_dedup", "earlier_similarity", "feature_vectors",
-           "rank_members", "representatives", "semantic_dedup", "source_column"]
+__all__ = ["FEATURES", "RANKINGS", "ClusterResult", "block_rows", "cluster_dedup", "earlier_similarity",
+           "earlier_similarity_blocks", "feature_vectors", "rank_members", "representatives", "semantic_dedup",
+           "source_column"]
 
 RANKINGS = ("hard", "easy", "pool_order")
 #: the vectors the semantic pass can compare: a feature column as stored, or ``coincide_visual``, the image halves
@@ -67,38 +70,65 @@ def rank_members(cos_to_centroid: np.ndarray, row_ids: np.ndarray, ranking: str)
     raise ValueError(f"Unknown dedup ranking {ranking!r}. Choose from: {', '.join(RANKINGS)}")
 
 
-def earlier_similarity(x: np.ndarray, threshold: float, workspace_bytes: int = 64 << 20
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For every row j of ``x`` (unit float32[m, d], in rank order), the largest cosine similarity to a row i < j
-    and that row, plus every pair (i < j) with similarity ``>= threshold``.
+def block_rows(d: int, workspace_bytes: int) -> int:
+    """Rows per block of :func:`earlier_similarity_blocks`: the largest R with two float32 blocks of R rows of
+    width ``d`` and their R x R similarities within ``workspace_bytes`` (``4 (2 R d + R^2) <= workspace``), at
+    least 1. A function of ``d`` and the workspace only, so every path cuts a cluster into the same blocks."""
+    return max(1, int(np.sqrt(float(d) * d + workspace_bytes / 4.0) - d))
 
-    Columns are taken in blocks of ``b = max(1, workspace_bytes // (4 m))``: the workspace is ``x[:e] @ x[s:e].T``
-    (at most m x b float32). Returns ``(max_sim float32[m], argmax int64[m], pair_i int64[P], pair_j int64[P],
-    pair_sim float32[P])``; row 0 has ``max_sim = -inf`` and ``argmax = -1``. Pairs are sorted by (j, i).
+
+def earlier_similarity_blocks(read: Callable[[int, int], np.ndarray], m: int, d: int, threshold: float,
+                              workspace_bytes: int = 64 << 20
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For every row j of a ranked cluster of ``m`` unit rows of width ``d``, the largest cosine similarity to a
+    row i < j and that row, plus every pair (i < j) with similarity ``>= threshold``.
+
+    ``read(a, b)`` returns rows ``[a, b)`` in rank order (unit float32[b - a, d]); the cluster is never held
+    whole: blocks of :func:`block_rows` rows are compared pairwise (block j against every block up to it), so
+    the workspace is two blocks and their similarities, whatever m. Ties go to the earliest row. Returns
+    ``(max_sim float32[m], argmax int64[m], pair_i int64[P], pair_j int64[P], pair_sim float32[P])``; row 0 has
+    ``max_sim = -inf`` and ``argmax = -1``. Pairs are sorted by (j, i).
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    m = x.shape[0]
+    size = min(max(1, m), block_rows(d, workspace_bytes))
     max_sim = np.full(m, -np.inf, dtype=np.float32)
     argmax = np.full(m, -1, dtype=np.int64)
     pi, pj, ps = [], [], []
-    block = int(max(1, min(m, workspace_bytes // max(1, 4 * m))))
-    for s in range(1, m, block):
-        e = min(m, s + block)
-        sim = x[:e] @ x[s:e].T  # [e, b]: sim[i, c] = <x_i, x_{s+c}>
-        i_idx = np.arange(e)[:, None]
-        j_idx = np.arange(s, e)[None, :]
-        sim[i_idx >= j_idx] = -np.inf
-        best = np.argmax(sim, axis=0)
-        max_sim[s:e] = sim[best, np.arange(e - s)]
-        argmax[s:e] = best
-        ii, cc = np.nonzero(sim >= threshold)
-        if len(ii):
-            order = np.lexsort((ii, cc))
+    for s in range(0, m, size):
+        e = min(m, s + size)
+        xj = read(s, e)
+        found_i, found_j, found_s = [], [], []
+        for a in range(0, e, size):
+            b = min(e, a + size)
+            xi = xj if a == s else read(a, b)
+            sim = xi @ xj.T  # [b - a, e - s]: sim[r, c] = <x_{a+r}, x_{s+c}>
+            if a == s:
+                sim[np.arange(b - a)[:, None] >= np.arange(e - s)[None, :]] = -np.inf
+            best = np.argmax(sim, axis=0)
+            value = sim[best, np.arange(e - s)]
+            better = value > max_sim[s:e]  # strict: an earlier block keeps a tie
+            max_sim[s:e][better] = value[better]
+            argmax[s:e][better] = best[better] + a
+            ii, cc = np.nonzero(sim >= threshold)
+            if len(ii):
+                found_i.append(ii + a)
+                found_j.append(cc + s)
+                found_s.append(sim[ii, cc])
+        if found_i:
+            ii, jj, ss = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+            order = np.lexsort((ii, jj))
             pi.append(ii[order])
-            pj.append(cc[order] + s)
-            ps.append(sim[ii[order], cc[order]])
+            pj.append(jj[order])
+            ps.append(ss[order])
     cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
     return max_sim, argmax, cat(pi, np.int64), cat(pj, np.int64), cat(ps, np.float32)
+
+
+def earlier_similarity(x: np.ndarray, threshold: float, workspace_bytes: int = 64 << 20
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`earlier_similarity_blocks` on rows held in memory: ``x`` unit float32[m, d] in rank order."""
+    x = np.asarray(x, dtype=np.float32)
+    m, d = x.shape
+    return earlier_similarity_blocks(lambda a, b: np.array(x[a:b]), m, d, threshold, workspace_bytes)
 
 
 def representatives(argmax: np.ndarray, dropped: np.ndarray) -> np.ndarray:
@@ -129,15 +159,23 @@ class ClusterResult:
     pair_sim: np.ndarray
 
 
-def cluster_dedup(x_unit: np.ndarray, row_ids: np.ndarray, cos_to_centroid: np.ndarray, ranking: str, eps: float,
-                  workspace_bytes: int = 64 << 20) -> ClusterResult:
+def cluster_dedup(x_unit: np.ndarray | None, row_ids: np.ndarray, cos_to_centroid: np.ndarray, ranking: str,
+                  eps: float, workspace_bytes: int = 64 << 20,
+                  read_rows: Callable[[np.ndarray], np.ndarray] | None = None, width: int = 0) -> ClusterResult:
     """NeMo Curator's rule on one cluster: rank (:func:`rank_members`), drop every member whose largest
     similarity to an earlier-ranked member is ``>= 1 - eps``. x_unit: unit float32[m, d]; row_ids int64[m];
-    cos_to_centroid float[m]."""
+    cos_to_centroid float[m]. A cluster kept on disk passes ``x_unit=None``, ``read_rows(indices)`` (unit
+    float32 rows of the members at those input indices) and ``width`` (d) instead: the same blocks are compared
+    (:func:`earlier_similarity_blocks`), so both give identical results."""
     order = rank_members(cos_to_centroid, row_ids, ranking)
     ids = np.asarray(row_ids, dtype=np.int64)[order]
     threshold = np.float32(1.0 - eps)
-    max_sim, argmax, pi, pj, ps = earlier_similarity(np.asarray(x_unit)[order], threshold, workspace_bytes)
+    if read_rows is None:
+        x = np.asarray(x_unit, dtype=np.float32)
+        width = x.shape[1]
+        read_rows = (lambda idx: x[idx])  # fancy indexing: a fresh block, as read from disk
+    max_sim, argmax, pi, pj, ps = earlier_similarity_blocks(
+        lambda a, b: read_rows(order[a:b]), len(ids), width, threshold, workspace_bytes)
     dropped = max_sim >= threshold
     rep = representatives(argmax, dropped)
     return ClusterResult(ids, dropped, max_sim, np.where(argmax >= 0, ids[np.maximum(argmax, 0)], -1), ids[rep],

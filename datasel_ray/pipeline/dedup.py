@@ -11,8 +11,9 @@ killed run resumes per task):
    k-means training rows (unit, ``dedup.feature``); *driver*: faiss spherical k-means; *partition tasks*: each
    row (exact-dropped rows excepted) assigned to its nearest centroid with its cosine to it, written into its
    cluster's regroup bucket; *bucket tasks* (at most ``aggregate.partition_bytes`` of vectors, a larger cluster
-   alone): per cluster the members ranked, blocked pairwise cosine in at most ``dedup.workspace_bytes``, drop at
-   ``>= 1 - eps``; each writes its member file (the online lookup);
+   alone): the bucket spilled to local disk one file per cluster, then per cluster the members ranked and
+   compared in blocks read from that file (pairwise cosine in at most ``dedup.workspace_bytes``, so no task
+   holds a cluster, however large), drop at ``>= 1 - eps``; each writes its member file (the online lookup);
 3. *driver*: ``dropped``, ``pairs``, ``groups``, ``tasks`` tables and ``meta.json``; with ``select.dedup``,
    *shard tasks* copy the kept rows of every feature shard into ``dedup/kept/``.
 
@@ -41,7 +42,7 @@ from datasel_ray.io.images import row_image_bytes
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
-from datasel_ray.pipeline.fit.context import FitContext, Partition, bucket_plan, read_bucket, write_buckets
+from datasel_ray.pipeline.fit.context import FitContext, Partition, bucket_plan, write_buckets
 from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
 
@@ -195,30 +196,120 @@ def _assign(task: AssignTask) -> dict[str, np.ndarray]:
     return {"pos": np.concatenate(pos_all), "cluster": labels}
 
 
+@dataclass
+class _SpilledCluster:
+    """One cluster of a bucket on local disk: ``path`` holds its stored vectors (``dtype``[m, width], rows in
+    row-id order, raw binary); ``row_id`` (sorted) and ``cos`` in memory."""
+
+    path: str
+    row_id: np.ndarray
+    cos: np.ndarray
+    dtype: np.dtype
+    width: int
+
+    def rows(self, index: np.ndarray | slice) -> np.ndarray:
+        """Stored vectors of the members at ``index`` (positions in row-id order), read through a mapping that is
+        closed again at once: only the rows asked for stay in memory."""
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(len(self.row_id), self.width))
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
+
+
+def _spill_bucket(work: Location, buckets: list[int], folder: str) -> list[tuple[int, _SpilledCluster]]:
+    """The rows of regroup ``buckets`` under ``work``, one file per cluster under ``folder`` (rows in row-id
+    order), in cluster order. The part files' keys are read first; then each part file's vectors are written
+    into their clusters' files, one part file at a time: the task never holds a cluster, only one part file
+    (one partition's rows of the bucket)."""
+    import os
+
+    from datasel_ray.io.vectors import vector_numpy
+
+    files = []
+    for b in buckets:
+        found = (work / layout.bucket_key(b)).list(".parquet")
+        if not found:
+            raise RuntimeError(f"{work}/{layout.bucket_key(b)} has no part files: the regroup step did not finish")
+        files.extend(found)
+    keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER, layout.COS_CENTROID]) for f in files]
+    ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)
+    labels = np.concatenate([column_to_numpy(k.column(layout.CLUSTER)) for k in keys]).astype(np.int64)
+    cos = np.concatenate([column_to_numpy(k.column(layout.COS_CENTROID)) for k in keys])
+    order = np.lexsort((ids, labels))
+    clusters, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    slot = np.empty(len(order), dtype=np.int64)  # each row's position within its cluster, in row-id order
+    slot[order] = np.arange(len(order)) - np.repeat(starts, sizes)
+    spilled: dict[int, _SpilledCluster] = {}
+    first = 0
+    for f, k in zip(files, keys):
+        rows = np.arange(first, first + k.num_rows)
+        first += k.num_rows
+        vectors = vector_numpy(f.read_parquet([layout.VECTOR]).column(layout.VECTOR))
+        for c in np.unique(labels[rows]):
+            here = rows[labels[rows] == c]
+            at = int(np.searchsorted(clusters, c))
+            entry = spilled.get(int(c))
+            if entry is None:
+                members = order[starts[at]:starts[at] + sizes[at]]
+                entry = spilled[int(c)] = _SpilledCluster(os.path.join(folder, f"cluster-{int(c)}.bin"), ids[members],
+                                                          cos[members], vectors.dtype, vectors.shape[1])
+                np.memmap(entry.path, dtype=entry.dtype, mode="w+", shape=(len(members), entry.width)).flush()
+            mapped = np.memmap(entry.path, dtype=entry.dtype, mode="r+", shape=(len(entry.row_id), entry.width))
+            mapped[slot[here]] = vectors[here - rows[0]]
+            mapped.flush()
+            del mapped
+        del vectors
+    return [(int(c), spilled[int(c)]) for c in clusters]
+
+
 def _clusters(task: ClustersTask) -> dict[str, np.ndarray]:
-    """SemDeDup on every cluster of one bucket; writes the bucket's member file (rows grouped by cluster)."""
+    """SemDeDup on every cluster of one bucket; writes the bucket's member file (rows grouped by cluster, in
+    row-id order). The bucket is spilled to local disk cluster by cluster (:func:`_spill_bucket`) and each
+    cluster compared in blocks read from there, so the task's memory does not grow with the largest cluster."""
+    import shutil
+    import tempfile
+
+    import pyarrow.parquet as pq
+
     from datasel_ray.clustering import normalize_rows
 
-    bucket = read_bucket(Location.parse(task.work), list(task.bucket))
-    ids, labels = bucket[schema.ROW_ID], bucket[layout.CLUSTER]
-    raw, cos = bucket[layout.VECTOR], bucket[layout.COS_CENTROID]
-    Location.parse(task.members).write_parquet(pa.table({
-        schema.ROW_ID: pa.array(ids, pa.int64()), layout.CLUSTER: pa.array(labels, pa.int64()),
-        layout.VECTOR: vector_column(raw)}))
-    unit = normalize_rows(raw)
-    clusters, starts = np.unique(labels, return_index=True)
-    bounds = np.append(starts, len(labels))
-    parts: dict[str, list[np.ndarray]] = {}
-    for c, lo, hi in zip(clusters, bounds[:-1], bounds[1:]):
-        res = semantic.cluster_dedup(unit[lo:hi], ids[lo:hi], cos[lo:hi], task.ranking, task.eps,
-                                     task.workspace_bytes)
-        for name, value in vars(res).items():
-            parts.setdefault(name, []).append(value)
-        parts.setdefault("member_cluster", []).append(np.full(hi - lo, c, dtype=np.int64))
-        parts.setdefault("pair_cluster", []).append(np.full(len(res.pair_a), c, dtype=np.int64))
+    folder = tempfile.mkdtemp(prefix="datasel-dedup-")
+    try:
+        spilled = _spill_bucket(Location.parse(task.work), list(task.bucket), folder)
+        parts: dict[str, list[np.ndarray]] = {}
+        for c, cluster in spilled:
+            res = semantic.cluster_dedup(None, cluster.row_id, cluster.cos, task.ranking, task.eps,
+                                         task.workspace_bytes, read_rows=lambda idx, cl=cluster: normalize_rows(
+                                             cl.rows(idx)), width=cluster.width)
+            for name, value in vars(res).items():
+                parts.setdefault(name, []).append(value)
+            parts.setdefault("member_cluster", []).append(np.full(len(cluster.row_id), c, dtype=np.int64))
+            parts.setdefault("pair_cluster", []).append(np.full(len(res.pair_a), c, dtype=np.int64))
+        chunk = max(1, semantic.block_rows(spilled[0][1].width, task.workspace_bytes)) if spilled else 1
+
+        def write_members(handle) -> None:
+            writer = None
+            for c, cluster in spilled:
+                for lo in range(0, len(cluster.row_id), chunk):
+                    hi = min(len(cluster.row_id), lo + chunk)
+                    table = pa.table({schema.ROW_ID: pa.array(cluster.row_id[lo:hi], pa.int64()),
+                                      layout.CLUSTER: pa.array(np.full(hi - lo, c, dtype=np.int64)),
+                                      layout.VECTOR: vector_column(cluster.rows(slice(lo, hi)))})
+                    if writer is None:
+                        writer = pq.ParquetWriter(handle, table.schema, use_dictionary=False, compression={
+                            schema.ROW_ID: "zstd", layout.CLUSTER: "zstd", layout.VECTOR: "none"})
+                    writer.write_table(table)
+            if writer is not None:
+                writer.close()
+
+        Location.parse(task.members).write_with(write_members)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    sizes = np.array([len(cluster.row_id) for _, cluster in spilled], dtype=np.int64)
     out = {name: np.concatenate(values) for name, values in parts.items()}
-    out.update({"cluster": clusters.astype(np.int64), "offset": starts.astype(np.int64),
-                "size": np.diff(bounds).astype(np.int64)})
+    out.update({"cluster": np.array([c for c, _ in spilled], dtype=np.int64),
+                "offset": (np.cumsum(sizes) - sizes).astype(np.int64), "size": sizes})
     return out
 
 
