@@ -22,6 +22,8 @@ RAW = "raw"  # the original record, JSON text, exactly as read
 SOURCE_FILE = "source_file"
 SOURCE_INDEX = "source_index"
 SAMPLE_ID = "sample_id"  # the pool's own ``id`` field (string), "" when absent
+CONTENT_DIGEST = "content_digest"  # binary[16] dedup.exact.row_digest of the row (its images' bytes and normalised
+#                                  turns), computed by ingest when it read every image (null otherwise)
 
 # quarantine/
 REASON = "reason"

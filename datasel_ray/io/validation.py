@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from datasel_ray import schema
-from datasel_ray.io.images import ImageError, decode_image, image_exists, load_image
+from datasel_ray.dedup.exact import normalise_text, row_digest
+from datasel_ray.io.images import ImageError, decode_image, image_exists, read_image_bytes
 from datasel_ray.io.pool import RawRecord
 from datasel_ray.io.shapes import DEFAULT_SOURCE_FIELDS, ImageItem, NormalizedRecord, detect_shape, normalize_record
 from datasel_ray.io.storage import Location
@@ -40,8 +41,9 @@ class Limits:
 class ValidRecord:
     """A record that passed validation: its normalised form, canonical turns with one placeholder per image
     (``[{"from", "value"}]``), the number of assistant turns, its task and how the task was decided
-    (:class:`~datasel_ray.schema.TaskFrom`), and per image the resolved location ("" for embedded bytes, or
-    when images were not resolved)."""
+    (:class:`~datasel_ray.schema.TaskFrom`), per image the resolved location ("" for embedded bytes, or
+    when images were not resolved), and the row's exact-duplicate digest when its images' bytes were all read
+    (embedded, or checked by decoding: the dedup phase then reads no image again)."""
 
     record: NormalizedRecord
     conversations: list[dict]
@@ -49,6 +51,7 @@ class ValidRecord:
     task: str
     task_from: str
     uris: list[str]
+    digest: bytes | None = None  # dedup.exact.row_digest when every image's bytes were read, else None
 
     @property
     def images(self) -> list[ImageItem]:
@@ -109,6 +112,7 @@ class RecordValidator:
             schema.RAW: raw.text,
             schema.SOURCE_FILE: source_file,
             schema.SOURCE_INDEX: raw.record_index,
+            schema.CONTENT_DIGEST: valid.digest,
         }
 
     def accept(self, value, record_index: int | None = None, check_images: bool | None = None,
@@ -130,7 +134,8 @@ class RecordValidator:
                              f"{written} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s) in "
                              f"'{record.images_field}'; write one placeholder per image, or none")
         check = self.limits.check_images if check_images is None else check_images
-        uris = [self._check_image(im, im.where, check) if resolve_images else "" for im in record.images]
+        checked = [self._check_image(im, im.where, check) if resolve_images else ("", None) for im in record.images]
+        uris = [uri for uri, _ in checked]
         first_ref = record.images[0].ref if record.images else None
         task, task_from = self.resolver.resolve_how(value, first_ref, record_index, has_image=bool(n_images),
                                                     source_label=record.source_label)
@@ -141,8 +146,11 @@ class RecordValidator:
                              f"matches image '{first_ref}' (set pool.default_task or pool.task_map)")
         turns = [{"from": canonical_role(t.role), "value": t.value} for t in record.turns]
         conversations = normalize_placeholders(turns, n_images)  # one placeholder per image, in image order
+        images = [data for _, data in checked]
+        digest = (row_digest(images, normalise_text(conversations))
+                  if resolve_images and all(data is not None for data in images) else None)
         return ValidRecord(record, conversations, sum(1 for t in turns if t["from"] == ASSISTANT), task, task_from,
-                           uris)
+                           uris, digest)
 
     def _check_turns(self, record: NormalizedRecord) -> None:
         turns = record.turns
@@ -165,8 +173,9 @@ class RecordValidator:
             raise FieldError(record.turns_field, Reason.TOO_LONG,
                              f"{n_chars} characters, more than pool.max_chars={self.limits.max_chars}")
 
-    def _check_image(self, image: ImageItem, where: str, check: bool) -> str:
-        """The resolved location of a path image ("" for embedded bytes), after the checks ``check`` asks for."""
+    def _check_image(self, image: ImageItem, where: str, check: bool) -> tuple[str, bytes | None]:
+        """The resolved location of a path image ("" for embedded bytes) after the checks ``check`` asks for,
+        and the image's bytes when they were read (embedded, or decoded by the check; else None)."""
         if image.data is not None:
             if check:
                 try:
@@ -174,20 +183,21 @@ class RecordValidator:
                 except ImageError as err:
                     raise FieldError(f"{where}.bytes", Reason.IMAGE_BYTES_CORRUPT,
                                      f"the embedded image does not decode: {err.detail}") from None
-            return ""
+            return "", image.data
         loc = resolve_image_path(self.image_root, image.ref, where)
         # a StorageError (not the row's fault) propagates: it stops the phase instead of quarantining the row
         if not check:
             if not image_exists(loc):
                 raise FieldError(where, Reason.IMAGE_MISSING, f"file not found: {loc}")
-            return str(loc)
+            return str(loc), None
         try:
-            load_image(loc)
+            data = read_image_bytes(loc)
+            decode_image(data, str(loc))
         except ImageError as err:
             if err.reason == Reason.IMAGE_MISSING:
                 raise FieldError(where, Reason.IMAGE_MISSING, f"file not found: {loc}") from None
             raise FieldError(where, Reason.IMAGE_CORRUPT, f"cannot decode '{image.ref}': {err.detail}") from None
-        return str(loc)
+        return str(loc), data
 
 
 def first_seen_duplicates(row_ids: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from datasel_ray import schema
 from datasel_ray.config import RunConfig
@@ -133,15 +134,26 @@ class KeptTask:
 
 
 def _digests(task: DigestTask) -> dict[str, np.ndarray]:
-    """Digest (S16) of every row of some ``samples/`` shards: its images' bytes + normalised turns."""
+    """Digest (S16) of every row of some ``samples/`` shards: its images' bytes + normalised turns. Ingest
+    stores it (``content_digest``) when it read every image of the row; only the other rows (images not decoded
+    at ingest: ``pool.check_images: false``; samples written before the column existed) have their images read
+    here."""
     def digest(row: dict) -> bytes:
+        if row.get(schema.CONTENT_DIGEST) is not None:
+            return row[schema.CONTENT_DIGEST]
         conv = row[schema.CONVERSATIONS]
         return exact_pass.row_digest(row_image_bytes(row), exact_pass.normalise_text(json.loads(conv) if conv else []))
 
     ids, out = [], []
     with ThreadPoolExecutor(task.io_threads, thread_name_prefix="dedup-io") as threads:
         for path in task.files:
-            t = Location.parse(path).read_parquet([schema.ROW_ID, schema.IMAGES, schema.CONVERSATIONS])
+            loc = Location.parse(path)
+            with loc.open_input() as handle:
+                stored = schema.CONTENT_DIGEST in pq.ParquetFile(handle).schema_arrow.names
+            columns = [schema.ROW_ID, schema.CONVERSATIONS, *([schema.CONTENT_DIGEST] if stored else [])]
+            t = loc.read_parquet(columns)
+            if not stored or t.column(schema.CONTENT_DIGEST).null_count:  # some rows need their images
+                t = loc.read_parquet([*columns, schema.IMAGES])
             ids.append(column_to_numpy(t.column(schema.ROW_ID)).astype(np.int64))
             out.extend(threads.map(digest, t.to_pylist()))
     return {schema.ROW_ID: np.concatenate(ids) if ids else np.zeros(0, np.int64),
@@ -269,8 +281,6 @@ def _clusters(task: ClustersTask) -> dict[str, np.ndarray]:
     cluster compared in blocks read from there, so the task's memory does not grow with the largest cluster."""
     import shutil
     import tempfile
-
-    import pyarrow.parquet as pq
 
     from datasel_ray.clustering import normalize_rows
 

@@ -69,6 +69,7 @@ SAMPLES_SCHEMA = pa.schema([
     (schema.RAW, pa.string()),
     (schema.SOURCE_FILE, pa.string()),
     (schema.SOURCE_INDEX, pa.int64()),
+    (schema.CONTENT_DIGEST, pa.binary()),
 ])
 QUARANTINE_SCHEMA = pa.schema([
     (schema.ROW_ID, pa.int64()),

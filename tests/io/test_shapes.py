@@ -333,3 +333,36 @@ def test_a_folder_of_pools_in_different_shapes(tmp_path, shape_pools):
     expected = [e for key in ("cauldron_parquet", "llava_json", "messages_jsonl") for e in pools[key].expected]
     assert counts["samples"] == sum(1 for e in expected if not e.reason)
     assert counts["quarantined"] == sum(1 for e in expected if e.reason)
+
+
+@pytest.mark.parametrize("name", ["llava_json", "ov_parquet", "messages_jsonl"])
+def test_ingest_stores_each_rows_exact_digest_and_dedup_reads_no_image(tmp_path, name):
+    """Ingest read every image to decode it: it stores the row's exact-duplicate digest, which is the one the
+    dedup phase would compute from the images; the exact pass then reads no image (they are gone) and gets the
+    same digests. Without the decode check (``check_images: false``) nothing is stored."""
+    import shutil
+
+    from datasel_ray.dedup.exact import normalise_text, row_digest
+    from datasel_ray.io.images import row_image_bytes
+    from datasel_ray.pipeline.dedup import DigestTask, _digests
+
+    image_root, pools = make_shape_pools(tmp_path / "shapes")
+    _, rd, _ = _run(tmp_path, pools[name].path, image_root)
+    files = tuple(str(f) for f in (rd / "samples").list(".parquet"))
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    assert rows and all(r[schema.CONTENT_DIGEST] is not None for r in rows)
+    for r in rows:
+        assert r[schema.CONTENT_DIGEST] == row_digest(row_image_bytes(r), normalise_text(
+            json.loads(r[schema.CONVERSATIONS]))), r[schema.SOURCE_INDEX]
+    shutil.rmtree(image_root)
+    got = _digests(DigestTask(files, io_threads=2))
+    stored = {r[schema.ROW_ID]: r[schema.CONTENT_DIGEST] for r in rows}
+    assert dict(zip(got[schema.ROW_ID].tolist(), got["digest"].tolist())) == stored
+
+    image_root, pools = make_shape_pools(tmp_path / "shapes-again")
+    _, rd, _ = _run(tmp_path / "unchecked", pools[name].path, image_root, check_images=False)
+    unchecked = [r for f in (rd / "samples").list(".parquet") for r in pq.read_table(str(f)).to_pylist()]
+    for r in unchecked:  # embedded bytes are known without a read; a path image was only looked up
+        read = all(im["data"] is not None for im in r[schema.IMAGES])
+        want = row_digest(row_image_bytes(r), normalise_text(json.loads(r[schema.CONVERSATIONS]))) if read else None
+        assert r[schema.CONTENT_DIGEST] == want, r[schema.SOURCE_INDEX]
