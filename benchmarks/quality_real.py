@@ -167,9 +167,9 @@ def run(args, workdir: Path, timings: dict) -> dict:
     run_phases(cfg, quiet=True)
     selections = {}
     for k, dedup in enumerate(dedup_modes):
-        if k:  # the same features, the methods fitted again on the rows dedup kept
+        if k:  # the same features; dedup again to write dedup/kept/, the methods fitted again on the kept rows
             cfg.select.dedup, cfg.select.budget = dedup, budgets[0]
-            run_phases(cfg, ["dedup", "aggregate", "select"], quiet=True)
+            run_phases(cfg, ["dedup", "aggregate", "select"], force="dedup", quiet=True)
         suffix = "+dedup" if dedup else ""
         at_budgets = selections_at_budgets(cfg, methods, budgets)
         selections.update({(m + suffix, b): rows for (m, b), rows in at_budgets.items()})
