@@ -284,8 +284,9 @@ def standard_config(pool_dir: str | Path, run_dir: str | Path, ray: dict | None 
 
     The demo config (seed 5, tiny model, no TIVE, budget 20%) with COINCIDE, DataTailor and random selection,
     ``extract.min_actors`` = ``max_actors`` = 2 (a fixed pool: with ``min_actors: 1`` Ray Data may run the whole
-    phase on one actor, and a worker node that joins mid-run then never gets one), ``extract.shard_rows: 16`` (about 19 feature shards of the 300-row pool, so a node
-    removed during extraction finds shards still to do), and ``aggregate.executor: ray`` with the smallest
+    phase on one actor, and a worker node that joins mid-run then never gets one), ``extract.shard_rows: 16``
+    (about 19 feature shards of the 300-row pool, so a node removed during extraction finds shards still to do),
+    and ``aggregate.executor: ray`` with the smallest
     ``aggregate.partition_bytes`` (partition tasks on the worker nodes, so a node removed during aggregate
     loses running tasks; ``datatailor.dense_max_rows: 200`` so that a dense task fits such a partition). None
     of these changes a result (extract's micro-batches are the same 8 rows whatever the shard size; aggregate
