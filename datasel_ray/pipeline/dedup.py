@@ -43,7 +43,7 @@ from datasel_ray.io.images import row_image_bytes
 from datasel_ray.io.rundir import RunDir
 from datasel_ray.io.storage import Location
 from datasel_ray.pipeline.feature_store import column_to_numpy, vector_column
-from datasel_ray.pipeline.fit.context import FitContext, Partition, bucket_plan, write_buckets
+from datasel_ray.pipeline.fit.context import FitContext, Partition, bucket_files, bucket_plan, write_buckets
 from datasel_ray.pipeline.store import read_shard
 from datasel_ray.seeds import derive_seed
 
@@ -238,12 +238,7 @@ def _spill_bucket(work: Location, buckets: list[int], folder: str) -> list[tuple
 
     from datasel_ray.io.vectors import vector_numpy
 
-    files = []
-    for b in buckets:
-        found = (work / layout.bucket_key(b)).list(".parquet")
-        if not found:
-            raise RuntimeError(f"{work}/{layout.bucket_key(b)} has no part files: the regroup step did not finish")
-        files.extend(found)
+    files = bucket_files(work, buckets)
     keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER, layout.COS_CENTROID]) for f in files]
     ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)
     labels = np.concatenate([column_to_numpy(k.column(layout.CLUSTER)) for k in keys]).astype(np.int64)

@@ -141,6 +141,18 @@ def write_buckets(work: Location, partition_key: str, group_of_row: np.ndarray, 
         (work / layout.bucket_key(b) / f"{partition_key}.parquet").write_parquet(pa.table(cols))
 
 
+def bucket_files(work: Location, bucket: int | list[int]) -> list[Location]:
+    """The part files of one regroup bucket (or of several) under ``work``; RuntimeError when a bucket has none
+    (the regroup step did not finish)."""
+    files = []
+    for b in [bucket] if np.isscalar(bucket) else list(bucket):
+        found = (work / layout.bucket_key(b)).list(".parquet")
+        if not found:
+            raise RuntimeError(f"{work}/{layout.bucket_key(b)} has no part files: the regroup step did not finish")
+        files.extend(found)
+    return files
+
+
 def read_bucket(work: Location, bucket: int | list[int]) -> dict[str, np.ndarray]:
     """Every part file of one bucket (or of several, read as one) as numpy columns, rows sorted by (cluster,
     row_id). The (row_id, cluster) keys are read first; then each part file's other columns are scattered
@@ -149,13 +161,7 @@ def read_bucket(work: Location, bucket: int | list[int]) -> dict[str, np.ndarray
     from datasel_ray.io.vectors import VectorType, vector_numpy
     from datasel_ray.pipeline.feature_store import column_to_numpy
 
-    parts = [bucket] if np.isscalar(bucket) else list(bucket)
-    files = []
-    for b in parts:
-        found = (work / layout.bucket_key(b)).list(".parquet")
-        if not found:
-            raise RuntimeError(f"{work}/{layout.bucket_key(b)} has no part files: the regroup step did not finish")
-        files.extend(found)
+    files = bucket_files(work, bucket)
     keys = [f.read_parquet([schema.ROW_ID, layout.CLUSTER]) for f in files]
     ids = np.concatenate([column_to_numpy(k.column(schema.ROW_ID)) for k in keys]).astype(np.int64)
     cluster = np.concatenate([column_to_numpy(k.column(layout.CLUSTER)) for k in keys]).astype(np.int64)
