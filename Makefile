@@ -25,10 +25,11 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/datasel demo --workdir $(WORKDIR) --num-samples $(DEMO_SAMPLES) --model $(MODEL)
 
-# The one-time build, then its acceptance check (the real_model tests: the aligned model's answers depend on the image).
+# The one-time build, then its acceptance check (the real_model tests: the aligned model's answers depend on the
+# image), in the same DATASEL_HOME as the build (datasel's default; the tests' own default is a temp folder).
 smol-llava: venv
 	$(VENV)/bin/datasel make-model smol-llava
-	$(PY) -m pytest -q -m real_model tests/models/test_smol_llava.py
+	DATASEL_HOME="$${DATASEL_HOME:-$$HOME/.cache/datasel_ray}" $(PY) -m pytest -q -m real_model tests/models/test_smol_llava.py
 
 # CI (.ci/run): every test but the gpu ones and the real_model check of smol-llava's build (make smol-llava runs
 # it), slow and integration included. pytest exits 5 when it collects nothing: make fails then too.
