@@ -50,6 +50,9 @@ from datasel_ray.seeds import derive_seed
 MIN_ROWS_PER_CLUSTER = 40  # faiss k-means warns below 39 training points per centroid
 SAMPLE_FILES_PER_TASK = 8
 REGROUP_SPLIT = 4  # the assignment writes buckets of partition_bytes / REGROUP_SPLIT (estimated)
+# a spilled cluster whose unit float32 rows fit in this is read once and compared in memory; a larger one block by
+# block from its file (the same blocks either way: per-block file reads cost a mapping each)
+HOLD_CLUSTER_BYTES = 256 << 20
 
 
 def dedup_dir(run_dir) -> Location:
@@ -284,9 +287,12 @@ def _clusters(task: ClustersTask) -> dict[str, np.ndarray]:
         spilled = _spill_bucket(Location.parse(task.work), list(task.bucket), folder)
         parts: dict[str, list[np.ndarray]] = {}
         for c, cluster in spilled:
+            if len(cluster.row_id) * cluster.width * 4 <= HOLD_CLUSTER_BYTES:  # read once, blocks from memory
+                read = (lambda idx, unit=normalize_rows(cluster.rows(slice(None))): unit[idx])
+            else:  # every block read from the cluster's file
+                read = (lambda idx, cl=cluster: normalize_rows(cl.rows(idx)))
             res = semantic.cluster_dedup(None, cluster.row_id, cluster.cos, task.ranking, task.eps,
-                                         task.workspace_bytes, read_rows=lambda idx, cl=cluster: normalize_rows(
-                                             cl.rows(idx)), width=cluster.width)
+                                         task.workspace_bytes, read_rows=read, width=cluster.width)
             for name, value in vars(res).items():
                 parts.setdefault(name, []).append(value)
             parts.setdefault("member_cluster", []).append(np.full(len(cluster.row_id), c, dtype=np.int64))
